@@ -1,0 +1,313 @@
+//! Per-turn cgroups: the memory and process limits of a turn, the count of
+//! OOM kills and failed forks that tells why it ended, and the one place that
+//! can kill every process a turn started, whatever it did to escape its
+//! process group. The broker owns `<root>/<parent>/<turn_id>` and puts the
+//! jail (or the direct-mode shim) there before exec.
+
+use std::fs;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+enum Layout {
+    /// cgroup v1: one hierarchy per controller.
+    V1 { memory: PathBuf, pids: PathBuf },
+    /// cgroup v2: one unified hierarchy.
+    V2 { base: PathBuf },
+}
+
+/// The broker's cgroup parent, found at start-up.
+#[derive(Debug, Clone)]
+pub struct Cgroups {
+    layout: Layout,
+}
+
+/// Limits applied through the cgroup.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CgroupLimits {
+    pub memory_bytes: Option<u64>,
+    pub processes: Option<u64>,
+}
+
+/// What the cgroup saw during the turn.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    pub oom_kills: u64,
+    pub fork_failures: u64,
+}
+
+/// One turn's cgroup(s).
+#[derive(Debug)]
+pub struct TurnCgroup {
+    dirs: Vec<PathBuf>,
+    memory_dir: PathBuf,
+    pids_dir: PathBuf,
+    v2: bool,
+}
+
+fn mounts() -> Vec<(String, String, String)> {
+    fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (_src, dst, fstype, opts) = (f.next()?, f.next()?, f.next()?, f.next()?);
+            Some((dst.to_string(), fstype.to_string(), opts.to_string()))
+        })
+        .collect()
+}
+
+impl Cgroups {
+    /// Finds usable memory and pids controllers and creates the broker's
+    /// parent cgroup `parent` in them. `Ok(None)` when there are none.
+    pub fn detect(parent: &str) -> io::Result<Option<Cgroups>> {
+        let mounts = mounts();
+        let v1 = |ctrl: &str| {
+            mounts
+                .iter()
+                .find(|(_, t, o)| t == "cgroup" && o.split(',').any(|x| x == ctrl))
+                .map(|(d, _, _)| PathBuf::from(d))
+        };
+        let layout = if let (Some(memory), Some(pids)) = (v1("memory"), v1("pids")) {
+            Layout::V1 {
+                memory: memory.join(parent),
+                pids: pids.join(parent),
+            }
+        } else if let Some((root, _, _)) = mounts.iter().find(|(_, t, _)| t == "cgroup2") {
+            let root = PathBuf::from(root);
+            let controllers =
+                fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let has = |c: &str| controllers.split_whitespace().any(|x| x == c);
+            if !(has("memory") && has("pids")) {
+                return Ok(None);
+            }
+            // Controllers must be enabled on the way down to the turn cgroups.
+            let _ = fs::write(root.join("cgroup.subtree_control"), "+memory +pids");
+            Layout::V2 {
+                base: root.join(parent),
+            }
+        } else {
+            return Ok(None);
+        };
+        let cg = Cgroups { layout };
+        for dir in cg.parents() {
+            match fs::create_dir(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if let Layout::V2 { base } = &cg.layout {
+            fs::write(base.join("cgroup.subtree_control"), "+memory +pids")?;
+        }
+        Ok(Some(cg))
+    }
+
+    fn parents(&self) -> Vec<PathBuf> {
+        match &self.layout {
+            Layout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
+            Layout::V2 { base } => vec![base.clone()],
+        }
+    }
+
+    pub fn version(&self) -> u8 {
+        match self.layout {
+            Layout::V1 { .. } => 1,
+            Layout::V2 { .. } => 2,
+        }
+    }
+
+    /// Creates the turn's cgroup with its limits.
+    pub fn create(&self, turn_id: &str, limits: CgroupLimits) -> io::Result<TurnCgroup> {
+        let (dirs, memory_dir, pids_dir, v2) = match &self.layout {
+            Layout::V1 { memory, pids } => {
+                let (m, p) = (memory.join(turn_id), pids.join(turn_id));
+                (vec![m.clone(), p.clone()], m, p, false)
+            }
+            Layout::V2 { base } => {
+                let d = base.join(turn_id);
+                (vec![d.clone()], d.clone(), d, true)
+            }
+        };
+        let cg = TurnCgroup {
+            dirs,
+            memory_dir,
+            pids_dir,
+            v2,
+        };
+        for d in &cg.dirs {
+            fs::create_dir(d)?;
+        }
+        let set = || -> io::Result<()> {
+            if let Some(bytes) = limits.memory_bytes {
+                if v2 {
+                    fs::write(cg.memory_dir.join("memory.max"), bytes.to_string())?;
+                    // No swap: the limit is the memory the agent really gets.
+                    let _ = fs::write(cg.memory_dir.join("memory.swap.max"), "0");
+                } else {
+                    fs::write(
+                        cg.memory_dir.join("memory.limit_in_bytes"),
+                        bytes.to_string(),
+                    )?;
+                    let _ = fs::write(
+                        cg.memory_dir.join("memory.memsw.limit_in_bytes"),
+                        bytes.to_string(),
+                    );
+                }
+            }
+            if let Some(n) = limits.processes {
+                fs::write(cg.pids_dir.join("pids.max"), n.to_string())?;
+            }
+            Ok(())
+        };
+        if let Err(e) = set() {
+            cg.remove_now();
+            return Err(e);
+        }
+        Ok(cg)
+    }
+
+    /// Kills and removes every turn cgroup a previous broker left behind.
+    pub fn clean_stale(&self) -> Vec<String> {
+        let mut removed = Vec::new();
+        for parent in self.parents() {
+            let Ok(entries) = fs::read_dir(&parent) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                if !e.path().is_dir() {
+                    continue;
+                }
+                kill_dir(&e.path(), self.version() == 2);
+                if fs::remove_dir(e.path()).is_ok() {
+                    removed.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        removed.sort();
+        removed.dedup();
+        removed
+    }
+}
+
+fn read_counter(path: &Path, key: &str) -> u64 {
+    fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            (k == key).then(|| v.trim().parse().ok()).flatten()
+        })
+        .unwrap_or(0)
+}
+
+fn procs(dir: &Path) -> Vec<i32> {
+    fs::read_to_string(dir.join("cgroup.procs"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect()
+}
+
+/// SIGKILLs every process in `dir` until it is empty (bounded).
+fn kill_dir(dir: &Path, v2: bool) {
+    if v2 && fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    for _ in 0..1000 {
+        let pids = procs(dir);
+        if pids.is_empty() {
+            return;
+        }
+        for pid in pids {
+            crate::sys::kill_pid(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+        std::thread::yield_now();
+    }
+}
+
+impl TurnCgroup {
+    /// Opens the `cgroup.procs` files for a child to join before exec.
+    pub fn procs_files(&self) -> io::Result<Vec<OwnedFd>> {
+        self.dirs
+            .iter()
+            .map(|d| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("cgroup.procs"))
+                    .map(OwnedFd::from)
+            })
+            .collect()
+    }
+
+    pub fn stats(&self) -> CgroupStats {
+        let oom = if self.v2 {
+            read_counter(&self.memory_dir.join("memory.events"), "oom_kill")
+        } else {
+            read_counter(&self.memory_dir.join("memory.oom_control"), "oom_kill")
+        };
+        CgroupStats {
+            oom_kills: oom,
+            fork_failures: read_counter(&self.pids_dir.join("pids.events"), "max"),
+        }
+    }
+
+    /// Whether any process is left in the turn.
+    pub fn is_empty(&self) -> bool {
+        procs(&self.pids_dir).is_empty()
+    }
+
+    /// SIGKILLs everything in the turn.
+    pub fn kill_all(&self) {
+        kill_dir(&self.pids_dir, self.v2);
+        if !self.v2 {
+            kill_dir(&self.memory_dir, false);
+        }
+    }
+
+    /// Removes the (empty) cgroup dirs; false if one is still busy.
+    pub fn remove_now(&self) -> bool {
+        let mut ok = true;
+        for d in &self.dirs {
+            match fs::remove_dir(d) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(_) => ok = false,
+            }
+        }
+        ok
+    }
+
+    /// Kills what is left and removes the cgroup. Exiting processes can keep
+    /// a cgroup busy for a moment after SIGKILL, so removal is retried.
+    pub async fn remove(self) -> io::Result<()> {
+        for _ in 0..500 {
+            self.kill_all();
+            if self.remove_now() {
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        Err(io::Error::other(format!(
+            "cgroup {} still busy",
+            self.pids_dir.display()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_parse_by_key() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("memory.oom_control");
+        fs::write(&f, "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n").expect("write");
+        assert_eq!(read_counter(&f, "oom_kill"), 3);
+        assert_eq!(read_counter(&f, "under_oom"), 0);
+        assert_eq!(read_counter(&f, "missing"), 0);
+        assert_eq!(read_counter(&dir.path().join("nope"), "oom_kill"), 0);
+    }
+}

