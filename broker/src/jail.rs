@@ -182,15 +182,45 @@ pub fn init_pid(nsjail_pid: i32) -> Option<i32> {
     crate::sys::children_of(nsjail_pid).into_iter().next()
 }
 
-/// The last `max` bytes of nsjail's log, as one line per message.
+/// nsjail's warnings and errors from its log (at most `max` bytes, the
+/// last ones), joined into one line.
 pub fn log_tail(log: &[u8], max: usize) -> String {
-    let start = log.len().saturating_sub(max);
-    String::from_utf8_lossy(&log[start..])
+    let text = String::from_utf8_lossy(log);
+    let lines: Vec<&str> = text
         .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join("; ")
+        .filter(|l| l.starts_with("[W]") || l.starts_with("[E]") || l.starts_with("[F]"))
+        .collect();
+    let joined = lines.join("; ");
+    let start = joined.len().saturating_sub(max);
+    let start = (start..=joined.len())
+        .find(|i| joined.is_char_boundary(*i))
+        .unwrap_or(joined.len());
+    joined[start..].to_string()
+}
+
+/// nsjail bind-mounts from inside the new user namespace, where only the
+/// "other" permission bits of the host's directories apply: every directory
+/// above a bind source must be traversable by others (`o+x`).
+pub fn check_traversable(path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut dir = path.parent();
+    while let Some(d) = dir {
+        if let Ok(meta) = std::fs::metadata(d)
+            && meta.permissions().mode() & 0o001 == 0
+        {
+            return Err(format!(
+                "{} is not traversable by others (mode {:o}); nsjail cannot bind-mount {} from \
+                 inside the jail's user namespace: chmod o+x {} or choose another location",
+                d.display(),
+                meta.permissions().mode() & 0o7777,
+                path.display(),
+                d.display()
+            ));
+        }
+        dir = d.parent();
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -266,8 +296,28 @@ mod tests {
     }
 
     #[test]
-    fn log_tail_keeps_the_end() {
-        assert_eq!(log_tail(b"[E] a\n\n[E] bcd\n", 9), "[E] bcd");
-        assert_eq!(log_tail(b"x\ny\n", 100), "x; y");
+    fn log_tail_keeps_warnings_and_errors_at_the_end() {
+        assert_eq!(log_tail(b"[E] a\n\n[E] bcd\n", 7), "[E] bcd");
+        assert_eq!(log_tail(b"[I] x\n[W] y\n[F] z\n", 100), "[W] y; [F] z");
+    }
+
+    #[test]
+    fn untraversable_ancestors_are_named() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let inner = dir.path().join("a/b");
+        std::fs::create_dir_all(&inner).expect("mkdir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
+        std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o700))
+            .expect("chmod");
+        let err = check_traversable(&inner.join("c")).expect_err("a is 0700");
+        assert!(err.contains("chmod o+x"), "{err}");
+        std::fs::set_permissions(dir.path().join("a"), std::fs::Permissions::from_mode(0o711))
+            .expect("chmod");
+        if check_traversable(&inner.join("c")).is_err() {
+            // An ancestor outside the test (e.g. a 0700 /tmp) decides.
+            return;
+        }
     }
 }

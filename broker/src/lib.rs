@@ -130,7 +130,7 @@ impl Broker {
         };
         std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(&state)
             .map_err(io_err)?;
         let lock_file = File::create(state.join("broker.lock")).map_err(io_err)?;
@@ -155,6 +155,13 @@ impl Broker {
                     path: config.jail_config.clone(),
                     msg,
                 })?;
+                // The jail binds the session dirs and the shim: their
+                // directories must be traversable from the user namespace.
+                std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711))
+                    .map_err(io_err)?;
+                jail::check_traversable(&state.join("sessions"))
+                    .and_then(|()| jail::check_traversable(&config.shim))
+                    .map_err(StartupError::Nsjail)?;
                 Some((bin, profile))
             }
         };

@@ -101,7 +101,9 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), BrokerError> {
 
 impl Sessions {
     pub fn new(root: PathBuf, owner: Option<(u32, u32)>) -> Result<Self, BrokerError> {
-        mkdir(&root, 0o700)?;
+        // Traversable, not listable: nsjail binds a session's home and work
+        // from inside the jail's user namespace.
+        mkdir(&root, 0o711)?;
         Ok(Sessions {
             root,
             owner,
@@ -166,7 +168,7 @@ impl Sessions {
     /// Never follows links inside home or work: those belong to the agent.
     pub fn ensure(&self, lease: &Lease) -> Result<(SessionPaths, SessionMeta), BrokerError> {
         let paths = self.paths(lease.session_id());
-        mkdir(&paths.dir, 0o700)?;
+        mkdir(&paths.dir, 0o711)?;
         for d in [&paths.home, &paths.work] {
             if std::fs::symlink_metadata(d).is_err() {
                 mkdir(d, 0o700)?;

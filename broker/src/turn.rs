@@ -15,6 +15,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
@@ -469,15 +470,15 @@ async fn inbound(
     stdin_tx: mpsc::Sender<Bytes>,
     sig_tx: mpsc::Sender<Signal>,
     gone: CancellationToken,
-) -> u64 {
+    total: Arc<AtomicU64>,
+) {
     use pb::turn_request::Kind;
     let mut stdin_tx = Some(stdin_tx);
-    let mut total = 0u64;
     loop {
         match stream.message().await {
             Ok(Some(req)) => match req.kind {
                 Some(Kind::Stdin(bytes)) => {
-                    total += bytes.len() as u64;
+                    total.fetch_add(bytes.len() as u64, Ordering::Relaxed);
                     if let Some(tx) = &stdin_tx
                         && tx.send(bytes).await.is_err()
                     {
@@ -508,7 +509,6 @@ async fn inbound(
             }
         }
     }
-    total
 }
 
 async fn stdin_writer(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
@@ -771,8 +771,10 @@ async fn supervise(
         tokio::spawn(stdin_writer(w, stdin_rx).in_current_span());
     }
     let (sig_tx, mut sig_rx) = mpsc::channel(8);
-    let inbound_task =
-        tokio::spawn(inbound(stream, stdin_tx, sig_tx, gone.clone()).in_current_span());
+    let stdin_total = Arc::new(AtomicU64::new(0));
+    let inbound_task = tokio::spawn(
+        inbound(stream, stdin_tx, sig_tx, gone.clone(), stdin_total.clone()).in_current_span(),
+    );
 
     let grace = Duration::from_millis(broker.config.kill_grace_ms);
     let mut kill_at: Option<tokio::time::Instant> = None;
@@ -825,7 +827,7 @@ async fn supervise(
         warn!("an output pipe stayed open after the turn ended; relay cut");
     }
     inbound_task.abort();
-    counters.stdin = inbound_task.await.unwrap_or(0);
+    counters.stdin = stdin_total.load(Ordering::Relaxed);
     outcome.nsjail_log = log_text(log_rx).await;
     outcome
 }
@@ -1043,6 +1045,14 @@ async fn finish(
 }
 
 fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) -> (Reason, String) {
+    // The kernel sends SIGXCPU at the soft CPU limit and SIGKILL at the hard
+    // one; a SIGKILL after the agent used its whole CPU budget is the limit.
+    let cpu_spent = match (outcome.agent, spec.limits.cpu_time_ms) {
+        (Some((_, u)), Some(ms)) => {
+            (u.user_cpu_us + u.system_cpu_us) / 1000 >= ms.saturating_sub(ms / 20)
+        }
+        _ => false,
+    };
     if let Some(stop) = outcome.stopped {
         let reason = match stop {
             StopReason::TimedOut => Reason::TimedOut,
@@ -1079,8 +1089,10 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
         return (Reason::SpawnFailed, err.clone());
     }
     match outcome.agent.map(|(s, _)| s) {
-        Some(AgentStatus::Signal(s)) if s == Signal::SIGXCPU as i32 => {
-            (Reason::CpuLimit, "CPU-time limit reached (SIGXCPU)".into())
+        Some(AgentStatus::Signal(s))
+            if s == Signal::SIGXCPU as i32 || (s == Signal::SIGKILL as i32 && cpu_spent) =>
+        {
+            (Reason::CpuLimit, "CPU-time limit reached".into())
         }
         Some(AgentStatus::Signal(s)) if s == Signal::SIGXFSZ as i32 => (
             Reason::FileSizeLimit,

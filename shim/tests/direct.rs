@@ -1,0 +1,383 @@
+//! Runs the built shim in direct mode the way the broker does: the payload
+//! file on fd 3, one end of a socketpair on fd 4, an empty environment.
+#![allow(unsafe_code)]
+
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use turnstile_shim::{
+    AgentStatus, FailureClass, GO, InitPayload, Mode, PROTOCOL_VERSION, Rlimits, ShimMsg,
+    read_frame,
+};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_turnstile-shim");
+
+/// A fresh directory under the system temp dir, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Self {
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("turnstile-shim-test-{}-{n}", std::process::id()));
+        fs::create_dir_all(&path).expect("create temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn payload(dir: &Path, argv: &[&str]) -> InitPayload {
+    InitPayload {
+        version: PROTOCOL_VERSION,
+        mode: Mode::Direct,
+        session_id: "s1".into(),
+        turn_id: "t1".into(),
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        cwd: dir.to_str().expect("utf-8 temp dir").into(),
+        rlimits: Rlimits::default(),
+        llm: None,
+    }
+}
+
+/// A duplicate of `fd` numbered 100 or more, close-on-exec, so that the
+/// `dup2` to 3 and 4 in the child can never clobber its own source.
+fn high_dup(fd: &impl AsRawFd) -> OwnedFd {
+    // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor.
+    let new = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+    assert!(new >= 100, "dup failed: {}", io::Error::last_os_error());
+    // SAFETY: `new` was just created and nothing else owns it.
+    unsafe { OwnedFd::from_raw_fd(new) }
+}
+
+struct Shim {
+    child: Child,
+    ctl: UnixStream,
+    dir: TempDir,
+}
+
+impl Shim {
+    fn start(dir: TempDir, payload: &InitPayload) -> Shim {
+        let bytes = payload.encode().expect("encode");
+        let max = bytes.len();
+        Shim::start_raw(dir, &bytes, max)
+    }
+
+    fn start_raw(dir: TempDir, bytes: &[u8], max_payload: usize) -> Shim {
+        let path = dir.0.join("init.msgpack");
+        fs::write(&path, bytes).expect("write payload");
+        let file = File::open(&path).expect("open payload");
+        let (ours, theirs) = UnixStream::pair().expect("socketpair");
+        let (init, control) = (high_dup(&file), high_dup(&theirs));
+        let (init_raw, control_raw) = (init.as_raw_fd(), control.as_raw_fd());
+        let mut cmd = Command::new(SHIM);
+        cmd.env_clear()
+            .arg("--max-payload")
+            .arg(max_payload.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: the closure only calls dup2, which is async-signal-safe,
+        // on two integers copied in; dup2 clears close-on-exec on 3 and 4.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(init_raw, 3) == -1 || libc::dup2(control_raw, 4) == -1 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn shim");
+        // Only the shim may hold its end, or we would never see EOF.
+        drop((init, control, theirs, file));
+        // A safety net against a hung shim, not a synchronisation.
+        ours.set_read_timeout(Some(Duration::from_secs(60)))
+            .expect("timeout");
+        Shim {
+            child,
+            ctl: ours,
+            dir,
+        }
+    }
+
+    fn frame(&self) -> ShimMsg {
+        read_frame(&self.ctl)
+            .expect("read frame")
+            .expect("frame before EOF")
+    }
+
+    /// Reads Hello, checks it, answers go, reads AgentStarted.
+    fn go(&mut self) -> i32 {
+        match self.frame() {
+            ShimMsg::Hello(check) => {
+                assert!(check.verify(Mode::Direct).is_empty(), "{check:?}");
+                assert!(check.env_keys.is_empty());
+                assert!(check.pid > 1);
+            }
+            other => panic!("want hello, got {other:?}"),
+        }
+        self.ctl.write_all(&[GO]).expect("send go");
+        match self.frame() {
+            ShimMsg::AgentStarted { pid } => pid,
+            other => panic!("want agent started, got {other:?}"),
+        }
+    }
+
+    fn exited(&self) -> AgentStatus {
+        match self.frame() {
+            ShimMsg::AgentExited { status, .. } => status,
+            other => panic!("want agent exited, got {other:?}"),
+        }
+    }
+
+    fn failed(&self) -> (FailureClass, String) {
+        match self.frame() {
+            ShimMsg::Failed { class, message } => (class, message),
+            other => panic!("want failed, got {other:?}"),
+        }
+    }
+
+    /// Waits for the shim: exit code, stdout, stderr.
+    fn finish(self) -> (i32, String, String) {
+        let out = self.child.wait_with_output().expect("wait shim");
+        (
+            out.status.code().expect("shim exited, not killed"),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+/// Whether `pid` is a live (not zombie) `sleep`.
+fn sleep_alive(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.contains("(sleep)") && !stat.contains(") Z ")
+}
+
+#[test]
+fn runs_the_agent_and_kills_what_it_leaves() {
+    let dir = TempDir::new();
+    // One orphan in the agent's process group, and one in a session of its
+    // own, which only the subreaper loop can find. The command substitution
+    // returns once that one has called setsid and exec'd sleep (its stdout
+    // is then closed), so the agent cannot exit before it escaped.
+    let script = "echo hi; \
+                  sleep 1000 </dev/null >/dev/null 2>&1 & echo $! >&2; \
+                  echo $(setsid -f sh -c 'echo $$; exec sleep 1000 </dev/null >/dev/null 2>&1') >&2; \
+                  exit 3";
+    let p = payload(&dir.0, &["/bin/sh", "-c", script]);
+    let mut shim = Shim::start(dir, &p);
+    assert!(shim.go() > 0);
+    assert_eq!(shim.exited(), AgentStatus::Code(3));
+    let (code, stdout, stderr) = shim.finish();
+    assert_eq!(code, 3);
+    assert_eq!(stdout, "hi\n");
+    let pids: Vec<i32> = stderr
+        .lines()
+        .map(|l| l.trim().parse().expect("pid on stderr"))
+        .collect();
+    assert_eq!(pids.len(), 2, "{stderr}");
+    for pid in pids {
+        assert!(!sleep_alive(pid), "sleep {pid} survived the turn");
+    }
+}
+
+#[test]
+fn agent_gets_exactly_the_payload_env_and_no_extra_fds() {
+    let dir = TempDir::new();
+    let mut p = payload(&dir.0, &["env"]);
+    p.env.push(("FOO".into(), "bar baz".into()));
+    let mut shim = Shim::start(dir, &p);
+    shim.go();
+    assert_eq!(shim.exited(), AgentStatus::Code(0));
+    let (code, stdout, _) = shim.finish();
+    assert_eq!(code, 0);
+    assert_eq!(stdout, "PATH=/usr/bin:/bin\nFOO=bar baz\n");
+
+    let dir = TempDir::new();
+    let script = "for fd in 3 4 5; do [ -e /proc/$$/fd/$fd ] && echo leaked $fd; done; pwd";
+    let p = payload(&dir.0, &["sh", "-c", script]);
+    let cwd = p.cwd.clone();
+    let mut shim = Shim::start(dir, &p);
+    shim.go();
+    assert_eq!(shim.exited(), AgentStatus::Code(0));
+    let (_, stdout, _) = shim.finish();
+    assert_eq!(stdout, format!("{cwd}\n"));
+}
+
+#[test]
+fn anything_but_go_aborts_before_the_agent_runs() {
+    for answer in [Some(b'N'), None] {
+        let dir = TempDir::new();
+        let marker = dir.0.join("marker");
+        let p = payload(&dir.0, &["/bin/sh", "-c", "touch marker"]);
+        let shim = Shim::start(dir, &p);
+        assert!(matches!(shim.frame(), ShimMsg::Hello(_)));
+        match answer {
+            Some(byte) => (&shim.ctl).write_all(&[byte]).expect("answer"),
+            None => shim.ctl.shutdown(std::net::Shutdown::Write).expect("eof"),
+        }
+        assert_eq!(shim.failed().0, FailureClass::Aborted);
+        let (code, _, stderr) = shim.finish();
+        assert_eq!(code, 125);
+        assert!(stderr.starts_with("turnstile-shim: "), "{stderr}");
+        assert!(!marker.exists(), "the agent ran");
+    }
+}
+
+#[test]
+fn payload_over_the_cap_is_refused() {
+    let dir = TempDir::new();
+    let bytes = payload(&dir.0, &["/bin/true"]).encode().expect("encode");
+    let max = bytes.len() - 1;
+    let shim = Shim::start_raw(dir, &bytes, max);
+    let (class, message) = shim.failed();
+    assert_eq!(class, FailureClass::Payload);
+    assert!(message.contains("cap"), "{message}");
+    let (code, _, stderr) = shim.finish();
+    assert_eq!(code, 121);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn garbage_payload_is_refused() {
+    let shim = Shim::start_raw(TempDir::new(), b"\xc1 not msgpack", 1024);
+    assert_eq!(shim.failed().0, FailureClass::Payload);
+    assert_eq!(shim.finish().0, 121);
+}
+
+#[test]
+fn missing_program_is_an_exec_failure() {
+    for argv0 in ["/nonexistent/agent", "no-such-agent-anywhere"] {
+        let dir = TempDir::new();
+        let p = payload(&dir.0, &[argv0]);
+        let mut shim = Shim::start(dir, &p);
+        match shim.frame() {
+            ShimMsg::Hello(_) => {}
+            other => panic!("want hello, got {other:?}"),
+        }
+        shim.ctl.write_all(&[GO]).expect("go");
+        let (class, message) = shim.failed();
+        assert_eq!(class, FailureClass::Exec);
+        assert_eq!(
+            message,
+            format!("cannot execute {argv0}: No such file or directory")
+        );
+        assert_eq!(shim.finish().0, 123);
+    }
+}
+
+#[test]
+fn missing_working_directory_is_a_setup_failure() {
+    let dir = TempDir::new();
+    let mut p = payload(&dir.0, &["/bin/true"]);
+    p.cwd.push_str("/nope");
+    let mut shim = Shim::start(dir, &p);
+    assert!(matches!(shim.frame(), ShimMsg::Hello(_)));
+    shim.ctl.write_all(&[GO]).expect("go");
+    let (class, message) = shim.failed();
+    assert_eq!(class, FailureClass::Setup);
+    assert!(
+        message.starts_with("cannot enter working directory"),
+        "{message}"
+    );
+    assert_eq!(shim.finish().0, 124);
+}
+
+#[test]
+fn sigterm_is_forwarded_to_the_agent() {
+    let dir = TempDir::new();
+    let script = "trap 'echo got-term; exit 7' TERM; echo ready; while :; do sleep 0.05; done";
+    let p = payload(&dir.0, &["/bin/sh", "-c", script]);
+    let mut shim = Shim::start(dir, &p);
+    shim.go();
+    let mut stdout = BufReader::new(shim.child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("read ready");
+    assert_eq!(line, "ready\n");
+    let pid = i32::try_from(shim.child.id()).expect("pid");
+    // SAFETY: kill only sends a signal to our own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
+    assert_eq!(shim.exited(), AgentStatus::Code(7));
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).expect("read rest");
+    assert_eq!(rest, "got-term\n");
+    assert_eq!(shim.finish().0, 7);
+}
+
+#[test]
+fn agent_killed_by_a_signal_gives_128_plus_n() {
+    let dir = TempDir::new();
+    let p = payload(&dir.0, &["/bin/sh", "-c", "kill -9 $$"]);
+    let mut shim = Shim::start(dir, &p);
+    shim.go();
+    assert_eq!(shim.exited(), AgentStatus::Signal(9));
+    assert_eq!(shim.finish().0, 137);
+}
+
+#[test]
+fn file_size_limit_applies_to_the_agent() {
+    let dir = TempDir::new();
+    let mut p = payload(
+        &dir.0,
+        &["/bin/sh", "-c", "exec head -c 5000 /dev/zero > f"],
+    );
+    p.rlimits.file_size_bytes = Some(1000);
+    let mut shim = Shim::start(dir, &p);
+    shim.go();
+    assert_eq!(shim.exited(), AgentStatus::Signal(libc::SIGXFSZ));
+    let size = fs::metadata(shim.dir.0.join("f")).expect("f").len();
+    assert_eq!(size, 1000);
+    assert_eq!(shim.finish().0, 128 + libc::SIGXFSZ);
+}
+
+#[test]
+fn wrong_usage_and_missing_descriptors() {
+    let out = Command::new(SHIM)
+        .env_clear()
+        .arg("--bogus")
+        .output()
+        .expect("run shim");
+    assert_eq!(out.status.code(), Some(126));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("usage:"));
+
+    let mut cmd = Command::new(SHIM);
+    cmd.env_clear().stdin(Stdio::null()).stderr(Stdio::piped());
+    // SAFETY: close is async-signal-safe; 3 and 4 must not be open here.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::close(3);
+            libc::close(4);
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("run shim");
+    assert_eq!(out.status.code(), Some(124));
+    assert!(String::from_utf8_lossy(&out.stderr).starts_with("turnstile-shim: control socket"));
+}
+
+#[test]
+fn nsjail_mode_outside_a_jail_fails_closed() {
+    let dir = TempDir::new();
+    let marker = dir.0.join("marker");
+    let mut p = payload(&dir.0, &["/bin/sh", "-c", "touch marker"]);
+    p.mode = Mode::Nsjail;
+    let shim = Shim::start(dir, &p);
+    let (class, message) = shim.failed();
+    assert_eq!(class, FailureClass::SelfCheck);
+    assert!(message.contains("pid namespace"), "{message}");
+    assert_eq!(shim.finish().0, 122);
+    assert!(!marker.exists(), "the agent ran");
+}

@@ -1,0 +1,247 @@
+//! Lifecycle: nothing a turn started survives it, whatever way it ends.
+
+use super::harness::*;
+use crate::both_modes;
+use nix::sys::signal::Signal;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use turnstile_broker::config::Mode;
+use turnstile_broker::{Broker, StartupError};
+use turnstile_proto::v1 as pb;
+
+both_modes!(
+    background_processes_do_not_survive_the_turn,
+    executor_disconnect_kills_the_agent_and_frees_the_session,
+    broker_sigterm_ends_turns_as_broker_shutdown,
+    broker_sigkill_takes_its_jails_and_restart_cleans_up,
+);
+
+async fn background_processes_do_not_survive_the_turn(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let tok = token();
+    // One child in the background, one double-forked and detached.
+    let script = format!("sleep {tok} & (setsid sleep {tok} &) ; echo started");
+    let o = h.run(start("orphans", &script)).await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "started\n");
+    assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
+    assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
+}
+
+async fn executor_disconnect_kills_the_agent_and_frees_the_session(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let tok = token();
+    let mut t = h
+        .turn(start("gone", &format!("echo ready; sleep {tok}")))
+        .await
+        .expect("turn");
+    let mut seen = Outcome::default();
+    t.wait_stdout("ready", &mut seen).await;
+    assert!(!pids_with(&format!("sleep {tok}")).is_empty());
+    let first_turn = seen.started.as_ref().expect("started").turn_id.clone();
+    // The executor vanishes: its stream and connection are dropped.
+    drop(t);
+    // The next turn of the session waits for the lease, then runs: by then
+    // the first turn has been torn down.
+    let next = pb::Start {
+        lease: Some(pb::Lease {
+            policy: pb::lease::Policy::Wait as i32,
+            wait_ms: 60_000,
+        }),
+        ..start("gone", "echo next")
+    };
+    let t = h.turn(next).await.expect("next turn admitted");
+    assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
+    let turns = entries(&h.state().join("turns"));
+    assert!(
+        !turns.iter().any(|t| t == &first_turn),
+        "first turn's dir removed: {turns:?}"
+    );
+    t.close_stdin().await;
+    let o = t.collect().await;
+    o.assert_exited_ok();
+    assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
+}
+
+async fn broker_sigterm_ends_turns_as_broker_shutdown(mode: Mode) {
+    let dir = tempdir();
+    let mut d = Daemon::spawn(mode, dir.path(), &[]);
+    let client = d.ready().await;
+    let tok = token();
+    let mut t = Turn::start(client, start("shut", &format!("echo ready; sleep {tok}")))
+        .await
+        .expect("turn");
+    let mut seen = Outcome::default();
+    t.wait_stdout("ready", &mut seen).await;
+    d.signal(Signal::SIGTERM);
+    t.collect_into(&mut seen).await;
+    assert_eq!(seen.reason(), Reason::BrokerShutdown, "{:?}", seen.exited);
+    let socket = d.socket.clone();
+    let state = d.state.clone();
+    let status = d.wait().await;
+    assert!(status.success(), "broker exit: {status}");
+    assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
+    assert!(entries(&state.join("turns")).is_empty());
+    assert!(!socket.exists(), "socket removed on shutdown");
+}
+
+async fn broker_sigkill_takes_its_jails_and_restart_cleans_up(mode: Mode) {
+    let dir = tempdir();
+    let mut d = Daemon::spawn(mode, dir.path(), &[]);
+    let client = d.ready().await;
+    let tok = token();
+    let mut t = Turn::start(
+        client,
+        start(
+            "killed",
+            &format!("echo ready; (setsid sleep {tok} &); sleep {tok}"),
+        ),
+    )
+    .await
+    .expect("turn");
+    let mut seen = Outcome::default();
+    t.wait_stdout("ready", &mut seen).await;
+    assert!(!entries(&d.state.join("turns")).is_empty());
+    d.signal(Signal::SIGKILL);
+    let (state, socket) = (d.state.clone(), d.socket.clone());
+    let _ = d.wait().await;
+    // A new generation on the same state dir cleans what the dead one left.
+    let mut d2 = Daemon::spawn_at(mode, &state, &socket, &[]);
+    let client = d2.ready().await;
+    assert!(
+        entries(&state.join("turns")).is_empty(),
+        "stale turn dirs removed"
+    );
+    assert_eq!(
+        pids_with(&format!("sleep {tok}")),
+        Vec::<i32>::new(),
+        "no survivor"
+    );
+    let t = Turn::start(client, start("killed", "echo again"))
+        .await
+        .expect("next turn");
+    t.close_stdin().await;
+    let o = t.collect().await;
+    o.assert_exited_ok();
+    d2.signal(Signal::SIGTERM);
+    assert!(d2.wait().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_broker_on_one_state_dir_refuses_to_start() {
+    let h = Harness::start(Mode::Direct).await;
+    let cfg = config(Mode::Direct, &h.state());
+    let err = Broker::new(cfg).err().expect("refused");
+    assert!(matches!(err, StartupError::StateDirLocked(_)), "{err}");
+    assert!(
+        err.to_string().contains("in use by another broker"),
+        "{err}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_socket_is_owner_only_and_serves_health() {
+    let h = Harness::start(Mode::Direct).await;
+    let meta = std::fs::symlink_metadata(&h.socket).expect("socket");
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    let channel = turnstile_broker::cli::connect_unix(h.socket.clone())
+        .await
+        .expect("connect");
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let r = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "turnstile.v1.Broker".into(),
+        })
+        .await
+        .expect("health");
+    assert_eq!(
+        r.into_inner().status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    // A second broker cannot take over a live socket.
+    let err = turnstile_broker::server::bind_unix(&h.socket)
+        .err()
+        .expect("in use");
+    assert!(
+        err.to_string().contains("another broker is listening"),
+        "{err}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_is_loopback_only_and_needs_the_token() {
+    let err = turnstile_broker::server::bind_tcp("0.0.0.0:0".parse().expect("addr"), "t".into())
+        .await
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("not a loopback address"), "{err}");
+
+    let h = Harness::start(Mode::Direct).await;
+    let listener =
+        turnstile_broker::server::bind_tcp("127.0.0.1:0".parse().expect("addr"), "sesame".into())
+            .await
+            .expect("bind");
+    let addr = match &listener {
+        turnstile_broker::server::Listener::Tcp { listener, .. } => {
+            listener.local_addr().expect("addr")
+        }
+        _ => unreachable!("tcp listener"),
+    };
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(turnstile_broker::server::run(
+        h.broker.clone(),
+        vec![listener],
+        async {
+            let _ = stopped.await;
+        },
+    ));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let mut plain = pb::broker_client::BrokerClient::new(channel.clone());
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    tx.send(pb::TurnRequest {
+        kind: Some(pb::turn_request::Kind::Start(start("tcp", "echo hi"))),
+    })
+    .await
+    .expect("send");
+    let err = plain
+        .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .err()
+        .expect("no token, no turn");
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut authed =
+        pb::broker_client::BrokerClient::with_interceptor(channel, |mut req: tonic::Request<()>| {
+            req.metadata_mut()
+                .insert("authorization", "Bearer sesame".parse().expect("header"));
+            Ok(req)
+        });
+    let (tx, rx) = tokio::sync::mpsc::channel(2);
+    tx.send(pb::TurnRequest {
+        kind: Some(pb::turn_request::Kind::Start(start("tcp", "echo hi"))),
+    })
+    .await
+    .expect("send");
+    tx.send(pb::TurnRequest {
+        kind: Some(pb::turn_request::Kind::StdinEof(pb::StdinEof {})),
+    })
+    .await
+    .expect("send");
+    let events = authed
+        .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("token accepted")
+        .into_inner();
+    let o = Turn { tx, events }.collect().await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "hi\n");
+    let _ = stop.send(());
+    server.await.expect("join").expect("server");
+}
