@@ -148,6 +148,7 @@ pub async fn connect_unix(
     tonic::transport::Endpoint::from_static("http://turnstile.invalid")
         .initial_stream_window_size(Some(4 << 20))
         .initial_connection_window_size(Some(8 << 20))
+        .max_frame_size(Some(crate::server::MAX_FRAME))
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {

@@ -22,6 +22,9 @@ use turnstile_proto::v1::broker_server::BrokerServer;
 /// window updates on loopback.
 const STREAM_WINDOW: u32 = 4 << 20;
 const CONN_WINDOW: u32 = 8 << 20;
+/// Largest HTTP/2 frame we accept (the default is 16 KiB): a relay chunk
+/// then travels in a few frames instead of sixteen.
+pub const MAX_FRAME: u32 = 1 << 20;
 
 /// A bound endpoint.
 #[derive(Debug)]
@@ -145,6 +148,7 @@ pub async fn run(
         Server::builder()
             .initial_stream_window_size(Some(STREAM_WINDOW))
             .initial_connection_window_size(Some(CONN_WINDOW))
+            .max_frame_size(Some(MAX_FRAME))
     };
     let mut servers = tokio::task::JoinSet::new();
     let mut socket_paths = Vec::new();

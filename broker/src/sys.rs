@@ -147,3 +147,10 @@ pub fn children_of(pid: i32) -> Vec<i32> {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Grows a pipe's kernel buffer (best effort: capped by
+/// `/proc/sys/fs/pipe-max-size`), so a fast writer does fewer round trips
+/// through the relay.
+pub fn grow_pipe(fd: std::os::fd::BorrowedFd<'_>, bytes: i32) {
+    let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(bytes));
+}

@@ -27,6 +27,10 @@ use turnstile_shim::{AgentStatus, FailureClass, InitPayload, SelfCheck, ShimMsg,
 
 /// Read size of the stdout/stderr relay; also the largest chunk per event.
 pub const RELAY_CHUNK: usize = 256 * 1024;
+/// Processes of a turn that are not the agent's: nsjail and the shim.
+const SUPERVISORS: u64 = 2;
+/// Kernel buffer of the agent's stdout/stderr pipes.
+const PIPE_SIZE: i32 = 1 << 20;
 /// Events buffered per turn between the relay and gRPC.
 pub const EVENT_QUEUE: usize = 16;
 /// Stdin chunks buffered per turn.
@@ -362,7 +366,8 @@ fn populate(
                 &spec.turn_id,
                 CgroupLimits {
                     memory_bytes: spec.limits.memory_bytes,
-                    processes: spec.limits.max_processes,
+                    // nsjail and the shim live in the turn's cgroup too.
+                    processes: spec.limits.max_processes.map(|n| n + SUPERVISORS),
                 },
             )
             .map_err(BrokerError::Cgroup)?,
@@ -627,6 +632,22 @@ async fn supervise(
     };
     let child_pid = child.id().map(|p| p as i32).unwrap_or(0);
     tracing::Span::current().record("jail.pid", child_pid);
+    if broker.mode() == Mode::Nsjail {
+        // The agent may open /dev/stdout and friends by path (`echo >/dev/stderr`),
+        // which needs the pipes to belong to its uid. A pipe is one inode for
+        // both ends, so chowning the broker's end is enough; the agent has not
+        // started yet (it waits for GO).
+        use std::os::fd::AsFd;
+        let (uid, gid) = broker.outside_ids;
+        let fds = [
+            child.stdin.as_ref().map(|p| p.as_fd()),
+            child.stdout.as_ref().map(|p| p.as_fd()),
+            child.stderr.as_ref().map(|p| p.as_fd()),
+        ];
+        for fd in fds.into_iter().flatten() {
+            let _ = nix::unistd::fchown(fd, Some(uid.into()), Some(gid.into()));
+        }
+    }
     let mut ctl = match ctl {
         Ok(c) => c,
         Err(e) => {
@@ -757,6 +778,13 @@ async fn supervise(
         .await;
 
     // Relay.
+    use std::os::fd::AsFd;
+    if let Some(out) = &child.stdout {
+        crate::sys::grow_pipe(out.as_fd(), PIPE_SIZE);
+    }
+    if let Some(err) = &child.stderr {
+        crate::sys::grow_pipe(err.as_fd(), PIPE_SIZE);
+    }
     let stop_idle = CancellationToken::new();
     let out = child
         .stdout

@@ -68,7 +68,8 @@ pub enum Mode {
 /// hard). Every value is in the unit its name says: bytes are bytes.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Rlimits {
-    /// `RLIMIT_CPU`, seconds of CPU time per process (SIGXCPU when hit).
+    /// `RLIMIT_CPU`, seconds of CPU time per process: SIGXCPU at this soft
+    /// limit, SIGKILL one second later (the hard limit).
     pub cpu_seconds: Option<u64>,
     /// `RLIMIT_NOFILE`, open descriptors per process.
     pub open_files: Option<u64>,
@@ -449,7 +450,7 @@ mod tests {
 
     #[test]
     fn read_capped_accepts_cap_and_refuses_one_more() {
-        let data = vec![7u8; 100];
+        let data = [7u8; 100];
         assert_eq!(read_capped(&data[..], 100).expect("at cap").len(), 100);
         assert!(matches!(
             read_capped(&data[..], 99),
@@ -491,7 +492,8 @@ mod tests {
 
     #[test]
     fn verify_refuses_each_missing_isolation() {
-        let cases: Vec<(fn(&mut SelfCheck), &str)> = vec![
+        type Mutation = fn(&mut SelfCheck);
+        let cases: Vec<(Mutation, &str)> = vec![
             (|c| c.pid = 42, "pid namespace"),
             (|c| c.uid_map = "0 0 4294967295".into(), "user namespace"),
             (|c| c.uid_map = "1000 0 1".into(), "host root"),

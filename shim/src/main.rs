@@ -287,7 +287,7 @@ impl Control {
 
     /// Reports a failure to the broker (best effort) and on stderr.
     fn fail(&self, e: &ShimError) {
-        let message = truncated(e.to_string(), MAX_MESSAGE);
+        let message = truncated(e.to_string().replace('\n', " "), MAX_MESSAGE);
         let _ = writeln!(io::stderr(), "turnstile-shim: {message}");
         let _ = self.send(&ShimMsg::Failed {
             class: e.class(),

@@ -322,7 +322,9 @@ pub enum SpawnError {
     Garbled,
 }
 
-/// Shim only. Forks the agent and returns its pid once it has executed.
+/// Shim only, and from the main thread: the agent's parent-death signal
+/// fires when the thread that forked it exits. Forks the agent and returns
+/// its pid once it has executed.
 ///
 /// The child reports a failed step on a close-on-exec pipe as three
 /// native-endian i32 (step, detail, errno): EOF without bytes means the
@@ -350,9 +352,16 @@ pub fn spawn(plan: &ExecPlan) -> Result<i32, SpawnError> {
     if matches!(read, Ok(0)) {
         return Ok(pid);
     }
-    // The child failed before or at execve and is exiting: reap it now so it
-    // never shows up in the wait loop.
+    // The child failed before or at execve and is exiting (or, if the pipe
+    // itself failed, in an unknown state): make sure it dies, and reap it now
+    // so that it never shows up in the wait loop.
+    send_signal(pid, Signal::SIGKILL);
     let _ = reap(pid, true);
+    if let Err(e) = read {
+        return Err(SpawnError::Fork(Errno::from_raw(
+            e.raw_os_error().unwrap_or(libc::EIO),
+        )));
+    }
     let word = |i: usize| {
         report
             .get(i * 4..i * 4 + 4)
@@ -411,7 +420,16 @@ fn exec_child(
         }
     }
     for (i, &(res, value)) in plan.rlimits.iter().enumerate() {
-        if let Err(e) = setrlimit(res, value, value) {
+        // CPU: the kernel sends SIGXCPU at the soft limit and SIGKILL at the
+        // hard one; with both equal SIGKILL wins and the cause is lost. One
+        // second of headroom lets SIGXCPU arrive first (and an agent that
+        // traps it a moment to save its state).
+        let hard = if res == Resource::RLIMIT_CPU {
+            value.saturating_add(1)
+        } else {
+            value
+        };
+        if let Err(e) = setrlimit(res, value, hard) {
             child_fail(report, Step::Rlimit(i), e);
         }
     }

@@ -36,7 +36,7 @@ async fn second_start_for_a_busy_session_is_refused(mode: Mode) {
     let mut seen = Outcome::default();
     running.wait_stdout("ready", &mut seen).await;
     // Still busy while it runs.
-    let again = h.turn(start("s1", "true")).await.err().expect("busy");
+    let again = h.turn(start("s1", "true")).await.expect_err("busy");
     assert_eq!(again.code(), Code::FailedPrecondition);
     running.stdin(b"x\n").await;
     running.close_stdin().await;
@@ -125,7 +125,7 @@ async fn invalid_input_is_refused_before_disk(mode: Mode) {
         ),
     ];
     for (s, want) in cases {
-        let err = h.turn(s).await.err().expect("refused");
+        let err = h.turn(s).await.expect_err("refused");
         assert_eq!(err.code(), Code::InvalidArgument, "{want}: {err:?}");
         assert!(
             err.message().contains(want),
@@ -142,7 +142,7 @@ async fn oversized_payload_is_refused_before_anything_spawns(mode: Mode) {
     let h = Harness::start_with(mode, |c| c.max_payload_bytes = 64 * 1024).await;
     let mut s = start("big", "true");
     s.env.insert("BLOB".into(), "x".repeat(64 * 1024));
-    let err = h.turn(s).await.err().expect("refused");
+    let err = h.turn(s).await.expect_err("refused");
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert!(
         err.message().contains("over the 65536-byte cap"),
@@ -174,8 +174,7 @@ async fn first_message_must_be_start(mode: Mode) {
     let err = client
         .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "first message must be start, got stdin");
     // A stream that ends before any message.
@@ -184,8 +183,7 @@ async fn first_message_must_be_start(mode: Mode) {
     let err = client
         .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(err.message(), "stream ended before start");
     h.stop().await;

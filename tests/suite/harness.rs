@@ -174,6 +174,7 @@ pub fn start(session: &str, script: &str) -> pb::Start {
 }
 
 /// One running turn: its request sender and its events.
+#[derive(Debug)]
 pub struct Turn {
     pub tx: mpsc::Sender<pb::TurnRequest>,
     pub events: tonic::Streaming<pb::TurnEvent>,

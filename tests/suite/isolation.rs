@@ -182,7 +182,7 @@ fn nsjail_mode_refuses_to_start_without_nsjail_or_shim() {
     let dir = tempdir();
     let mut cfg = config(Mode::Nsjail, &dir.path().join("s1"));
     cfg.nsjail = dir.path().join("no-nsjail");
-    let err = Broker::new(cfg).err().expect("refused");
+    let err = Broker::new(cfg).expect_err("refused");
     assert!(matches!(err, StartupError::Nsjail(_)), "{err}");
     assert!(err.to_string().contains("setup-nsjail.sh"), "{err}");
 
@@ -190,11 +190,11 @@ fn nsjail_mode_refuses_to_start_without_nsjail_or_shim() {
     std::fs::write(&wrapper, "#!/usr/bin/env python3\n").expect("write");
     let mut cfg = config(Mode::Nsjail, &dir.path().join("s2"));
     cfg.nsjail = wrapper;
-    let err = Broker::new(cfg).err().expect("refused");
+    let err = Broker::new(cfg).expect_err("refused");
     assert!(err.to_string().contains("not an ELF"), "{err}");
 
     let mut cfg = config(Mode::Nsjail, &dir.path().join("s3"));
     cfg.shim = dir.path().join("no-shim");
-    let err = Broker::new(cfg).err().expect("refused");
+    let err = Broker::new(cfg).expect_err("refused");
     assert!(matches!(err, StartupError::Shim(_)), "{err}");
 }

@@ -132,7 +132,7 @@ async fn broker_sigkill_takes_its_jails_and_restart_cleans_up(mode: Mode) {
 async fn a_second_broker_on_one_state_dir_refuses_to_start() {
     let h = Harness::start(Mode::Direct).await;
     let cfg = config(Mode::Direct, &h.state());
-    let err = Broker::new(cfg).err().expect("refused");
+    let err = Broker::new(cfg).expect_err("refused");
     assert!(matches!(err, StartupError::StateDirLocked(_)), "{err}");
     assert!(
         err.to_string().contains("in use by another broker"),
@@ -162,9 +162,7 @@ async fn the_socket_is_owner_only_and_serves_health() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     // A second broker cannot take over a live socket.
-    let err = turnstile_broker::server::bind_unix(&h.socket)
-        .err()
-        .expect("in use");
+    let err = turnstile_broker::server::bind_unix(&h.socket).expect_err("in use");
     assert!(
         err.to_string().contains("another broker is listening"),
         "{err}"
@@ -176,8 +174,7 @@ async fn the_socket_is_owner_only_and_serves_health() {
 async fn tcp_is_loopback_only_and_needs_the_token() {
     let err = turnstile_broker::server::bind_tcp("0.0.0.0:0".parse().expect("addr"), "t".into())
         .await
-        .err()
-        .expect("refused");
+        .expect_err("refused");
     assert!(err.to_string().contains("not a loopback address"), "{err}");
 
     let h = Harness::start(Mode::Direct).await;
@@ -214,8 +211,7 @@ async fn tcp_is_loopback_only_and_needs_the_token() {
     let err = plain
         .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("no token, no turn");
+        .expect_err("no token, no turn");
     assert_eq!(err.code(), tonic::Code::Unauthenticated);
     let mut authed =
         pb::broker_client::BrokerClient::with_interceptor(channel, |mut req: tonic::Request<()>| {

@@ -38,7 +38,7 @@ async fn ten_mib_of_output_arrives_whole_before_exited(mode: Mode) {
 async fn stdin_stdout_and_stderr_are_relayed(mode: Mode) {
     let h = Harness::start(mode).await;
     let t = h
-        .turn(start("io", "cat; echo to-err >&2; exit 0"))
+        .turn(start("io", "cat; echo to-err > /dev/stderr; exit 0"))
         .await
         .expect("turn");
     let payload: Vec<u8> = (0..300_000u32).flat_map(|i| i.to_le_bytes()).collect();

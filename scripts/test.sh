@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh Debian machine: installs nsjail (repo-local),
+# builds the static shim, checks formatting and lints, runs every test (unit tests,
+# the shim's own tests, the integration suite against real nsjail in both modes) and
+# smoke-runs the benchmarks so they don't rot. CI (.ci/run) runs exactly this.
+#
+# The integration suite needs root (namespaces, cgroups, a separate jail uid); run
+# without root it fails and says so.
+set -euo pipefail
+repo=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+
+step() { printf '\n==> %s\n' "$*" >&2; }
+
+step "nsjail"
+TURNSTILE_NSJAIL=$(bash scripts/setup-nsjail.sh)
+export TURNSTILE_NSJAIL
+step "static shim"
+TURNSTILE_SHIM=$(bash scripts/build-shim.sh --locked -q)
+export TURNSTILE_SHIM
+step "format"
+cargo fmt --all -- --check
+step "clippy"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+step "tests"
+cargo test --locked --workspace
+step "benchmarks (smoke run: each benchmark once)"
+cargo bench --locked -p turnstile-benches -- --test
