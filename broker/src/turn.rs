@@ -402,6 +402,8 @@ struct Outcome {
     child_status: Option<std::process::ExitStatus>,
     spawn_error: Option<String>,
     nsjail_log: String,
+    /// stderr of the jail or shim when no agent ever ran.
+    early_stderr: String,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<ShimMsg>> {
@@ -898,6 +900,19 @@ async fn end_child(
     let _ = broker;
     kill_all(child_pid, prepared);
     outcome.child_status = child.wait().await.ok();
+    // What nsjail (a config error) or the shim said on stderr before any
+    // agent ran; the jail is gone, so this reaches EOF at once.
+    if let Some(err) = child.stderr.take() {
+        let mut buf = Vec::new();
+        let mut limited = err.take(4096);
+        let read = limited.read_to_end(&mut buf);
+        if tokio::time::timeout(Duration::from_secs(1), read)
+            .await
+            .is_ok()
+        {
+            outcome.early_stderr = String::from_utf8_lossy(&buf).trim().to_string();
+        }
+    }
 }
 
 async fn collect_rest(ctl: &mut tokio::net::UnixStream, outcome: &mut Outcome) {
@@ -1166,6 +1181,10 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
             if !outcome.nsjail_log.is_empty() {
                 msg.push_str(": nsjail: ");
                 msg.push_str(&outcome.nsjail_log);
+            }
+            if !outcome.early_stderr.is_empty() {
+                msg.push_str(": stderr: ");
+                msg.push_str(&outcome.early_stderr);
             }
             let reason = if code == Some(FailureClass::Payload) {
                 Reason::PayloadRejected

@@ -177,6 +177,25 @@ async fn a_jail_that_fails_its_self_check_never_runs_the_agent() {
     h.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_profile_nsjail_cannot_parse_fails_the_turn_with_its_message() {
+    let dir = tempdir();
+    let broken = dir.path().join("broken.cfg");
+    let profile =
+        std::fs::read_to_string(workspace().join("jail-configs/agent.cfg")).expect("profile");
+    std::fs::write(&broken, format!("{profile}\nno_such_field: 1\n")).expect("write");
+    let h = Harness::start_with(Mode::Nsjail, |c| c.jail_config = broken.clone()).await;
+    let o = h.run(start("broken", "true")).await;
+    assert_eq!(o.reason(), Reason::SpawnFailed, "{:?}", o.exited);
+    assert!(
+        o.exited().message.contains("no_such_field"),
+        "{}",
+        o.exited().message
+    );
+    assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
+}
+
 #[test]
 fn nsjail_mode_refuses_to_start_without_nsjail_or_shim() {
     let dir = tempdir();
