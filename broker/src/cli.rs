@@ -264,7 +264,10 @@ pub async fn run(args: RunArgs) -> i32 {
                     eprintln!("turnstile: turn ended: {reason}: {}", e.message);
                 }
             }
-            Some(pb::turn_event::Kind::Started(_)) | None => {}
+            Some(pb::turn_event::Kind::Notice(n)) => {
+                eprintln!("turnstile: notice: {}", n.message);
+            }
+            Some(pb::turn_event::Kind::Started(_)) | Some(pb::turn_event::Kind::Llm(_)) | None => {}
         }
     }
     stdin_task.abort();

@@ -34,6 +34,7 @@ fn kind_name(kind: &Option<pb::turn_request::Kind>) -> &'static str {
         Some(Kind::Stdin(_)) => "stdin",
         Some(Kind::StdinEof(_)) => "stdin_eof",
         Some(Kind::Signal(_)) => "signal",
+        Some(Kind::Llm(_)) => "llm",
         None => "an empty request",
     }
 }

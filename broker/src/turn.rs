@@ -506,6 +506,7 @@ async fn inbound(
                     let _ = sig_tx.try_send(sig);
                 }
                 Some(Kind::Start(_)) => warn!("ignoring a second start on a running turn"),
+                Some(Kind::Llm(_)) => warn!("ignoring an llm frame: no relay on this turn"),
                 None => warn!("ignoring an empty turn request"),
             },
             Ok(None) => break,

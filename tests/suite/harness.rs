@@ -189,6 +189,7 @@ pub struct Outcome {
     pub exited: Option<pb::Exited>,
     /// Event kinds in arrival order.
     pub order: Vec<&'static str>,
+    pub notices: Vec<String>,
 }
 
 impl Outcome {
@@ -329,6 +330,11 @@ fn record(o: &mut Outcome, ev: pb::TurnEvent) {
         Some(pb::turn_event::Kind::Exited(e)) => {
             o.order.push("exited");
             o.exited = Some(e);
+        }
+        Some(pb::turn_event::Kind::Llm(_)) => o.order.push("llm"),
+        Some(pb::turn_event::Kind::Notice(n)) => {
+            o.order.push("notice");
+            o.notices.push(n.message);
         }
         None => o.order.push("empty"),
     }
