@@ -241,3 +241,39 @@ async fn tcp_is_loopback_only_and_needs_the_token() {
     let _ = stop.send(());
     server.await.expect("join").expect("server");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starts_racing_shutdown_leave_no_turn_running() {
+    let h = Harness::start(Mode::Direct).await;
+    let tok = token();
+    let mut starts = Vec::new();
+    for i in 0..6 {
+        let client = h.client().await;
+        let s = start(&format!("race{i}"), &format!("sleep {tok}"));
+        starts.push(tokio::spawn(async move {
+            match Turn::start(client, s).await {
+                Ok(t) => Ok(t.collect().await),
+                Err(status) => Err(status),
+            }
+        }));
+    }
+    let state = h.state();
+    // Shut down while the starts are in flight.
+    h.stop().await;
+    for s in starts {
+        match s.await.expect("join") {
+            // Admitted before shutdown: ended by it.
+            Ok(o) => assert_eq!(o.reason(), Reason::BrokerShutdown, "{:?}", o.exited),
+            // Refused, or its connection closed by the stopping server.
+            Err(status) => assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ),
+                "{status:?}"
+            ),
+        }
+    }
+    assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
+    assert!(entries(&state.join("turns")).is_empty());
+}

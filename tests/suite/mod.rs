@@ -5,6 +5,7 @@
 mod harness;
 
 mod admission;
+mod cli;
 mod isolation;
 mod lifecycle;
 mod limits;
