@@ -140,6 +140,11 @@ pub struct Config {
     pub max_limits: Limits,
     /// `PATH` of the agent unless `Start.env` sets it.
     pub agent_path: String,
+    /// Port of the LLM bridge on the jail's loopback (nsjail mode; direct
+    /// mode picks an ephemeral port on the host's loopback).
+    pub llm_port: u16,
+    /// LLM connections a turn may have open at once; the next is refused.
+    pub llm_max_connections: usize,
 }
 
 impl Default for Config {
@@ -164,6 +169,8 @@ impl Default for Config {
             default_limits: Limits::default_per_turn(),
             max_limits: Limits::default_caps(),
             agent_path: "/usr/local/bin:/usr/bin:/bin".to_string(),
+            llm_port: 8787,
+            llm_max_connections: 32,
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod jail;
+pub mod llm;
 pub mod server;
 pub mod service;
 pub mod session;

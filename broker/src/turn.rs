@@ -181,6 +181,9 @@ pub struct TurnPaths {
     pub turn_dir: PathBuf,
     pub payload: PathBuf,
     pub jail_config: PathBuf,
+    /// The LLM socket on the host, and as the shim sees it.
+    pub llm_socket: PathBuf,
+    pub llm_socket_jail: String,
     /// As the agent sees them.
     pub home: String,
     pub work: String,
@@ -209,7 +212,14 @@ impl TurnPaths {
         } else {
             format!("{work}/{}", spec.cwd)
         };
+        let llm_socket = turn_dir.join("llm.sock");
+        let llm_socket_jail = match broker.mode() {
+            Mode::Nsjail => format!("{}/llm.sock", jail::JAIL_RUN),
+            Mode::Direct => llm_socket.to_string_lossy().into_owned(),
+        };
         TurnPaths {
+            llm_socket,
+            llm_socket_jail,
             payload: turn_dir.join("init.msgpack"),
             jail_config: turn_dir.join("jail.cfg"),
             turn_dir,
@@ -270,7 +280,14 @@ pub fn build_payload(
             address_space_bytes: if no_cgroups { l.memory_bytes } else { None },
             processes: if no_cgroups { l.max_processes } else { None },
         },
-        llm: None,
+        llm: Some(turnstile_shim::LlmBridge {
+            port: match broker.mode() {
+                Mode::Nsjail => broker.config.llm_port,
+                Mode::Direct => 0,
+            },
+            socket_path: paths.llm_socket_jail.clone(),
+            env_vars: spec.llm_env_vars.clone(),
+        }),
     };
     let bytes = payload.encode()?;
     let cap = broker.config.max_payload_bytes;
@@ -288,6 +305,7 @@ struct Prepared {
     paths: TurnPaths,
     meta: SessionMeta,
     cgroup: Option<TurnCgroup>,
+    llm: Option<std::os::unix::net::UnixListener>,
 }
 
 fn prepare(
@@ -326,6 +344,10 @@ fn populate(
             .map_err(|e| BrokerError::io("cannot write", path, e))
     };
     write(&paths.payload, payload)?;
+    let owner =
+        (broker.mode() == Mode::Nsjail && crate::sys::is_root()).then_some(broker.outside_ids);
+    let llm = crate::llm::bind(&paths.llm_socket, owner)
+        .map_err(|e| BrokerError::io("cannot bind", &paths.llm_socket, e))?;
     if let Some((_, profile)) = &broker.nsjail {
         let bundle_mounts = broker
             .config
@@ -388,6 +410,7 @@ fn populate(
         paths,
         meta,
         cgroup,
+        llm: Some(llm),
     })
 }
 
@@ -478,6 +501,7 @@ async fn inbound(
     sig_tx: mpsc::Sender<Signal>,
     gone: CancellationToken,
     total: Arc<AtomicU64>,
+    relay: Option<Arc<crate::llm::Relay>>,
 ) {
     use pb::turn_request::Kind;
     let mut stdin_tx = Some(stdin_tx);
@@ -506,7 +530,10 @@ async fn inbound(
                     let _ = sig_tx.try_send(sig);
                 }
                 Some(Kind::Start(_)) => warn!("ignoring a second start on a running turn"),
-                Some(Kind::Llm(_)) => warn!("ignoring an llm frame: no relay on this turn"),
+                Some(Kind::Llm(frame)) => match &relay {
+                    Some(r) => r.from_executor(frame).await,
+                    None => warn!("ignoring an llm frame: no relay on this turn"),
+                },
                 None => warn!("ignoring an empty turn request"),
             },
             Ok(None) => break,
@@ -626,6 +653,7 @@ async fn supervise(
     let mut outcome = Outcome::default();
     let paths = &prepared.paths;
     let spawned = spawn(broker, prepared);
+    let llm_listener = prepared.llm.as_ref().and_then(|l| l.try_clone().ok());
     let (mut child, ctl, log_rx) = match spawned {
         Ok(s) => s,
         Err(e) => {
@@ -801,10 +829,27 @@ async fn supervise(
     if let Some(w) = child.stdin.take() {
         tokio::spawn(stdin_writer(w, stdin_rx).in_current_span());
     }
+    let relay = llm_listener
+        .and_then(|l| tokio::net::UnixListener::from_std(l).ok())
+        .map(|l| {
+            Arc::new(crate::llm::Relay::start(
+                l,
+                tx.clone(),
+                broker.config.llm_max_connections,
+            ))
+        });
     let (sig_tx, mut sig_rx) = mpsc::channel(8);
     let stdin_total = Arc::new(AtomicU64::new(0));
     let inbound_task = tokio::spawn(
-        inbound(stream, stdin_tx, sig_tx, gone.clone(), stdin_total.clone()).in_current_span(),
+        inbound(
+            stream,
+            stdin_tx,
+            sig_tx,
+            gone.clone(),
+            stdin_total.clone(),
+            relay.clone(),
+        )
+        .in_current_span(),
     );
 
     let grace = Duration::from_millis(broker.config.kill_grace_ms);
@@ -858,6 +903,10 @@ async fn supervise(
         warn!("an output pipe stayed open after the turn ended; relay cut");
     }
     inbound_task.abort();
+    if let Some(r) = &relay {
+        // No LLM frame may follow `Exited`.
+        r.close();
+    }
     counters.stdin = stdin_total.load(Ordering::Relaxed);
     outcome.nsjail_log = log_text(log_rx).await;
     outcome
@@ -1033,6 +1082,7 @@ async fn finish(
         paths,
         mut meta,
         cgroup,
+        llm: _,
     } = prepared;
     let stats = cgroup.as_ref().map(|c| c.stats()).unwrap_or_default();
     if let Some(cg) = cgroup

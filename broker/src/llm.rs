@@ -1,0 +1,273 @@
+//! The broker side of the LLM relay. The agent's only way out of the jail is
+//! the turn's unix socket (`<turn>/llm.sock`, bind-mounted at
+//! `/run/turnstile/llm.sock`; the shim bridges 127.0.0.1:<port> to it). Each
+//! connection accepted there gets an id and is multiplexed over the turn's
+//! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
+//! Credentials are added on the executor side; nothing here parses HTTP.
+//!
+//! Memory is bounded: agent → executor bytes go through the turn's bounded
+//! event queue (a slow executor stops the reads, and so the agent); executor
+//! → agent bytes go through a small per-connection queue whose writer waits
+//! for the agent's socket.
+
+use crate::turn::EventTx;
+use bytes::{Bytes, BytesMut};
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tracing::{Instrument, debug, warn};
+use turnstile_proto::v1 as pb;
+
+/// Read size from an agent connection (and largest `data` frame).
+const CHUNK: usize = 64 * 1024;
+/// Frames queued toward one agent connection.
+const CONN_QUEUE: usize = 8;
+
+enum ToAgent {
+    Data(Bytes),
+    Eof,
+}
+
+struct Conn {
+    tx: Option<mpsc::Sender<ToAgent>>,
+    reader: tokio::task::AbortHandle,
+    writer: tokio::task::AbortHandle,
+    /// Directions finished (0..=2); the connection is forgotten at 2.
+    halves_done: u8,
+}
+
+/// One turn's relay: the listener's accept loop and its connections.
+pub struct Relay {
+    conns: Arc<Mutex<HashMap<u64, Conn>>>,
+    events: EventTx,
+    accept: tokio::task::AbortHandle,
+}
+
+fn frame(conn: u64, kind: pb::llm_frame::Kind) -> Result<pb::TurnEvent, tonic::Status> {
+    Ok(pb::TurnEvent {
+        kind: Some(pb::turn_event::Kind::Llm(pb::LlmFrame {
+            conn,
+            kind: Some(kind),
+        })),
+    })
+}
+
+/// Binds the turn's socket, reachable only by the agent's uid.
+pub fn bind(
+    path: &Path,
+    owner: Option<(u32, u32)>,
+) -> std::io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))?;
+    }
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+impl Relay {
+    /// Starts accepting the agent's connections (at most `max_conns` at once).
+    pub fn start(listener: UnixListener, events: EventTx, max_conns: usize) -> Relay {
+        let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
+        let accept_conns = conns.clone();
+        let accept_events = events.clone();
+        let accept = tokio::spawn(
+            async move {
+                let mut next_id = 1u64;
+                let mut per_conn = JoinSet::new();
+                loop {
+                    let stream = tokio::select! {
+                        accepted = listener.accept() => match accepted {
+                            Ok((s, _)) => s,
+                            Err(e) => {
+                                warn!(error = %e, "llm socket accept failed");
+                                break;
+                            }
+                        },
+                        Some(_) = per_conn.join_next(), if !per_conn.is_empty() => continue,
+                    };
+                    let open = accept_conns.lock().map(|m| m.len()).unwrap_or(usize::MAX);
+                    if open >= max_conns {
+                        warn!(
+                            limit = max_conns,
+                            "llm connection refused: too many open connections"
+                        );
+                        drop(stream);
+                        continue;
+                    }
+                    let id = next_id;
+                    next_id += 1;
+                    if accept_events
+                        .send(frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {})))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    let (mut rd, mut wr) = stream.into_split();
+                    let (tx, mut rx) = mpsc::channel::<ToAgent>(CONN_QUEUE);
+                    // Agent → executor.
+                    let ev = accept_events.clone();
+                    let reader_conns = accept_conns.clone();
+                    let reader = per_conn.spawn(
+                        async move {
+                            let mut buf = BytesMut::with_capacity(CHUNK);
+                            loop {
+                                buf.reserve(CHUNK);
+                                let kind = match rd.read_buf(&mut buf).await {
+                                    Ok(0) => pb::llm_frame::Kind::Eof(pb::LlmEof {}),
+                                    Ok(_) => pb::llm_frame::Kind::Data(buf.split().freeze()),
+                                    Err(e) => pb::llm_frame::Kind::Reset(pb::LlmReset {
+                                        reason: e.to_string(),
+                                    }),
+                                };
+                                let last = !matches!(kind, pb::llm_frame::Kind::Data(_));
+                                if ev.send(frame(id, kind)).await.is_err() || last {
+                                    break;
+                                }
+                            }
+                            finish_half(&reader_conns, id);
+                        }
+                        .in_current_span(),
+                    );
+                    // Executor → agent.
+                    let writer_conns = accept_conns.clone();
+                    let writer = per_conn.spawn(
+                        async move {
+                            while let Some(msg) = rx.recv().await {
+                                match msg {
+                                    ToAgent::Data(b) => {
+                                        if wr.write_all(&b).await.is_err() {
+                                            break;
+                                        }
+                                    }
+                                    ToAgent::Eof => break,
+                                }
+                            }
+                            let _ = wr.shutdown().await;
+                            finish_half(&writer_conns, id);
+                        }
+                        .in_current_span(),
+                    );
+                    if let Ok(mut m) = accept_conns.lock() {
+                        m.insert(
+                            id,
+                            Conn {
+                                tx: Some(tx),
+                                reader,
+                                writer,
+                                halves_done: 0,
+                            },
+                        );
+                    }
+                    debug!(conn = id, "llm connection opened");
+                }
+                per_conn.shutdown().await;
+            }
+            .in_current_span(),
+        )
+        .abort_handle();
+        Relay {
+            conns,
+            events,
+            accept,
+        }
+    }
+
+    async fn notice(&self, message: String) {
+        warn!(%message, "llm frame refused");
+        let _ = self
+            .events
+            .send(Ok(pb::TurnEvent {
+                kind: Some(pb::turn_event::Kind::Notice(pb::Notice { message })),
+            }))
+            .await;
+    }
+
+    /// Handles one frame from the executor. Frames for unknown or closed
+    /// connections get a notice; the turn goes on.
+    pub async fn from_executor(&self, f: pb::LlmFrame) {
+        let conn = f.conn;
+        let tx = self
+            .conns
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&conn).map(|c| c.tx.clone()));
+        let Some(tx) = tx else {
+            return self
+                .notice(format!("llm frame for unknown or closed connection {conn}"))
+                .await;
+        };
+        match f.kind {
+            Some(pb::llm_frame::Kind::Data(b)) => {
+                let sent = match &tx {
+                    Some(tx) => tx.send(ToAgent::Data(b)).await.is_ok(),
+                    None => false,
+                };
+                if !sent {
+                    self.notice(format!(
+                        "llm data for connection {conn} after its executor side was closed"
+                    ))
+                    .await;
+                }
+            }
+            Some(pb::llm_frame::Kind::Eof(_)) => {
+                if let Some(tx) = &tx {
+                    let _ = tx.send(ToAgent::Eof).await;
+                }
+                if let Ok(mut m) = self.conns.lock()
+                    && let Some(c) = m.get_mut(&conn)
+                {
+                    c.tx = None;
+                }
+            }
+            Some(pb::llm_frame::Kind::Reset(_)) => {
+                if let Some(c) = self.conns.lock().ok().and_then(|mut m| m.remove(&conn)) {
+                    c.reader.abort();
+                    c.writer.abort();
+                }
+            }
+            Some(pb::llm_frame::Kind::Open(_)) | None => {
+                self.notice(format!(
+                    "llm frame for connection {conn} has no data, eof or reset"
+                ))
+                .await
+            }
+        }
+    }
+
+    /// Number of open connections.
+    pub fn open(&self) -> usize {
+        self.conns.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// Ends every connection and the accept loop.
+    pub fn close(&self) {
+        self.accept.abort();
+        if let Ok(mut m) = self.conns.lock() {
+            for (_, c) in m.drain() {
+                c.reader.abort();
+                c.writer.abort();
+            }
+        }
+    }
+}
+
+/// Marks one direction of a connection done; forgets the connection when
+/// both are.
+fn finish_half(conns: &Mutex<HashMap<u64, Conn>>, id: u64) {
+    if let Ok(mut m) = conns.lock()
+        && let Some(c) = m.get_mut(&id)
+    {
+        c.halves_done += 1;
+        if c.halves_done >= 2 {
+            m.remove(&id);
+        }
+    }
+}
