@@ -73,7 +73,12 @@ impl Served {
                 "nsjail".into()
             },
             jail_config: workspace().join("jail-configs/agent.cfg"),
-            cgroups: CgroupPolicy::Required,
+            // TURNSTILE_BENCH_CGROUPS=off measures the cost of per-turn cgroups.
+            cgroups: if std::env::var("TURNSTILE_BENCH_CGROUPS").as_deref() == Ok("off") {
+                CgroupPolicy::Off
+            } else {
+                CgroupPolicy::Required
+            },
             default_limits: Limits {
                 wall_time_ms: Some(600_000),
                 ..Limits::unlimited()

@@ -9,6 +9,7 @@ mod cli;
 mod isolation;
 mod lifecycle;
 mod limits;
+mod llm;
 mod relay;
 
 /// Generates `nsjail` and `direct` tests from one `async fn(Mode)`.

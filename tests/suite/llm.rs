@@ -1,0 +1,131 @@
+//! The LLM relay at the frame level: the agent's connections to its bridge
+//! URL arrive as `LlmFrame`s on the turn stream, both directions, with
+//! half-close, resets, caps and notices.
+
+use super::harness::*;
+use crate::both_modes;
+use tokio_stream::StreamExt;
+use turnstile_broker::config::Mode;
+use turnstile_proto::v1 as pb;
+
+both_modes!(
+    an_agent_connection_is_relayed_both_ways_with_half_close,
+    frames_for_unknown_connections_get_a_notice_and_the_turn_goes_on,
+    connections_over_the_cap_are_refused,
+);
+
+/// The agent: opens `n` connections to its bridge URL, sends "ping-<i>" on
+/// each, half-closes, prints what came back.
+fn agent(n: usize) -> String {
+    format!(
+        "python3 -c '\nimport os, socket, urllib.parse\nu = urllib.parse.urlparse(os.environ[\"ANTHROPIC_BASE_URL\"])\nsocks = []\nfor i in range({n}):\n    s = socket.create_connection((u.hostname, u.port))\n    s.sendall(b\"ping-%d\" % i)\n    s.shutdown(socket.SHUT_WR)\n    socks.append(s)\nfor s in socks:\n    got = b\"\"\n    while True:\n        b = s.recv(65536)\n        if not b: break\n        got += b\n    print(got.decode() or \"<closed>\", flush=True)\n'"
+    )
+}
+
+fn llm(conn: u64, kind: pb::llm_frame::Kind) -> pb::turn_request::Kind {
+    pb::turn_request::Kind::Llm(pb::LlmFrame {
+        conn,
+        kind: Some(kind),
+    })
+}
+
+/// Serves the agent's connections: answers "pong:<what it sent>" on each
+/// after the agent's eof, until `count` connections were served.
+async fn serve(t: &mut Turn, seen: &mut Outcome, count: usize) {
+    let mut got: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+    let mut done = 0;
+    while done < count {
+        let ev = t.events.next().await.expect("event").expect("ok");
+        match ev.kind {
+            Some(pb::turn_event::Kind::Llm(f)) => match f.kind {
+                Some(pb::llm_frame::Kind::Open(_)) => {
+                    got.insert(f.conn, Vec::new());
+                }
+                Some(pb::llm_frame::Kind::Data(b)) => {
+                    got.entry(f.conn).or_default().extend_from_slice(&b)
+                }
+                Some(pb::llm_frame::Kind::Eof(_)) => {
+                    let mut reply = b"pong:".to_vec();
+                    reply.extend_from_slice(&got[&f.conn]);
+                    t.send(llm(f.conn, pb::llm_frame::Kind::Data(reply.into())))
+                        .await;
+                    t.send(llm(f.conn, pb::llm_frame::Kind::Eof(pb::LlmEof {})))
+                        .await;
+                    done += 1;
+                }
+                other => panic!("unexpected frame {other:?}"),
+            },
+            Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
+            Some(pb::turn_event::Kind::Stderr(b)) => seen.stderr.extend_from_slice(&b),
+            other => panic!(
+                "unexpected event before the relay finished: {other:?}; stderr {}",
+                seen.stderr()
+            ),
+        }
+    }
+}
+
+async fn an_agent_connection_is_relayed_both_ways_with_half_close(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let mut t = h.turn(start("llm", &agent(3))).await.expect("turn");
+    t.close_stdin().await;
+    let mut seen = Outcome::default();
+    serve(&mut t, &mut seen, 3).await;
+    t.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    assert_eq!(seen.stdout(), "pong:ping-0\npong:ping-1\npong:ping-2\n");
+    h.stop().await;
+}
+
+async fn frames_for_unknown_connections_get_a_notice_and_the_turn_goes_on(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let mut t = h
+        .turn(start("llm-bad", &format!("read go; {}", agent(1))))
+        .await
+        .expect("turn");
+    t.send(llm(
+        99,
+        pb::llm_frame::Kind::Data(bytes::Bytes::from_static(b"stray")),
+    ))
+    .await;
+    t.send(llm(98, pb::llm_frame::Kind::Eof(pb::LlmEof {})))
+        .await;
+    let mut notices = Vec::new();
+    while notices.len() < 2 {
+        match t.events.next().await.expect("event").expect("ok").kind {
+            Some(pb::turn_event::Kind::Notice(n)) => notices.push(n.message),
+            Some(pb::turn_event::Kind::Started(_)) => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(
+        notices,
+        [
+            "llm frame for unknown or closed connection 99",
+            "llm frame for unknown or closed connection 98"
+        ]
+    );
+    // The turn goes on: the relay still works.
+    t.stdin(b"go\n").await;
+    t.close_stdin().await;
+    let mut seen = Outcome::default();
+    serve(&mut t, &mut seen, 1).await;
+    t.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    assert_eq!(seen.stdout(), "pong:ping-0\n");
+    h.stop().await;
+}
+
+async fn connections_over_the_cap_are_refused(mode: Mode) {
+    let h = Harness::start_with(mode, |c| c.llm_max_connections = 2).await;
+    // Three connections held open at once: the third is closed at once
+    // (the agent reads EOF on it), the first two are served.
+    let mut t = h.turn(start("llm-cap", &agent(3))).await.expect("turn");
+    t.close_stdin().await;
+    let mut seen = Outcome::default();
+    serve(&mut t, &mut seen, 2).await;
+    t.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    assert_eq!(seen.stdout(), "pong:ping-0\npong:ping-1\n<closed>\n");
+    h.stop().await;
+}
