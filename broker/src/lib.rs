@@ -46,6 +46,8 @@ pub struct ActiveTurn {
     pub session_id: String,
     pub token: CancellationToken,
     pub reason: Arc<OnceLock<StopReason>>,
+    /// Signals for the agent (from the turn stream or `InterruptTurn`).
+    pub signals: tokio::sync::mpsc::Sender<nix::sys::signal::Signal>,
 }
 
 impl ActiveTurn {
@@ -277,16 +279,19 @@ impl Broker {
         if adm.closed {
             return Err(BrokerError::ShuttingDown);
         }
+        let (signals, signals_rx) = tokio::sync::mpsc::channel(8);
         let turn = ActiveTurn {
             session_id: session_id.to_string(),
             token: CancellationToken::new(),
             reason: Arc::default(),
+            signals,
         };
         adm.active.insert(turn_id.to_string(), turn.clone());
         Ok(Admitted {
             broker: self.clone(),
             turn_id: turn_id.to_string(),
             turn,
+            signals_rx: Mutex::new(Some(signals_rx)),
         })
     }
 
@@ -339,6 +344,14 @@ pub struct Admitted {
     broker: Arc<Broker>,
     pub turn_id: String,
     pub turn: ActiveTurn,
+    signals_rx: Mutex<Option<tokio::sync::mpsc::Receiver<nix::sys::signal::Signal>>>,
+}
+
+impl Admitted {
+    /// The receiving end of the turn's signal channel (once).
+    pub fn take_signals(&self) -> Option<tokio::sync::mpsc::Receiver<nix::sys::signal::Signal>> {
+        self.signals_rx.lock().ok().and_then(|mut r| r.take())
+    }
 }
 
 impl Drop for Admitted {

@@ -80,4 +80,96 @@ impl BrokerApi for Service {
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
+
+    async fn cancel_turn(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<pb::TurnRef>, Status> {
+        let id = request.into_inner().session_id;
+        let (turn_id, turn) = self.running(&id)?;
+        info!(session.id = %id, turn.id = %turn_id, "cancel requested");
+        turn.stop(crate::StopReason::Cancelled);
+        Ok(Response::new(pb::TurnRef {
+            session_id: id,
+            turn_id,
+        }))
+    }
+
+    async fn interrupt_turn(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<pb::TurnRef>, Status> {
+        let id = request.into_inner().session_id;
+        let (turn_id, turn) = self.running(&id)?;
+        let _ = turn.signals.try_send(nix::sys::signal::Signal::SIGINT);
+        Ok(Response::new(pb::TurnRef {
+            session_id: id,
+            turn_id,
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<pb::SessionInfo>, Status> {
+        let id = request.into_inner().session_id;
+        crate::validate::session_id(&id).map_err(BrokerError::from)?;
+        self.info(&id)
+            .map(Response::new)
+            .ok_or_else(|| BrokerError::SessionNotFound(id).into())
+    }
+
+    async fn list_sessions(
+        &self,
+        _request: Request<pb::ListSessionsRequest>,
+    ) -> Result<Response<pb::ListSessionsReply>, Status> {
+        let sessions = self
+            .broker
+            .sessions
+            .ids()
+            .iter()
+            .filter_map(|id| self.info(id))
+            .collect();
+        Ok(Response::new(pb::ListSessionsReply { sessions }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<pb::DeleteSessionReply>, Status> {
+        let id = request.into_inner().session_id;
+        crate::validate::session_id(&id).map_err(BrokerError::from)?;
+        self.broker.sessions.delete(&id).await?;
+        info!(session.id = %id, "session deleted");
+        Ok(Response::new(pb::DeleteSessionReply {}))
+    }
+}
+
+impl Service {
+    fn running(&self, id: &str) -> Result<(String, crate::ActiveTurn), Status> {
+        crate::validate::session_id(id).map_err(BrokerError::from)?;
+        self.broker
+            .active_turn_of(id)
+            .ok_or_else(|| Status::not_found(format!("session {id} has no running turn")))
+    }
+
+    fn info(&self, id: &str) -> Option<pb::SessionInfo> {
+        let meta = self.broker.sessions.meta(id)?;
+        let running = self
+            .broker
+            .active_turn_of(id)
+            .map(|(t, _)| t)
+            .unwrap_or_default();
+        Some(pb::SessionInfo {
+            session_id: id.to_string(),
+            created_unix_ms: meta.created_unix_ms,
+            turn_count: meta.turn_count,
+            last_turn_id: meta.last_turn_id.unwrap_or_default(),
+            last_turn_start_unix_ms: meta.last_turn_start_unix_ms.unwrap_or(0),
+            last_turn_end_unix_ms: meta.last_turn_end_unix_ms.unwrap_or(0),
+            last_exit_reason: meta.last_exit_reason.unwrap_or_default(),
+            disk_usage_bytes: crate::session::disk_usage(&self.broker.sessions.paths(id).dir),
+            running_turn_id: running,
+        })
+    }
 }

@@ -207,6 +207,71 @@ impl Sessions {
     }
 }
 
+/// Bytes used by everything under `path`, without following links.
+pub fn disk_usage(path: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total += meta.len();
+        if meta.is_dir()
+            && let Ok(rd) = std::fs::read_dir(&p)
+        {
+            stack.extend(rd.flatten().map(|e| e.path()));
+        }
+    }
+    total
+}
+
+impl Sessions {
+    /// A session's metadata, if the session exists.
+    pub fn meta(&self, id: &str) -> Option<SessionMeta> {
+        let paths = self.paths(id);
+        if !paths.dir.is_dir() {
+            return None;
+        }
+        let meta = std::fs::read(&paths.meta)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_else(|| SessionMeta {
+                session_id: id.to_string(),
+                ..SessionMeta::default()
+            });
+        Some(meta)
+    }
+
+    /// Ids of every session, sorted.
+    pub fn ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = std::fs::read_dir(&self.root)
+            .map(|rd| {
+                rd.flatten()
+                    .filter(|e| e.path().is_dir())
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|id| crate::validate::session_id(id).is_ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        ids.sort();
+        ids
+    }
+
+    /// Deletes a session; refused while a turn holds its lease (the lease is
+    /// taken for the deletion, so no turn can start meanwhile).
+    pub async fn delete(&self, id: &str) -> Result<(), BrokerError> {
+        let lease = self.lease(id, "(delete)", LeasePolicy::Reject).await?;
+        let dir = self.paths(id).dir;
+        if !dir.is_dir() {
+            return Err(BrokerError::SessionNotFound(id.to_string()));
+        }
+        // remove_dir_all never follows the agent's symlinks.
+        std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::io("cannot delete", &dir, e))?;
+        drop(lease);
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

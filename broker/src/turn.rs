@@ -837,7 +837,11 @@ async fn supervise(
                 broker.config.llm_max_connections,
             ))
         });
-    let (sig_tx, mut sig_rx) = mpsc::channel(8);
+    let sig_tx = admitted.turn.signals.clone();
+    let mut sig_rx = match admitted.take_signals() {
+        Some(rx) => rx,
+        None => mpsc::channel(1).1,
+    };
     let stdin_total = Arc::new(AtomicU64::new(0));
     let inbound_task = tokio::spawn(
         inbound(

@@ -11,6 +11,7 @@ mod lifecycle;
 mod limits;
 mod llm;
 mod relay;
+mod sessions;
 
 /// Generates `nsjail` and `direct` tests from one `async fn(Mode)`.
 #[macro_export]
