@@ -145,6 +145,15 @@ pub struct Config {
     pub llm_port: u16,
     /// LLM connections a turn may have open at once; the next is refused.
     pub llm_max_connections: usize,
+    /// Cap on an imported session archive (bytes of file content).
+    pub import_max_bytes: u64,
+    /// Cap on the entries of an imported session archive.
+    pub import_max_entries: u64,
+    /// Sessions idle (no turn started or ended) longer than this are
+    /// deleted by the garbage collector; `None` keeps sessions forever.
+    pub session_ttl_ms: Option<u64>,
+    /// How often the garbage collector runs (when a TTL is set).
+    pub gc_interval_ms: u64,
 }
 
 impl Default for Config {
@@ -171,6 +180,10 @@ impl Default for Config {
             agent_path: "/usr/local/bin:/usr/bin:/bin".to_string(),
             llm_port: 8787,
             llm_max_connections: 32,
+            import_max_bytes: 4 << 30,
+            import_max_entries: 1_000_000,
+            session_ttl_ms: None,
+            gc_interval_ms: 10 * 60 * 1000,
         }
     }
 }

@@ -50,6 +50,10 @@ pub enum BrokerError {
     SessionNotFound(String),
     #[error("broker is shutting down")]
     ShuttingDown,
+    #[error("session {0} already exists")]
+    SessionExists(String),
+    #[error("import refused: {0}")]
+    Import(#[from] crate::archive::ImportError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -88,6 +92,13 @@ impl BrokerError {
             BrokerError::BusyAfterWait { .. } => Code::DeadlineExceeded,
             BrokerError::SessionNotFound(_) => Code::NotFound,
             BrokerError::ShuttingDown => Code::Unavailable,
+            BrokerError::SessionExists(_) => Code::AlreadyExists,
+            BrokerError::Import(
+                crate::archive::ImportError::TooLarge { .. }
+                | crate::archive::ImportError::TooManyEntries { .. },
+            ) => Code::ResourceExhausted,
+            BrokerError::Import(crate::archive::ImportError::Io { .. }) => Code::Internal,
+            BrokerError::Import(_) => Code::InvalidArgument,
             BrokerError::Io { .. }
             | BrokerError::Spawn { .. }
             | BrokerError::Encode(_)

@@ -5,6 +5,7 @@
 //! shutdown trigger fires. The binary `turnstile` only parses flags and calls
 //! into here, which is what lets tests run a real broker on a temp socket.
 
+pub mod archive;
 pub mod cgroup;
 pub mod cli;
 pub mod config;
@@ -241,6 +242,8 @@ impl Broker {
         }
         let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
         let sessions = Sessions::new(state.join("sessions"), owner)?;
+        sessions.clean_staging();
+        let _ = std::fs::remove_dir_all(state.join("imports"));
         info!(
             mode = config.mode.as_str(),
             state_dir = %state.display(),

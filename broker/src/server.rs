@@ -193,6 +193,25 @@ pub async fn run(
             }
         }
     }
+    if let Some(ttl) = broker.config.session_ttl_ms {
+        let b = broker.clone();
+        let every = Duration::from_millis(broker.config.gc_interval_ms.max(1000));
+        let stop = stop.clone();
+        info!(ttl_ms = ttl, "session garbage collection on");
+        servers.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = Service::gc(&b, false).await {
+                            warn!(error = %e, "session garbage collection failed");
+                        }
+                    }
+                    _ = stop.cancelled() => return Ok(()),
+                }
+            }
+        });
+    }
     tokio::select! {
         _ = shutdown => info!("shutting down"),
         Some(r) = servers.join_next() => {

@@ -133,6 +133,131 @@ impl BrokerApi for Service {
         Ok(Response::new(pb::ListSessionsReply { sessions }))
     }
 
+    async fn fork_session(
+        &self,
+        request: Request<pb::ForkSessionRequest>,
+    ) -> Result<Response<pb::SessionInfo>, Status> {
+        let r = request.into_inner();
+        crate::validate::session_id(&r.source_session_id).map_err(BrokerError::from)?;
+        crate::validate::session_id(&r.new_session_id).map_err(BrokerError::from)?;
+        self.broker
+            .sessions
+            .fork(&r.source_session_id, &r.new_session_id)
+            .await?;
+        info!(session.id = %r.new_session_id, from = %r.source_session_id, "session forked");
+        self.info(&r.new_session_id)
+            .map(Response::new)
+            .ok_or_else(|| BrokerError::SessionNotFound(r.new_session_id).into())
+    }
+
+    type ExportSessionStream = ReceiverStream<Result<pb::ArchiveChunk, Status>>;
+
+    async fn export_session(
+        &self,
+        request: Request<pb::SessionRef>,
+    ) -> Result<Response<Self::ExportSessionStream>, Status> {
+        let id = request.into_inner().session_id;
+        crate::validate::session_id(&id).map_err(BrokerError::from)?;
+        let (lease, dir) = self.broker.sessions.export_lease(&id).await?;
+        let (tx, rx) = mpsc::channel(8);
+        tokio::task::spawn_blocking(move || {
+            let mut w = ChunkWriter {
+                tx: tx.clone(),
+                buf: Vec::with_capacity(ChunkWriter::CHUNK),
+            };
+            if let Err(e) = crate::archive::export(&dir, &mut w) {
+                let _ = tx.blocking_send(Err(Status::internal(format!("export failed: {e}"))));
+            }
+            // The lease is held until the whole archive is out.
+            drop(lease);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn import_session(
+        &self,
+        request: Request<Streaming<pb::ImportSessionRequest>>,
+    ) -> Result<Response<pb::SessionInfo>, Status> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = request.into_inner();
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream ended before the session id"))?;
+        let id = first.session_id.clone();
+        crate::validate::session_id(&id).map_err(BrokerError::from)?;
+        let broker = &self.broker;
+        let lease = broker.sessions.new_session_lease(&id).await?;
+        // Spool to a file first: extraction is blocking, and a truncated
+        // upload must not leave a half session.
+        let spool_dir = broker.config.state_dir.join("imports");
+        std::fs::create_dir_all(&spool_dir)
+            .map_err(|e| BrokerError::io("cannot create", &spool_dir, e))?;
+        let spool = spool_dir.join(format!("{}.tar", crate::turn::new_turn_id()));
+        let result = async {
+            let mut f = tokio::fs::File::create(&spool)
+                .await
+                .map_err(|e| BrokerError::io("cannot create", &spool, e))?;
+            // Content cap plus generous room for tar headers.
+            let raw_cap = broker
+                .config
+                .import_max_bytes
+                .saturating_mul(2)
+                .saturating_add(1 << 20);
+            let mut total = first.data.len() as u64;
+            f.write_all(&first.data)
+                .await
+                .map_err(|e| BrokerError::io("cannot write", &spool, e))?;
+            while let Some(msg) = stream.message().await? {
+                total += msg.data.len() as u64;
+                if total > raw_cap {
+                    return Err(BrokerError::from(crate::archive::ImportError::TooLarge {
+                        cap: broker.config.import_max_bytes,
+                    })
+                    .into());
+                }
+                f.write_all(&msg.data)
+                    .await
+                    .map_err(|e| BrokerError::io("cannot write", &spool, e))?;
+            }
+            f.flush()
+                .await
+                .map_err(|e| BrokerError::io("cannot write", &spool, e))?;
+            drop(f);
+            let caps = crate::archive::ImportCaps {
+                max_bytes: broker.config.import_max_bytes,
+                max_entries: broker.config.import_max_entries,
+            };
+            let b = broker.clone();
+            let path = spool.clone();
+            let meta = tokio::task::spawn_blocking(move || {
+                let file = std::fs::File::open(&path)
+                    .map_err(|e| BrokerError::io("cannot open", &path, e))?;
+                b.sessions
+                    .import(&lease, std::io::BufReader::new(file), caps)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("import task: {e}")))??;
+            Ok::<_, Status>(meta)
+        }
+        .await;
+        let _ = std::fs::remove_file(&spool);
+        result?;
+        info!(session.id = %id, "session imported");
+        self.info(&id)
+            .map(Response::new)
+            .ok_or_else(|| BrokerError::SessionNotFound(id).into())
+    }
+
+    async fn gc_sessions(
+        &self,
+        request: Request<pb::GcRequest>,
+    ) -> Result<Response<pb::GcReply>, Status> {
+        let dry_run = request.into_inner().dry_run;
+        let sessions = Service::gc(&self.broker, dry_run).await?;
+        Ok(Response::new(pb::GcReply { sessions }))
+    }
+
     async fn delete_session(
         &self,
         request: Request<pb::SessionRef>,
@@ -145,7 +270,72 @@ impl BrokerApi for Service {
     }
 }
 
+/// A `Write` that sends 64 KiB archive chunks down a gRPC stream from a
+/// blocking thread; the bounded channel is the backpressure.
+struct ChunkWriter {
+    tx: mpsc::Sender<Result<pb::ArchiveChunk, Status>>,
+    buf: Vec<u8>,
+}
+
+impl ChunkWriter {
+    const CHUNK: usize = 64 * 1024;
+
+    fn send(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = bytes::Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(pb::ArchiveChunk { data }))
+            .map_err(|_| {
+                std::io::Error::new(std::io::ErrorKind::BrokenPipe, "export receiver gone")
+            })
+    }
+}
+
+impl std::io::Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= Self::CHUNK {
+            self.send()?;
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.send()
+    }
+}
+
 impl Service {
+    /// Deletes (or with `dry_run` lists) the sessions idle past the TTL.
+    pub async fn gc(broker: &Broker, dry_run: bool) -> Result<Vec<String>, Status> {
+        let ttl = broker.config.session_ttl_ms.ok_or_else(|| {
+            Status::failed_precondition("no session_ttl_ms configured: sessions are kept forever")
+        })?;
+        let cutoff = crate::session::now_unix_ms().saturating_sub(ttl);
+        let mut out = Vec::new();
+        for id in broker.sessions.idle_since(cutoff) {
+            if broker.active_turn_of(&id).is_some() {
+                continue;
+            }
+            if dry_run {
+                out.push(id);
+                continue;
+            }
+            match broker.sessions.delete(&id).await {
+                Ok(()) => {
+                    info!(session.id = %id, ttl_ms = ttl, "garbage-collected an idle session");
+                    out.push(id);
+                }
+                // A turn started meanwhile: the session is not idle anymore.
+                Err(e) => {
+                    info!(session.id = %id, error = %e, "session kept by the garbage collector")
+                }
+            }
+        }
+        Ok(out)
+    }
+
     fn running(&self, id: &str) -> Result<(String, crate::ActiveTurn), Status> {
         crate::validate::session_id(id).map_err(BrokerError::from)?;
         self.broker

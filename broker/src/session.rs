@@ -30,6 +30,8 @@ pub struct SessionMeta {
     pub last_turn_start_unix_ms: Option<u64>,
     pub last_turn_end_unix_ms: Option<u64>,
     pub last_exit_reason: Option<String>,
+    #[serde(default)]
+    pub forked_from: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -225,7 +227,170 @@ pub fn disk_usage(path: &Path) -> u64 {
     total
 }
 
+/// A unique hidden name in the sessions dir for a staging tree (ids never
+/// start with '.', so it is never listed as a session).
+fn staging_name(kind: &str, id: &str) -> String {
+    use rand::Rng;
+    format!(".{kind}-{id}-{:016x}", rand::rng().random::<u64>())
+}
+
 impl Sessions {
+    /// The root of all sessions.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Moves a complete staging tree into place as session `id`; refused if
+    /// the id exists. The staging tree is removed on failure.
+    fn publish(&self, staging: &Path, id: &str, meta: SessionMeta) -> Result<(), BrokerError> {
+        let result = (|| {
+            let paths = SessionPaths {
+                dir: staging.to_path_buf(),
+                home: staging.join("home"),
+                work: staging.join("work"),
+                meta: staging.join("meta.json"),
+            };
+            for d in [&paths.home, &paths.work] {
+                if std::fs::symlink_metadata(d).is_err() {
+                    mkdir(d, 0o700)?;
+                }
+            }
+            if let Some((uid, gid)) = self.owner {
+                for d in [&paths.home, &paths.work] {
+                    crate::archive::chown_tree(d, uid, gid)
+                        .map_err(|e| BrokerError::io("cannot chown", d, e))?;
+                }
+            }
+            std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o711))
+                .map_err(|e| BrokerError::io("cannot chmod", staging, e))?;
+            self.write_meta(&paths, &meta)?;
+            let dest = self.paths(id).dir;
+            if dest.exists() {
+                return Err(BrokerError::SessionExists(id.to_string()));
+            }
+            // rename(2) of a directory is atomic: the session appears whole.
+            std::fs::rename(staging, &dest).map_err(|e| BrokerError::io("cannot publish", &dest, e))
+        })();
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(staging);
+        }
+        result
+    }
+
+    /// Copies `src` to a new session `dst` (see `ForkSession`).
+    pub async fn fork(&self, src: &str, dst: &str) -> Result<SessionMeta, BrokerError> {
+        let lease = self.lease(src, "(fork)", LeasePolicy::Reject).await?;
+        let _dst_lease = self.lease(dst, "(fork)", LeasePolicy::Reject).await?;
+        let from = self.paths(src).dir;
+        if !from.is_dir() {
+            return Err(BrokerError::SessionNotFound(src.to_string()));
+        }
+        if self.paths(dst).dir.exists() {
+            return Err(BrokerError::SessionExists(dst.to_string()));
+        }
+        let staging = self.root.join(staging_name("fork", dst));
+        mkdir(&staging, 0o700)?;
+        for part in ["home", "work"] {
+            if let Err(e) = crate::archive::copy_tree(&from.join(part), &staging.join(part)) {
+                let _ = std::fs::remove_dir_all(&staging);
+                return Err(BrokerError::io("cannot copy", from.join(part), e));
+            }
+        }
+        let meta = SessionMeta {
+            session_id: dst.to_string(),
+            created_unix_ms: now_unix_ms(),
+            forked_from: Some(src.to_string()),
+            ..SessionMeta::default()
+        };
+        self.publish(&staging, dst, meta.clone())?;
+        drop(lease);
+        Ok(meta)
+    }
+
+    /// Writes session `id` as a tar to `w` while holding its lease.
+    pub async fn export_lease(&self, id: &str) -> Result<(Lease, PathBuf), BrokerError> {
+        let lease = self.lease(id, "(export)", LeasePolicy::Reject).await?;
+        let dir = self.paths(id).dir;
+        if !dir.is_dir() {
+            return Err(BrokerError::SessionNotFound(id.to_string()));
+        }
+        Ok((lease, dir))
+    }
+
+    /// Creates session `id` from an archive read from `r` (blocking).
+    pub fn import(
+        &self,
+        lease: &Lease,
+        r: impl std::io::Read,
+        caps: crate::archive::ImportCaps,
+    ) -> Result<SessionMeta, BrokerError> {
+        let id = lease.session_id();
+        if self.paths(id).dir.exists() {
+            return Err(BrokerError::SessionExists(id.to_string()));
+        }
+        let staging = self.root.join(staging_name("import", id));
+        mkdir(&staging, 0o700)?;
+        if let Err(e) = crate::archive::import(r, &staging, caps) {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(e.into());
+        }
+        // The archive's metadata is the session's history; its id is ours.
+        let mut meta: SessionMeta = std::fs::read(staging.join("meta.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        meta.session_id = id.to_string();
+        if meta.created_unix_ms == 0 {
+            meta.created_unix_ms = now_unix_ms();
+        }
+        let _ = std::fs::remove_file(staging.join("meta.json"));
+        self.publish(&staging, id, meta.clone())?;
+        Ok(meta)
+    }
+
+    /// Takes the lease of a session that does not exist yet (for import).
+    pub async fn new_session_lease(&self, id: &str) -> Result<Lease, BrokerError> {
+        let lease = self.lease(id, "(import)", LeasePolicy::Reject).await?;
+        if self.paths(id).dir.exists() {
+            return Err(BrokerError::SessionExists(id.to_string()));
+        }
+        Ok(lease)
+    }
+
+    /// Removes staging trees a dead broker left (start-up only).
+    pub fn clean_staging(&self) {
+        if let Ok(rd) = std::fs::read_dir(&self.root) {
+            for e in rd.flatten() {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                if name.starts_with(".fork-") || name.starts_with(".import-") {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    }
+
+    /// Sessions idle since before `now - ttl`, with no running turn.
+    pub fn idle_since(&self, cutoff_unix_ms: u64) -> Vec<String> {
+        self.ids()
+            .into_iter()
+            .filter(|id| {
+                self.meta(id)
+                    .map(|m| {
+                        let last = m
+                            .last_turn_end_unix_ms
+                            .max(m.last_turn_start_unix_ms)
+                            .unwrap_or(0)
+                            .max(m.created_unix_ms);
+                        last < cutoff_unix_ms
+                            && m.last_turn_end_unix_ms.is_some()
+                                == m.last_turn_start_unix_ms.is_some()
+                    })
+                    .unwrap_or(false)
+            })
+            .collect()
+    }
+
     /// A session's metadata, if the session exists.
     pub fn meta(&self, id: &str) -> Option<SessionMeta> {
         let paths = self.paths(id);

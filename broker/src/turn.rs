@@ -57,7 +57,8 @@ pub struct TurnSpec {
     pub llm_env_vars: Vec<String>,
 }
 
-fn new_turn_id() -> String {
+/// A fresh unique id (turns, spool files).
+pub fn new_turn_id() -> String {
     use rand::Rng;
     let n: u64 = rand::rng().random();
     format!("t-{:x}-{n:016x}", now_unix_ms())

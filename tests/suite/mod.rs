@@ -6,6 +6,7 @@ mod harness;
 
 mod admission;
 mod cli;
+mod continuation;
 mod isolation;
 mod lifecycle;
 mod limits;
