@@ -36,6 +36,43 @@ pub enum Command {
     /// turn, 126 when the agent never started, 127 when the broker is
     /// unreachable.
     Run(RunArgs),
+    /// Manage a broker's sessions.
+    Sessions(SessionsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// The broker's unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// List sessions: id, turns, last exit reason, disk usage, running turn.
+    Ls,
+    /// Show one session as JSON.
+    Show { id: String },
+    /// Delete a session (refused while a turn runs).
+    Rm { id: String },
+    /// Copy a session to a new id.
+    Fork { source: String, new_id: String },
+    /// Write a session's archive (tar) to a file, or stdout with `-`.
+    Export { id: String, output: PathBuf },
+    /// Create a session from an archive file (or stdin with `-`).
+    Import { id: String, input: PathBuf },
+    /// Delete sessions idle past the broker's TTL.
+    Gc {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// End the session's running turn (reason cancelled).
+    Cancel { id: String },
+    /// Send SIGINT to the agent of the session's running turn.
+    Interrupt { id: String },
 }
 
 #[derive(Debug, Args)]
@@ -272,4 +309,176 @@ pub async fn run(args: RunArgs) -> i32 {
     }
     stdin_task.abort();
     code
+}
+
+fn info_json(i: &pb::SessionInfo) -> serde_json::Value {
+    serde_json::json!({
+        "session_id": i.session_id,
+        "created_unix_ms": i.created_unix_ms,
+        "turn_count": i.turn_count,
+        "last_turn_id": i.last_turn_id,
+        "last_turn_start_unix_ms": i.last_turn_start_unix_ms,
+        "last_turn_end_unix_ms": i.last_turn_end_unix_ms,
+        "last_exit_reason": i.last_exit_reason,
+        "disk_usage_bytes": i.disk_usage_bytes,
+        "running_turn_id": i.running_turn_id,
+    })
+}
+
+/// `turnstile sessions ...`: returns the process exit code.
+pub async fn sessions(args: SessionsArgs) -> i32 {
+    match sessions_inner(args).await {
+        Ok(()) => 0,
+        Err(msg) => {
+            eprintln!("turnstile: {msg}");
+            1
+        }
+    }
+}
+
+async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
+    let channel = connect_unix(args.socket.clone()).await.map_err(|e| {
+        format!(
+            "cannot reach the broker at {}: {e}; is `turnstile serve` running?",
+            args.socket.display()
+        )
+    })?;
+    let mut c = pb::broker_client::BrokerClient::new(channel);
+    let r = |id: String| pb::SessionRef { session_id: id };
+    let status = |s: tonic::Status| s.message().to_string();
+    match args.command {
+        SessionsCommand::Ls => {
+            let list = c
+                .list_sessions(pb::ListSessionsRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "{:<32} {:>6} {:<16} {:>12} RUNNING",
+                "SESSION", "TURNS", "LAST EXIT", "DISK"
+            );
+            for s in list.sessions {
+                println!(
+                    "{:<32} {:>6} {:<16} {:>12} {}",
+                    s.session_id,
+                    s.turn_count,
+                    if s.last_exit_reason.is_empty() {
+                        "-"
+                    } else {
+                        &s.last_exit_reason
+                    },
+                    s.disk_usage_bytes,
+                    if s.running_turn_id.is_empty() {
+                        "-"
+                    } else {
+                        &s.running_turn_id
+                    }
+                );
+            }
+        }
+        SessionsCommand::Show { id } => {
+            let i = c.get_session(r(id)).await.map_err(status)?.into_inner();
+            println!("{}", info_json(&i));
+        }
+        SessionsCommand::Rm { id } => {
+            c.delete_session(r(id.clone())).await.map_err(status)?;
+            eprintln!("deleted {id}");
+        }
+        SessionsCommand::Fork { source, new_id } => {
+            let i = c
+                .fork_session(pb::ForkSessionRequest {
+                    source_session_id: source,
+                    new_session_id: new_id,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!("{}", info_json(&i));
+        }
+        SessionsCommand::Export { id, output } => {
+            let mut stream = c.export_session(r(id)).await.map_err(status)?.into_inner();
+            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
+                if output.as_os_str() == "-" {
+                    Box::new(tokio::io::stdout())
+                } else {
+                    Box::new(
+                        tokio::fs::File::create(&output)
+                            .await
+                            .map_err(|e| format!("cannot create {}: {e}", output.display()))?,
+                    )
+                };
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(status)?;
+                out.write_all(&chunk.data)
+                    .await
+                    .map_err(|e| format!("cannot write the archive: {e}"))?;
+            }
+            out.flush()
+                .await
+                .map_err(|e| format!("cannot write the archive: {e}"))?;
+        }
+        SessionsCommand::Import { id, input } => {
+            let mut src: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if input.as_os_str() == "-"
+            {
+                Box::new(tokio::io::stdin())
+            } else {
+                Box::new(
+                    tokio::fs::File::open(&input)
+                        .await
+                        .map_err(|e| format!("cannot open {}: {e}", input.display()))?,
+                )
+            };
+            let (tx, rx) = tokio::sync::mpsc::channel(8);
+            let reader = tokio::spawn(async move {
+                let _ = tx
+                    .send(pb::ImportSessionRequest {
+                        session_id: id,
+                        data: bytes::Bytes::new(),
+                    })
+                    .await;
+                let mut buf = vec![0u8; 256 * 1024];
+                loop {
+                    match src.read(&mut buf).await {
+                        Ok(0) => return Ok(()),
+                        Ok(n) => {
+                            let msg = pb::ImportSessionRequest {
+                                session_id: String::new(),
+                                data: bytes::Bytes::copy_from_slice(&buf[..n]),
+                            };
+                            if tx.send(msg).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                        Err(e) => return Err(format!("cannot read the archive: {e}")),
+                    }
+                }
+            });
+            let i = c
+                .import_session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(status)?
+                .into_inner();
+            reader.await.map_err(|e| e.to_string())??;
+            println!("{}", info_json(&i));
+        }
+        SessionsCommand::Gc { dry_run } => {
+            let g = c
+                .gc_sessions(pb::GcRequest { dry_run })
+                .await
+                .map_err(status)?
+                .into_inner();
+            for s in g.sessions {
+                println!("{}{s}", if dry_run { "would delete " } else { "deleted " });
+            }
+        }
+        SessionsCommand::Cancel { id } => {
+            let t = c.cancel_turn(r(id)).await.map_err(status)?.into_inner();
+            eprintln!("cancelling turn {}", t.turn_id);
+        }
+        SessionsCommand::Interrupt { id } => {
+            let t = c.interrupt_turn(r(id)).await.map_err(status)?.into_inner();
+            eprintln!("interrupted turn {}", t.turn_id);
+        }
+    }
+    Ok(())
 }

@@ -24,6 +24,10 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Sessions(args) => {
+            let code = runtime.block_on(turnstile_broker::cli::sessions(args));
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Command::Run(args) => {
             let code = runtime.block_on(turnstile_broker::cli::run(args));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
