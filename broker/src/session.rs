@@ -510,6 +510,39 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_cancelled_waiter_leaves_no_trace() {
+        let (_d, s) = store();
+        let first = s
+            .lease("a", "t0", LeasePolicy::Reject)
+            .await
+            .expect("first");
+        {
+            // A waiter that gives up (its executor went away): its future is
+            // dropped while queued.
+            let waiting = s.lease("a", "t1", LeasePolicy::Wait(Duration::from_secs(60)));
+            tokio::pin!(waiting);
+            assert!(futures_poll_once(waiting.as_mut()).await.is_none());
+        }
+        drop(first);
+        // The lease is free at once and the slot map is empty again.
+        let again = s.lease("a", "t2", LeasePolicy::Reject).await.expect("free");
+        drop(again);
+        assert!(s.leases.lock().expect("map").is_empty());
+    }
+
+    /// Polls a future once; `None` if it is pending.
+    async fn futures_poll_once<F: std::future::Future + Unpin>(f: F) -> Option<F::Output> {
+        let mut f = f;
+        std::future::poll_fn(|cx| {
+            std::task::Poll::Ready(match std::pin::Pin::new(&mut f).poll(cx) {
+                std::task::Poll::Ready(v) => Some(v),
+                std::task::Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    #[tokio::test]
     async fn waiting_lease_times_out_with_deadline_status() {
         let (_d, s) = store();
         let _first = s
