@@ -38,6 +38,60 @@ pub enum Command {
     Run(RunArgs),
     /// Manage a broker's sessions.
     Sessions(SessionsArgs),
+    /// Check that this machine can run nsjail-mode turns.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The nsjail binary to check.
+    #[arg(long, default_value = "nsjail")]
+    pub nsjail: PathBuf,
+    /// The shim to check (default: beside this executable).
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// The state dir to check.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Also check that a daemon answers on this socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `turnstile doctor`: prints the checks; non-zero when nsjail mode cannot
+/// work.
+pub async fn doctor(args: DoctorArgs) -> i32 {
+    let defaults = Config::default();
+    let input = crate::doctor::DoctorInput {
+        nsjail: args.nsjail,
+        shim: args.shim.unwrap_or(defaults.shim),
+        state_dir: args.state_dir.unwrap_or(defaults.state_dir),
+        socket: args.socket,
+    };
+    let checks = crate::doctor::run(&input).await;
+    if args.json {
+        println!("{}", serde_json::json!({ "checks": checks }));
+    } else {
+        for c in &checks {
+            println!(
+                "{} {:<30} {}",
+                if c.ok { "PASS" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+            if let Some(r) = &c.remedy {
+                println!("     {:<30} remedy: {r}", "");
+            }
+        }
+    }
+    if checks.iter().any(|c| !c.ok && c.required) {
+        1
+    } else {
+        0
+    }
 }
 
 #[derive(Debug, Args)]
@@ -150,11 +204,13 @@ impl ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The broker's unix socket.
+    /// A running broker's unix socket. Without it, `run` starts a broker in
+    /// this process (direct mode unless --jail) for just this turn.
     #[arg(long)]
-    pub socket: PathBuf,
+    pub socket: Option<PathBuf>,
+    /// Session id (default: a new one, printed to stderr).
     #[arg(long)]
-    pub session: String,
+    pub session: Option<String>,
     /// Environment for the agent, K=V (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
@@ -167,9 +223,43 @@ pub struct RunArgs {
     /// Wait up to this many seconds for a busy session instead of failing.
     #[arg(long)]
     pub wait: Option<u64>,
+    /// Embedded broker: run the turn under nsjail instead of directly.
+    #[arg(long)]
+    pub jail: bool,
+    /// Embedded broker: state dir (default: the user's state directory).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Embedded broker: the nsjail binary (with --jail).
+    #[arg(long)]
+    pub nsjail: Option<PathBuf>,
+    /// Embedded broker: the static shim.
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// Embedded broker: the nsjail profile (with --jail).
+    #[arg(long)]
+    pub jail_config: Option<PathBuf>,
+    /// Keep the session afterwards (the default).
+    #[arg(long, conflicts_with = "rm")]
+    pub keep: bool,
+    /// Delete the session afterwards.
+    #[arg(long)]
+    pub rm: bool,
+    /// Print every turn event on stdout in this format instead of the
+    /// agent's raw stdio.
+    #[arg(long, value_enum)]
+    pub events: Option<EventsFormat>,
+    /// No session line and no summary on stderr.
+    #[arg(long)]
+    pub quiet: bool,
     /// The agent's command.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsFormat {
+    /// One JSON object per line.
+    Jsonl,
 }
 
 fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -201,114 +291,6 @@ pub fn reason_name(reason: i32) -> String {
     pb::exited::Reason::try_from(reason)
         .map(|r| r.as_str_name().to_ascii_lowercase())
         .unwrap_or_else(|_| format!("reason {reason}"))
-}
-
-/// `turnstile run`: returns the process exit code.
-pub async fn run(args: RunArgs) -> i32 {
-    let channel = match connect_unix(args.socket.clone()).await {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!(
-                "turnstile: cannot reach the broker at {}: {e}; is `turnstile serve` running?",
-                args.socket.display()
-            );
-            return EXIT_UNREACHABLE;
-        }
-    };
-    let mut client =
-        pb::broker_client::BrokerClient::new(channel).max_decoding_message_size(64 << 20);
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel::<pb::TurnRequest>(16);
-    let start = pb::Start {
-        session_id: args.session.clone(),
-        argv: args.argv,
-        env: args.env.into_iter().collect(),
-        cwd: args.cwd,
-        limits: Some(pb::Limits {
-            wall_time_ms: args.timeout.map(|s| s * 1000).unwrap_or(0),
-            ..Default::default()
-        }),
-        lease: args.wait.map(|s| pb::Lease {
-            policy: pb::lease::Policy::Wait as i32,
-            wait_ms: s * 1000,
-        }),
-        ..Default::default()
-    };
-    let _ = req_tx
-        .send(pb::TurnRequest {
-            kind: Some(pb::turn_request::Kind::Start(start)),
-        })
-        .await;
-    let response = client
-        .turn(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-        .await;
-    let mut events = match response {
-        Ok(r) => r.into_inner(),
-        Err(status) => {
-            eprintln!("turnstile: turn refused: {}", status.message());
-            return EXIT_REFUSED;
-        }
-    };
-    let stdin_task = tokio::spawn(async move {
-        let mut stdin = tokio::io::stdin();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let kind = match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => pb::turn_request::Kind::StdinEof(pb::StdinEof {}),
-                Ok(n) => pb::turn_request::Kind::Stdin(bytes::Bytes::copy_from_slice(&buf[..n])),
-            };
-            let eof = matches!(kind, pb::turn_request::Kind::StdinEof(_));
-            if req_tx
-                .send(pb::TurnRequest { kind: Some(kind) })
-                .await
-                .is_err()
-                || eof
-            {
-                break;
-            }
-        }
-        // Keep the request stream open until the turn ends: closing it early
-        // is fine for the broker, but holding it costs nothing.
-        req_tx.closed().await;
-    });
-    let mut stdout = tokio::io::stdout();
-    let mut stderr = tokio::io::stderr();
-    let mut code = EXIT_NOT_STARTED;
-    while let Some(event) = events.next().await {
-        let event = match event {
-            Ok(e) => e,
-            Err(status) => {
-                eprintln!("turnstile: turn stream failed: {}", status.message());
-                break;
-            }
-        };
-        match event.kind {
-            Some(pb::turn_event::Kind::Stdout(b)) => {
-                let _ = stdout.write_all(&b).await;
-                let _ = stdout.flush().await;
-            }
-            Some(pb::turn_event::Kind::Stderr(b)) => {
-                let _ = stderr.write_all(&b).await;
-                let _ = stderr.flush().await;
-            }
-            Some(pb::turn_event::Kind::Exited(e)) => {
-                let reason = reason_name(e.reason);
-                code = match e.status {
-                    Some(pb::exited::Status::ExitCode(c)) => c,
-                    Some(pb::exited::Status::Signal(s)) => 128 + s,
-                    None => EXIT_NOT_STARTED,
-                };
-                if e.reason != pb::exited::Reason::Exited as i32 {
-                    eprintln!("turnstile: turn ended: {reason}: {}", e.message);
-                }
-            }
-            Some(pb::turn_event::Kind::Notice(n)) => {
-                eprintln!("turnstile: notice: {}", n.message);
-            }
-            Some(pb::turn_event::Kind::Started(_)) | Some(pb::turn_event::Kind::Llm(_)) | None => {}
-        }
-    }
-    stdin_task.abort();
-    code
 }
 
 fn info_json(i: &pb::SessionInfo) -> serde_json::Value {

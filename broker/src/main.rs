@@ -9,9 +9,15 @@ use turnstile_broker::{Broker, server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // The daemon logs its work; the client commands only warnings (an
+    // embedded broker under `run` would otherwise chatter on the terminal).
+    let default = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("TURNSTILE_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+            EnvFilter::try_from_env("TURNSTILE_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -24,12 +30,16 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Doctor(args) => {
+            let code = runtime.block_on(turnstile_broker::cli::doctor(args));
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
         Command::Sessions(args) => {
             let code = runtime.block_on(turnstile_broker::cli::sessions(args));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
         Command::Run(args) => {
-            let code = runtime.block_on(turnstile_broker::cli::run(args));
+            let code = runtime.block_on(turnstile_broker::run::run(args));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
     }

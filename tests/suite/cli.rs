@@ -42,6 +42,7 @@ async fn run_attaches_stdio_and_exits_with_the_agents_code() {
             &[
                 "--session",
                 "cli",
+                "--quiet",
                 "--env",
                 "WHO=you",
                 "--",
@@ -202,4 +203,311 @@ async fn sessions_subcommands_manage_sessions() {
     );
     d.signal(nix::sys::signal::Signal::SIGTERM);
     assert!(d.wait().await.success());
+}
+
+/// `turnstile run` with no daemon: the broker runs in the CLI process.
+fn embedded(state: &std::path::Path, mode: Mode, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+    c.arg("run")
+        .arg("--state-dir")
+        .arg(state)
+        .arg("--shim")
+        .arg(shim());
+    if mode == Mode::Nsjail {
+        c.arg("--jail")
+            .arg("--nsjail")
+            .arg(nsjail())
+            .arg("--jail-config")
+            .arg(workspace().join("jail-configs/agent.cfg"));
+    }
+    c.args(extra);
+    c
+}
+
+fn output(mut c: Command, stdin: &[u8]) -> (i32, String, String) {
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(stdin)
+        .expect("stdin");
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+crate::both_modes!(run_without_a_daemon);
+
+async fn run_without_a_daemon(mode: Mode) {
+    let dir = tempdir();
+    let state = dir.path().join("state");
+    // A new session id is made and printed; the summary line follows.
+    let (code, out, err) = output(
+        embedded(
+            &state,
+            mode,
+            &["--", "/bin/sh", "-c", "cat; echo bye >&2; exit 5"],
+        ),
+        b"piped",
+    );
+    assert_eq!((code, out.as_str()), (5, "piped"), "{err}");
+    let mut lines = err.lines();
+    let first = lines.next().expect("session line");
+    let id = first
+        .strip_prefix("turnstile: session ")
+        .expect("session line");
+    assert!(state.join("sessions").join(id).is_dir(), "kept by default");
+    assert_eq!(lines.next(), Some("bye"));
+    let summary = lines.next().expect("summary");
+    assert!(
+        summary.starts_with("turnstile: exited (code 5) · spawn ")
+            && summary.contains("stdout 5 B · stderr 4 B · stdin 5 B"),
+        "{summary}"
+    );
+    // --session, --rm, --quiet.
+    let (code, out, err) = output(
+        embedded(
+            &state,
+            mode,
+            &[
+                "--session",
+                "gone",
+                "--rm",
+                "--quiet",
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo $HOME",
+            ],
+        ),
+        b"",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(err, "");
+    assert!(out == "/home/agent\n" || out.ends_with("/sessions/gone/home\n"), "{out}");
+    assert!(
+        !state.join("sessions/gone").exists(),
+        "--rm deleted the session"
+    );
+    // --events jsonl: every event, parsed back.
+    let (code, out, _) = output(
+        embedded(
+            &state,
+            mode,
+            &[
+                "--session",
+                "ev",
+                "--events",
+                "jsonl",
+                "--quiet",
+                "--",
+                "/bin/sh",
+                "-c",
+                "echo out; echo err >&2; exit 2",
+            ],
+        ),
+        b"",
+    );
+    assert_eq!(code, 2);
+    let events: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().expect("event"))
+        .collect();
+    assert_eq!(kinds.first(), Some(&"started"));
+    assert_eq!(kinds.last(), Some(&"exited"));
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "stdout" && e["data"] == "out\n")
+    );
+    assert!(
+        events
+            .iter()
+            .any(|e| e["event"] == "stderr" && e["data"] == "err\n")
+    );
+    let exited = events.last().expect("exited");
+    assert_eq!(
+        (exited["reason"].as_str(), exited["exit_code"].as_i64()),
+        (Some("exited"), Some(2))
+    );
+    assert_eq!(events[0]["session_id"], "ev");
+    // A refusal is one line that says what to do.
+    let (code, _, err) = output(
+        embedded(&state, mode, &["--session", "../x", "--", "/bin/true"]),
+        b"",
+    );
+    assert_eq!(code, 125);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("invalid session id"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_interrupts_then_cancels() {
+    use std::io::BufRead;
+    let dir = tempdir();
+    let mut c = embedded(
+        &dir.path().join("state"),
+        Mode::Direct,
+        &[
+            "--session",
+            "cc",
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap 'echo got-int' INT; echo ready; while :; do sleep 0.05; done",
+        ],
+    );
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("ready");
+    assert_eq!(line, "ready\n");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("first ctrl-c");
+    line.clear();
+    out.read_line(&mut line).expect("got-int");
+    assert_eq!(line, "got-int\n", "the agent got SIGINT and goes on");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("second ctrl-c");
+    let status = child.wait().expect("wait");
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err)
+        .expect("stderr");
+    assert!(err.contains("turn ended: cancelled"), "{err}");
+    assert_ne!(status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_passes_here_and_names_the_remedy_for_each_failure() {
+    let dir = tempdir();
+    let doctor = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .arg("doctor")
+            .args(args)
+            .output()
+            .expect("doctor");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    let nsjail = nsjail().to_string_lossy().into_owned();
+    let shim = shim().to_string_lossy().into_owned();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).expect("mkdir");
+    let state_arg = state.to_string_lossy().into_owned();
+    let (code, out) = doctor(&[
+        "--nsjail",
+        &nsjail,
+        "--shim",
+        &shim,
+        "--state-dir",
+        &state_arg,
+    ]);
+    assert_eq!(code, 0, "{out}");
+    for name in [
+        "nsjail",
+        "user namespaces",
+        "/proc in a new pid namespace",
+        "network namespace",
+        "cgroups",
+        "shim",
+        "state dir",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with("PASS") && l.contains(name)),
+            "{name}:\n{out}"
+        );
+    }
+    // nsjail pointing nowhere.
+    let (code, out) = doctor(&[
+        "--nsjail",
+        "/no/nsjail",
+        "--shim",
+        &shim,
+        "--state-dir",
+        &state_arg,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("FAIL nsjail") && out.contains("remedy: run scripts/setup-nsjail.sh"),
+        "{out}"
+    );
+    // A dynamically linked "shim".
+    let (code, out) = doctor(&[
+        "--nsjail",
+        &nsjail,
+        "--shim",
+        "/bin/sh",
+        "--state-dir",
+        &state_arg,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("FAIL shim") && out.contains("build it with scripts/build-shim.sh"),
+        "{out}"
+    );
+    // A state dir others can write.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let (code, out) = doctor(&[
+        "--nsjail",
+        &nsjail,
+        "--shim",
+        &shim,
+        "--state-dir",
+        &state_arg,
+        "--json",
+    ]);
+    assert_eq!(code, 1);
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let check = v["checks"]
+        .as_array()
+        .expect("checks")
+        .iter()
+        .find(|c| c["name"] == "state dir")
+        .expect("state dir check");
+    assert_eq!(check["ok"], false);
+    assert!(
+        check["remedy"]
+            .as_str()
+            .expect("remedy")
+            .starts_with("chmod 0711")
+    );
+    // A socket nobody answers on.
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o711)).expect("chmod");
+    let missing = dir.path().join("none.sock").to_string_lossy().into_owned();
+    let (code, out) = doctor(&[
+        "--nsjail",
+        &nsjail,
+        "--shim",
+        &shim,
+        "--state-dir",
+        &state_arg,
+        "--socket",
+        &missing,
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("FAIL daemon") && out.contains("turnstile serve"),
+        "{out}"
+    );
 }

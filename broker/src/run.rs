@@ -1,0 +1,312 @@
+//! `turnstile run`: one turn attached to this terminal, on a running broker
+//! (`--socket`) or on a broker started in this process for the turn (the
+//! same broker, served on a private socket: the production code path).
+
+use crate::cli::{
+    EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, RunArgs, connect_unix,
+    reason_name,
+};
+use crate::config::{Config, Mode};
+use crate::{Broker, server};
+use std::path::PathBuf;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_stream::StreamExt;
+use turnstile_proto::v1 as pb;
+
+/// A broker served in this process on a private socket, for one turn.
+struct Embedded {
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    _dir: PathBuf,
+}
+
+impl Embedded {
+    fn start(args: &RunArgs) -> Result<(Embedded, PathBuf), String> {
+        let mut cfg = Config {
+            mode: if args.jail {
+                Mode::Nsjail
+            } else {
+                Mode::Direct
+            },
+            ..Config::default()
+        };
+        if let Some(d) = &args.state_dir {
+            cfg.state_dir = d.clone();
+        }
+        if let Some(p) = &args.nsjail {
+            cfg.nsjail = p.clone();
+        }
+        if let Some(p) = &args.shim {
+            cfg.shim = p.clone();
+        }
+        if let Some(p) = &args.jail_config {
+            cfg.jail_config = p.clone();
+        }
+        let broker = Broker::new(cfg).map_err(|e| e.to_string())?;
+        // A private directory per run: nothing else can reach this broker.
+        let dir = broker
+            .config
+            .state_dir
+            .join(format!(".run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        let socket = dir.join("broker.sock");
+        let listener = server::bind_unix(&socket).map_err(|e| format!("cannot listen: {e}"))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(server::run(broker, vec![listener], async {
+            let _ = stopped.await;
+        }));
+        Ok((
+            Embedded {
+                stop,
+                server,
+                _dir: dir,
+            },
+            socket,
+        ))
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.server.await;
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+fn new_session_id() -> String {
+    use rand::Rng;
+    format!("s-{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// One event as a JSON line.
+fn event_json(ev: &pb::TurnEvent) -> serde_json::Value {
+    use pb::turn_event::Kind;
+    match &ev.kind {
+        Some(Kind::Started(s)) => serde_json::json!({
+            "event": "started", "turn_id": s.turn_id, "session_id": s.session_id,
+            "mode": pb::Mode::try_from(s.mode).map(|m| m.as_str_name()).unwrap_or("?"),
+            "home": s.home, "work_dir": s.work_dir, "cwd": s.cwd, "spawn_us": s.spawn_us,
+        }),
+        Some(Kind::Stdout(b)) => {
+            serde_json::json!({"event": "stdout", "data": String::from_utf8_lossy(b), "len": b.len()})
+        }
+        Some(Kind::Stderr(b)) => {
+            serde_json::json!({"event": "stderr", "data": String::from_utf8_lossy(b), "len": b.len()})
+        }
+        Some(Kind::Exited(e)) => serde_json::json!({
+            "event": "exited", "reason": reason_name(e.reason),
+            "exit_code": match e.status { Some(pb::exited::Status::ExitCode(c)) => Some(c), _ => None },
+            "signal": match e.status { Some(pb::exited::Status::Signal(s)) => Some(s), _ => None },
+            "message": e.message, "wall_time_us": e.wall_time_us,
+            "stdout_bytes": e.stdout_bytes, "stderr_bytes": e.stderr_bytes, "stdin_bytes": e.stdin_bytes,
+        }),
+        Some(Kind::Llm(f)) => serde_json::json!({"event": "llm", "conn": f.conn}),
+        Some(Kind::Notice(n)) => serde_json::json!({"event": "notice", "message": n.message}),
+        None => serde_json::json!({"event": "empty"}),
+    }
+}
+
+/// `turnstile run`: returns the process exit code.
+pub async fn run(args: RunArgs) -> i32 {
+    let (embedded, socket) = match &args.socket {
+        Some(s) => (None, s.clone()),
+        None => match Embedded::start(&args) {
+            Ok((e, s)) => (Some(e), s),
+            Err(msg) => {
+                eprintln!("turnstile: cannot start a broker for this turn: {msg}");
+                return EXIT_NOT_STARTED;
+            }
+        },
+    };
+    let code = drive(&args, &socket).await;
+    if let Some(e) = embedded {
+        e.stop().await;
+    }
+    code
+}
+
+async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
+    let channel = match connect_unix(socket.to_path_buf()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "turnstile: cannot reach the broker at {}: {e}; start it with `turnstile serve`, or drop --socket to run without one",
+                socket.display()
+            );
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let mut client =
+        pb::broker_client::BrokerClient::new(channel).max_decoding_message_size(64 << 20);
+    let session = match &args.session {
+        Some(s) => s.clone(),
+        None => {
+            let id = new_session_id();
+            if !args.quiet {
+                eprintln!("turnstile: session {id}");
+            }
+            id
+        }
+    };
+    let (req_tx, req_rx) = tokio::sync::mpsc::channel::<pb::TurnRequest>(16);
+    let start = pb::Start {
+        session_id: session.clone(),
+        argv: args.argv.clone(),
+        env: args.env.iter().cloned().collect(),
+        cwd: args.cwd.clone(),
+        limits: Some(pb::Limits {
+            wall_time_ms: args.timeout.map(|s| s * 1000).unwrap_or(0),
+            ..Default::default()
+        }),
+        lease: args.wait.map(|s| pb::Lease {
+            policy: pb::lease::Policy::Wait as i32,
+            wait_ms: s * 1000,
+        }),
+        ..Default::default()
+    };
+    let _ = req_tx
+        .send(pb::TurnRequest {
+            kind: Some(pb::turn_request::Kind::Start(start)),
+        })
+        .await;
+    let mut events = match client
+        .turn(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            eprintln!("turnstile: turn refused: {}", status.message());
+            return EXIT_REFUSED;
+        }
+    };
+    let stdin_tx = req_tx.clone();
+    let stdin_task = tokio::spawn(async move {
+        let mut stdin = tokio::io::stdin();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let kind = match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => pb::turn_request::Kind::StdinEof(pb::StdinEof {}),
+                Ok(n) => pb::turn_request::Kind::Stdin(bytes::Bytes::copy_from_slice(&buf[..n])),
+            };
+            let eof = matches!(kind, pb::turn_request::Kind::StdinEof(_));
+            if stdin_tx
+                .send(pb::TurnRequest { kind: Some(kind) })
+                .await
+                .is_err()
+                || eof
+            {
+                break;
+            }
+        }
+    });
+    // Ctrl-C: the first interrupts the agent, the second cancels the turn.
+    let ctrl_c_tx = req_tx.clone();
+    let mut cancel_client = client.clone();
+    let cancel_session = session.clone();
+    let quiet = args.quiet;
+    let ctrl_c = tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut int) = signal(SignalKind::interrupt()) else {
+            return;
+        };
+        let mut presses = 0;
+        while int.recv().await.is_some() {
+            presses += 1;
+            if presses == 1 {
+                if !quiet {
+                    eprintln!("turnstile: interrupting the agent (Ctrl-C again cancels the turn)");
+                }
+                let _ = ctrl_c_tx
+                    .send(pb::TurnRequest {
+                        kind: Some(pb::turn_request::Kind::Signal(pb::SignalRequest {
+                            signal: pb::signal_request::Signal::Interrupt as i32,
+                        })),
+                    })
+                    .await;
+            } else {
+                if !quiet {
+                    eprintln!("turnstile: cancelling the turn");
+                }
+                let _ = cancel_client
+                    .cancel_turn(pb::SessionRef {
+                        session_id: cancel_session.clone(),
+                    })
+                    .await;
+            }
+        }
+    });
+    drop(req_tx);
+    let mut stdout = tokio::io::stdout();
+    let mut stderr = tokio::io::stderr();
+    let mut code = EXIT_NOT_STARTED;
+    let mut spawn_us = None;
+    while let Some(event) = events.next().await {
+        let event = match event {
+            Ok(e) => e,
+            Err(status) => {
+                eprintln!("turnstile: turn stream failed: {}", status.message());
+                break;
+            }
+        };
+        if args.events == Some(EventsFormat::Jsonl) {
+            let mut line = event_json(&event).to_string();
+            line.push('\n');
+            let _ = stdout.write_all(line.as_bytes()).await;
+            let _ = stdout.flush().await;
+        }
+        match event.kind {
+            Some(pb::turn_event::Kind::Stdout(b)) if args.events.is_none() => {
+                let _ = stdout.write_all(&b).await;
+                let _ = stdout.flush().await;
+            }
+            Some(pb::turn_event::Kind::Stderr(b)) if args.events.is_none() => {
+                let _ = stderr.write_all(&b).await;
+                let _ = stderr.flush().await;
+            }
+            Some(pb::turn_event::Kind::Started(s)) => spawn_us = Some(s.spawn_us),
+            Some(pb::turn_event::Kind::Notice(n)) if args.events.is_none() => {
+                eprintln!("turnstile: notice: {}", n.message);
+            }
+            Some(pb::turn_event::Kind::Exited(e)) => {
+                code = match e.status {
+                    Some(pb::exited::Status::ExitCode(c)) => c,
+                    Some(pb::exited::Status::Signal(s)) => 128 + s,
+                    None => EXIT_NOT_STARTED,
+                };
+                let reason = reason_name(e.reason);
+                if e.reason != pb::exited::Reason::Exited as i32 {
+                    eprintln!("turnstile: turn ended: {reason}: {}", e.message);
+                }
+                if !args.quiet {
+                    eprintln!(
+                        "turnstile: {reason} (code {code}) · spawn {} · wall {:.1} ms · stdout {} B · stderr {} B · stdin {} B",
+                        spawn_us
+                            .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
+                            .unwrap_or_else(|| "-".into()),
+                        e.wall_time_us as f64 / 1000.0,
+                        e.stdout_bytes,
+                        e.stderr_bytes,
+                        e.stdin_bytes
+                    );
+                }
+            }
+            _ => {}
+        }
+    }
+    stdin_task.abort();
+    ctrl_c.abort();
+    if args.rm {
+        if let Err(s) = client
+            .delete_session(pb::SessionRef {
+                session_id: session.clone(),
+            })
+            .await
+        {
+            eprintln!(
+                "turnstile: cannot delete session {session}: {}",
+                s.message()
+            );
+        }
+    }
+    code
+}
