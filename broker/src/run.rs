@@ -295,18 +295,17 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
     }
     stdin_task.abort();
     ctrl_c.abort();
-    if args.rm {
-        if let Err(s) = client
+    if args.rm
+        && let Err(s) = client
             .delete_session(pb::SessionRef {
                 session_id: session.clone(),
             })
             .await
-        {
-            eprintln!(
-                "turnstile: cannot delete session {session}: {}",
-                s.message()
-            );
-        }
+    {
+        eprintln!(
+            "turnstile: cannot delete session {session}: {}",
+            s.message()
+        );
     }
     code
 }

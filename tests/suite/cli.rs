@@ -293,7 +293,10 @@ async fn run_without_a_daemon(mode: Mode) {
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(err, "");
-    assert!(out == "/home/agent\n" || out.ends_with("/sessions/gone/home\n"), "{out}");
+    assert!(
+        out == "/home/agent\n" || out.ends_with("/sessions/gone/home\n"),
+        "{out}"
+    );
     assert!(
         !state.join("sessions/gone").exists(),
         "--rm deleted the session"
