@@ -44,9 +44,10 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
-    /// The nsjail binary to check.
-    #[arg(long, default_value = "nsjail")]
-    pub nsjail: PathBuf,
+    /// The nsjail binary to check (default: the checkout's
+    /// .tools/bin/nsjail when run from one, else `nsjail` on PATH).
+    #[arg(long)]
+    pub nsjail: Option<PathBuf>,
     /// The shim to check (default: beside this executable).
     #[arg(long)]
     pub shim: Option<PathBuf>,
@@ -66,7 +67,7 @@ pub struct DoctorArgs {
 pub async fn doctor(args: DoctorArgs) -> i32 {
     let defaults = Config::default();
     let input = crate::doctor::DoctorInput {
-        nsjail: args.nsjail,
+        nsjail: args.nsjail.unwrap_or(defaults.nsjail),
         shim: args.shim.unwrap_or(defaults.shim),
         state_dir: args.state_dir.unwrap_or(defaults.state_dir),
         socket: args.socket,

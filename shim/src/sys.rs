@@ -198,6 +198,14 @@ impl ExecPlan {
             .iter()
             .map(|e| cstr("env", e))
             .collect::<Result<Vec<_>, _>>()?;
+        // The bridge's variables are set later (`set_env`), once its port is
+        // known; their names are checked now, before the self-check.
+        if let Some(llm) = &payload.llm {
+            for key in &llm.env_vars {
+                check_env_key(key)?;
+                cstr("llm env var", key)?;
+            }
+        }
         let argv0 = payload.argv.first().map(String::as_str).unwrap_or_default();
         let path = payload
             .env
@@ -229,6 +237,34 @@ impl ExecPlan {
         })
     }
 
+    /// Sets `key=value` in the agent's environment: replaces the first entry
+    /// with that key in place (dropping any later duplicate), or appends it.
+    /// Shim only, before the fork. The PATH candidates for `argv[0]` stay
+    /// the ones computed from the payload's PATH.
+    pub fn set_env(&mut self, key: &str, value: &str) -> Result<(), String> {
+        check_env_key(key)?;
+        let entry = CString::new(format!("{key}={value}"))
+            .map_err(|_| format!("environment entry {key} contains a NUL byte"))?;
+        let mut entry = Some(entry);
+        let prefix = format!("{key}=");
+        self.envp.retain_mut(|e| {
+            if !e.as_bytes().starts_with(prefix.as_bytes()) {
+                return true;
+            }
+            match entry.take() {
+                Some(new) => {
+                    *e = new;
+                    true
+                }
+                None => false,
+            }
+        });
+        if let Some(new) = entry {
+            self.envp.push(new);
+        }
+        Ok(())
+    }
+
     /// The name of the `i`th limit applied, for error messages.
     pub fn rlimit_name(&self, i: usize) -> &'static str {
         match self.rlimits.get(i).map(|(res, _)| *res) {
@@ -246,14 +282,17 @@ impl ExecPlan {
 /// make the environment ambiguous.
 pub fn env_entries(env: &[(String, String)]) -> Result<Vec<String>, String> {
     env.iter()
-        .map(|(k, v)| {
-            if k.is_empty() || k.contains('=') {
-                Err(format!("init payload has an invalid env key {k:?}"))
-            } else {
-                Ok(format!("{k}={v}"))
-            }
-        })
+        .map(|(k, v)| check_env_key(k).map(|()| format!("{k}={v}")))
         .collect()
+}
+
+/// An environment key must be non-empty and free of `=`.
+fn check_env_key(k: &str) -> Result<(), String> {
+    if k.is_empty() || k.contains('=') {
+        Err(format!("init payload has an invalid env key {k:?}"))
+    } else {
+        Ok(())
+    }
 }
 
 /// The paths `execvpe` would try for `name`: the name itself if it has a
@@ -498,6 +537,26 @@ fn child_exit() -> ! {
     unsafe { libc::_exit(127) }
 }
 
+// ----------------------------------------------------------------- bridge --
+
+/// Shim only (LLM bridge threads). `poll(2)` on `fds` with no timeout,
+/// retrying on EINTR; returns how many entries have events.
+pub fn poll(fds: &mut [libc::pollfd]) -> io::Result<usize> {
+    let n = libc::nfds_t::try_from(fds.len()).map_err(io::Error::other)?;
+    loop {
+        // SAFETY: `fds` is a live, exclusively borrowed slice of `n` pollfd
+        // structs, which the kernel only reads and writes within bounds.
+        let got = unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
+        if got >= 0 {
+            return Ok(got as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 // ------------------------------------------------------------ reaping --
 
 /// Shim only. The pid of one exited child, without reaping it (`waitid` with
@@ -685,6 +744,54 @@ mod tests {
             assert_eq!(Step::decode(code, detail), Some(step));
         }
         assert_eq!(Step::decode(99, 0), None);
+    }
+
+    #[test]
+    fn set_env_replaces_in_place_or_appends() {
+        let mut payload = InitPayload {
+            version: turnstile_shim::PROTOCOL_VERSION,
+            mode: turnstile_shim::Mode::Direct,
+            session_id: "s".into(),
+            turn_id: "t".into(),
+            argv: vec!["sh".into()],
+            env: vec![
+                ("A".into(), "1".into()),
+                ("URL".into(), "old".into()),
+                ("URLX".into(), "keep".into()),
+                ("URL".into(), "dup".into()),
+            ],
+            cwd: "/".into(),
+            rlimits: turnstile_shim::Rlimits::default(),
+            llm: Some(turnstile_shim::LlmBridge {
+                port: 0,
+                socket_path: "/s".into(),
+                env_vars: vec!["URL".into(), "NEW".into()],
+            }),
+        };
+        let mut plan = ExecPlan::new(&payload).expect("valid plan");
+        plan.set_env("URL", "http://127.0.0.1:9").expect("set");
+        plan.set_env("NEW", "http://127.0.0.1:9").expect("set");
+        let env: Vec<_> = plan
+            .envp
+            .iter()
+            .map(|e| e.to_str().expect("utf-8"))
+            .collect();
+        assert_eq!(
+            env,
+            [
+                "A=1",
+                "URL=http://127.0.0.1:9",
+                "URLX=keep",
+                "NEW=http://127.0.0.1:9"
+            ]
+        );
+        assert!(plan.set_env("A=B", "x").is_err());
+        for bad in ["", "A=B", "A\0B"] {
+            if let Some(llm) = payload.llm.as_mut() {
+                llm.env_vars = vec![bad.into()];
+            }
+            assert!(ExecPlan::new(&payload).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

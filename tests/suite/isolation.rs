@@ -39,12 +39,20 @@ async fn broker_environment_never_reaches_the_agent(mode: Mode) {
         .filter_map(|l| l.split_once('=').map(|(k, _)| k))
         .collect();
     keys.sort();
-    // Exactly the allowlist plus Start.env (sh adds nothing but PWD, which
-    // the broker sets too).
+    // Exactly the allowlist plus Start.env plus the LLM bridge URL (sh adds
+    // nothing but PWD, which the broker sets too).
     assert_eq!(
         keys,
         [
-            "HOME", "LANG", "LOGNAME", "MINE", "PATH", "PWD", "TMPDIR", "USER"
+            "ANTHROPIC_BASE_URL",
+            "HOME",
+            "LANG",
+            "LOGNAME",
+            "MINE",
+            "PATH",
+            "PWD",
+            "TMPDIR",
+            "USER"
         ],
         "{env_part}"
     );

@@ -15,10 +15,12 @@ both_modes!(
 );
 
 /// The agent: opens `n` connections to its bridge URL, sends "ping-<i>" on
-/// each, half-closes, prints what came back.
+/// each, half-closes, prints what came back ("<closed>" for nothing: a
+/// refused connection ends in EOF or a reset, depending on whether the
+/// bridge's write of "ping-<i>" raced the broker's close).
 fn agent(n: usize) -> String {
     format!(
-        "python3 -c '\nimport os, socket, urllib.parse\nu = urllib.parse.urlparse(os.environ[\"ANTHROPIC_BASE_URL\"])\nsocks = []\nfor i in range({n}):\n    s = socket.create_connection((u.hostname, u.port))\n    s.sendall(b\"ping-%d\" % i)\n    s.shutdown(socket.SHUT_WR)\n    socks.append(s)\nfor s in socks:\n    got = b\"\"\n    while True:\n        b = s.recv(65536)\n        if not b: break\n        got += b\n    print(got.decode() or \"<closed>\", flush=True)\n'"
+        "python3 -c '\nimport os, socket, urllib.parse\nu = urllib.parse.urlparse(os.environ[\"ANTHROPIC_BASE_URL\"])\nsocks = []\nfor i in range({n}):\n    s = socket.create_connection((u.hostname, u.port))\n    s.sendall(b\"ping-%d\" % i)\n    s.shutdown(socket.SHUT_WR)\n    socks.append(s)\nfor s in socks:\n    got = b\"\"\n    while True:\n        try:\n            b = s.recv(65536)\n        except ConnectionResetError:\n            break\n        if not b: break\n        got += b\n    print(got.decode() or \"<closed>\", flush=True)\n'"
     )
 }
 
@@ -57,6 +59,9 @@ async fn serve(t: &mut Turn, seen: &mut Outcome, count: usize) {
             },
             Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
             Some(pb::turn_event::Kind::Stderr(b)) => seen.stderr.extend_from_slice(&b),
+            // The agent prints each answer as it reads it, which may be
+            // before the later connections were served.
+            Some(pb::turn_event::Kind::Stdout(b)) => seen.stdout.extend_from_slice(&b),
             other => panic!(
                 "unexpected event before the relay finished: {other:?}; stderr {}",
                 seen.stderr()
@@ -116,16 +121,89 @@ async fn frames_for_unknown_connections_get_a_notice_and_the_turn_goes_on(mode: 
     h.stop().await;
 }
 
+/// The agent for the cap test: opens three connections, sends "ping-<i>" on
+/// each and half-closes; the refused one is the first to end (the broker
+/// closed it; the other two wait for the executor), so it waits for that,
+/// prints "refused", then prints the answers of the other two.
+const CAP_AGENT: &str = r#"python3 -c '
+import os, select, socket, urllib.parse
+u = urllib.parse.urlparse(os.environ["ANTHROPIC_BASE_URL"])
+socks = []
+for i in range(3):
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall(b"ping-%d" % i)
+    s.shutdown(socket.SHUT_WR)
+    socks.append(s)
+def read_all(s):
+    got = b""
+    while True:
+        try:
+            b = s.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not b:
+            return got
+        got += b
+ready, _, _ = select.select(socks, [], [], 60)
+assert len(ready) == 1, ready
+assert read_all(ready[0]) == b""
+print("refused", flush=True)
+for s in socks:
+    if s is not ready[0]:
+        print(read_all(s).decode(), flush=True)
+'"#;
+
 async fn connections_over_the_cap_are_refused(mode: Mode) {
     let h = Harness::start_with(mode, |c| c.llm_max_connections = 2).await;
-    // Three connections held open at once: the third is closed at once
-    // (the agent reads EOF on it), the first two are served.
-    let mut t = h.turn(start("llm-cap", &agent(3))).await.expect("turn");
+    let mut t = h.turn(start("llm-cap", CAP_AGENT)).await.expect("turn");
     t.close_stdin().await;
+    // Two connections reach the executor (open, data, eof); it answers
+    // them only once the agent saw the third refused, so that both are
+    // still open when the third arrives.
+    let mut got: std::collections::HashMap<u64, Vec<u8>> = Default::default();
+    let mut eofs = Vec::new();
     let mut seen = Outcome::default();
-    serve(&mut t, &mut seen, 2).await;
+    while eofs.len() < 2 || !seen.stdout().contains("refused") {
+        let ev = t.events.next().await.expect("event").expect("ok");
+        match ev.kind {
+            Some(pb::turn_event::Kind::Llm(f)) => match f.kind {
+                Some(pb::llm_frame::Kind::Open(_)) => {
+                    assert!(got.insert(f.conn, Vec::new()).is_none())
+                }
+                Some(pb::llm_frame::Kind::Data(b)) => {
+                    got.entry(f.conn).or_default().extend_from_slice(&b)
+                }
+                Some(pb::llm_frame::Kind::Eof(_)) => eofs.push(f.conn),
+                other => panic!("unexpected frame {other:?}"),
+            },
+            Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
+            Some(pb::turn_event::Kind::Stdout(b)) => seen.stdout.extend_from_slice(&b),
+            Some(pb::turn_event::Kind::Stderr(b)) => seen.stderr.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}; stderr {}", seen.stderr()),
+        }
+    }
+    assert_eq!(got.len(), 2, "connections admitted: {got:?}");
+    for conn in eofs {
+        let mut reply = b"pong:".to_vec();
+        reply.extend_from_slice(&got[&conn]);
+        t.send(llm(conn, pb::llm_frame::Kind::Data(reply.into())))
+            .await;
+        t.send(llm(conn, pb::llm_frame::Kind::Eof(pb::LlmEof {})))
+            .await;
+    }
     t.collect_into(&mut seen).await;
     seen.assert_exited_ok();
-    assert_eq!(seen.stdout(), "pong:ping-0\npong:ping-1\n<closed>\n");
+    let out = seen.stdout();
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0], "refused");
+    let mut sent: Vec<String> = got
+        .values()
+        .map(|b| format!("pong:{}", String::from_utf8_lossy(b)))
+        .collect();
+    sent.sort();
+    let mut answered = vec![lines[1].to_string(), lines[2].to_string()];
+    answered.sort();
+    assert_eq!(answered, sent);
     h.stop().await;
 }

@@ -11,8 +11,10 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod llm;
+mod llm_http;
 mod relay;
 mod sessions;
+mod upstream;
 
 /// Generates `nsjail` and `direct` tests from one `async fn(Mode)`.
 #[macro_export]
