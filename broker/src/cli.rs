@@ -8,6 +8,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_stream::StreamExt;
 use turnstile_proto::v1 as pb;
 
+pub use turnstile_client::{connect_unix, reason_name};
+
 /// Exit code of `turnstile run` when the broker refused the turn.
 pub const EXIT_REFUSED: i32 = 125;
 /// Exit code of `turnstile run` when the turn was admitted but the agent
@@ -252,9 +254,34 @@ pub struct RunArgs {
     /// No session line and no summary on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Serve the agent's LLM connections by forwarding its requests to this
+    /// base URL (http or https), with the key of --llm-key-env added.
+    #[arg(long, requires = "llm_key_env")]
+    pub llm_upstream: Option<String>,
+    /// The environment variable of this process holding the LLM key (read
+    /// here, outside the jail; the agent never sees it).
+    #[arg(long, requires = "llm_upstream")]
+    pub llm_key_env: Option<String>,
+    /// How the key is sent upstream: `x-api-key: KEY` or
+    /// `authorization: Bearer KEY`.
+    #[arg(long, value_enum, default_value = "x-api-key")]
+    pub llm_header: LlmHeader,
+    /// The agent's environment variables set to its LLM URL (repeatable;
+    /// default ANTHROPIC_BASE_URL).
+    #[arg(long = "llm-env-var")]
+    pub llm_env_vars: Vec<String>,
     /// The agent's command.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlmHeader {
+    /// `x-api-key: KEY` (Anthropic).
+    #[value(name = "x-api-key")]
+    XApiKey,
+    /// `authorization: Bearer KEY`.
+    Authorization,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -267,31 +294,6 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not K=V"))
-}
-
-/// Connects to a broker's unix socket.
-pub async fn connect_unix(
-    path: PathBuf,
-) -> Result<tonic::transport::Channel, tonic::transport::Error> {
-    tonic::transport::Endpoint::from_static("http://turnstile.invalid")
-        .initial_stream_window_size(Some(4 << 20))
-        .initial_connection_window_size(Some(8 << 20))
-        .max_frame_size(Some(crate::server::MAX_FRAME))
-        .connect_with_connector(tower::service_fn(move |_| {
-            let path = path.clone();
-            async move {
-                let s = tokio::net::UnixStream::connect(path).await?;
-                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
-            }
-        }))
-        .await
-}
-
-/// A turn-ending reason as a short name (`timed_out`, `spawn_failed`, ...).
-pub fn reason_name(reason: i32) -> String {
-    pb::exited::Reason::try_from(reason)
-        .map(|r| r.as_str_name().to_ascii_lowercase())
-        .unwrap_or_else(|_| format!("reason {reason}"))
 }
 
 fn info_json(i: &pb::SessionInfo) -> serde_json::Value {

@@ -3,14 +3,14 @@
 //! same broker, served on a private socket: the production code path).
 
 use crate::cli::{
-    EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, RunArgs, connect_unix,
-    reason_name,
+    EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, LlmHeader, RunArgs,
+    connect_unix, reason_name,
 };
 use crate::config::{Config, Mode};
 use crate::{Broker, server};
 use std::path::PathBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_stream::StreamExt;
+use turnstile_client::{CredentialHeader, ForwarderConfig, LlmForwarder, Turn};
 use turnstile_proto::v1 as pb;
 
 /// A broker served in this process on a private socket, for one turn.
@@ -125,7 +125,32 @@ pub async fn run(args: RunArgs) -> i32 {
     code
 }
 
+/// The forwarder for `--llm-upstream`, with the key read from
+/// `--llm-key-env` here, outside the jail.
+fn forwarder(args: &RunArgs) -> Result<Option<LlmForwarder>, String> {
+    let (Some(url), Some(var)) = (&args.llm_upstream, &args.llm_key_env) else {
+        return Ok(None);
+    };
+    let key = std::env::var(var).map_err(|_| {
+        format!("--llm-key-env {var}: that variable is not set (or not UTF-8) in this environment; export the key in it first")
+    })?;
+    let header = match args.llm_header {
+        LlmHeader::XApiKey => CredentialHeader::XApiKey,
+        LlmHeader::Authorization => CredentialHeader::AuthorizationBearer,
+    };
+    LlmForwarder::new(ForwarderConfig::new(url.clone(), key, header))
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
 async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
+    let forwarder = match forwarder(args) {
+        Ok(f) => f,
+        Err(msg) => {
+            eprintln!("turnstile: {msg}");
+            return EXIT_NOT_STARTED;
+        }
+    };
     let channel = match connect_unix(socket.to_path_buf()).await {
         Ok(c) => c,
         Err(e) => {
@@ -136,8 +161,8 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             return EXIT_UNREACHABLE;
         }
     };
-    let mut client =
-        pb::broker_client::BrokerClient::new(channel).max_decoding_message_size(64 << 20);
+    let mut client = pb::broker_client::BrokerClient::new(channel)
+        .max_decoding_message_size(turnstile_client::MAX_MESSAGE);
     let session = match &args.session {
         Some(s) => s.clone(),
         None => {
@@ -148,7 +173,6 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             id
         }
     };
-    let (req_tx, req_rx) = tokio::sync::mpsc::channel::<pb::TurnRequest>(16);
     let start = pb::Start {
         session_id: session.clone(),
         argv: args.argv.clone(),
@@ -162,45 +186,40 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             policy: pb::lease::Policy::Wait as i32,
             wait_ms: s * 1000,
         }),
+        llm_env_vars: args.llm_env_vars.clone(),
         ..Default::default()
     };
-    let _ = req_tx
-        .send(pb::TurnRequest {
-            kind: Some(pb::turn_request::Kind::Start(start)),
-        })
-        .await;
-    let mut events = match client
-        .turn(tokio_stream::wrappers::ReceiverStream::new(req_rx))
-        .await
-    {
-        Ok(r) => r.into_inner(),
+    let mut turn = match Turn::start(&mut client, start, forwarder).await {
+        Ok(t) => t,
         Err(status) => {
             eprintln!("turnstile: turn refused: {}", status.message());
             return EXIT_REFUSED;
         }
     };
-    let stdin_tx = req_tx.clone();
+    let input = turn.input();
     let stdin_task = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let kind = match stdin.read(&mut buf).await {
-                Ok(0) | Err(_) => pb::turn_request::Kind::StdinEof(pb::StdinEof {}),
-                Ok(n) => pb::turn_request::Kind::Stdin(bytes::Bytes::copy_from_slice(&buf[..n])),
-            };
-            let eof = matches!(kind, pb::turn_request::Kind::StdinEof(_));
-            if stdin_tx
-                .send(pb::TurnRequest { kind: Some(kind) })
-                .await
-                .is_err()
-                || eof
-            {
-                break;
+            match stdin.read(&mut buf).await {
+                Ok(0) | Err(_) => {
+                    let _ = input.close_stdin().await;
+                    break;
+                }
+                Ok(n) => {
+                    if input
+                        .stdin(bytes::Bytes::copy_from_slice(&buf[..n]))
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                }
             }
         }
     });
     // Ctrl-C: the first interrupts the agent, the second cancels the turn.
-    let ctrl_c_tx = req_tx.clone();
+    let input = turn.input();
     let mut cancel_client = client.clone();
     let cancel_session = session.clone();
     let quiet = args.quiet;
@@ -216,13 +235,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
                 if !quiet {
                     eprintln!("turnstile: interrupting the agent (Ctrl-C again cancels the turn)");
                 }
-                let _ = ctrl_c_tx
-                    .send(pb::TurnRequest {
-                        kind: Some(pb::turn_request::Kind::Signal(pb::SignalRequest {
-                            signal: pb::signal_request::Signal::Interrupt as i32,
-                        })),
-                    })
-                    .await;
+                let _ = input.signal(pb::signal_request::Signal::Interrupt).await;
             } else {
                 if !quiet {
                     eprintln!("turnstile: cancelling the turn");
@@ -235,12 +248,11 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             }
         }
     });
-    drop(req_tx);
     let mut stdout = tokio::io::stdout();
     let mut stderr = tokio::io::stderr();
     let mut code = EXIT_NOT_STARTED;
     let mut spawn_us = None;
-    while let Some(event) = events.next().await {
+    while let Some(event) = turn.next().await {
         let event = match event {
             Ok(e) => e,
             Err(status) => {
@@ -279,14 +291,15 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
                 }
                 if !args.quiet {
                     eprintln!(
-                        "turnstile: {reason} (code {code}) · spawn {} · wall {:.1} ms · stdout {} B · stderr {} B · stdin {} B",
+                        "turnstile: {reason} (code {code}) · spawn {} · wall {:.1} ms · stdout {} B · stderr {} B · stdin {} B · llm connections {}",
                         spawn_us
                             .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
                             .unwrap_or_else(|| "-".into()),
                         e.wall_time_us as f64 / 1000.0,
                         e.stdout_bytes,
                         e.stderr_bytes,
-                        e.stdin_bytes
+                        e.stdin_bytes,
+                        turn.llm_connections()
                     );
                 }
             }
@@ -295,6 +308,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
     }
     stdin_task.abort();
     ctrl_c.abort();
+    drop(turn);
     if args.rm
         && let Err(s) = client
             .delete_session(pb::SessionRef {

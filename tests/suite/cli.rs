@@ -514,3 +514,108 @@ async fn doctor_passes_here_and_names_the_remedy_for_each_failure() {
         "{out}"
     );
 }
+
+crate::both_modes!(run_serves_llm_connections_with_the_key_from_the_environment);
+
+/// `turnstile run --llm-upstream URL --llm-key-env VAR`: the agent's request
+/// reaches the upstream with the key as `authorization: Bearer`, the agent
+/// never sees it; a missing variable or a bad URL is refused before the
+/// turn, with a message that says what to do.
+async fn run_serves_llm_connections_with_the_key_from_the_environment(mode: Mode) {
+    let dir = tempdir();
+    let state = dir.path().join("state");
+    let up = super::upstream::Upstream::start().await;
+    let key = "sk-cli-5d1c0ffee";
+    let agent = r#"
+import http.client, os, urllib.parse
+u = urllib.parse.urlparse(os.environ['OPENAI_BASE_URL'])
+c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+c.request('POST', '/v1/echo', body=b'abc', headers={'authorization': 'Bearer mine'})
+r = c.getresponse()
+print(r.status, r.read().decode(), sorted(k for k in os.environ if 'KEY' in k))
+"#;
+    let mut c = embedded(
+        &state,
+        mode,
+        &[
+            "--quiet",
+            "--llm-upstream",
+            &up.url(),
+            "--llm-key-env",
+            "TEST_LLM_KEY",
+            "--llm-header",
+            "authorization",
+            "--llm-env-var",
+            "OPENAI_BASE_URL",
+            "--",
+            "python3",
+            "-c",
+            agent,
+        ],
+    );
+    c.env("TEST_LLM_KEY", key);
+    let (code, out, err) = tokio::task::spawn_blocking(move || output(c, b""))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(out, "200 {\"len\": 3, \"sum\": 294} []\n", "{err}");
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    let auth = seen[0].headers.get("authorization").expect("key injected");
+    assert_eq!(auth.as_bytes(), format!("Bearer {key}").as_bytes());
+
+    // The variable is not set: refused before anything runs.
+    let mut c = embedded(
+        &state,
+        mode,
+        &[
+            "--llm-upstream",
+            &up.url(),
+            "--llm-key-env",
+            "TEST_LLM_KEY_UNSET",
+            "--",
+            "/bin/true",
+        ],
+    );
+    c.env_remove("TEST_LLM_KEY_UNSET");
+    let (code, _, err) = tokio::task::spawn_blocking(move || output(c, b""))
+        .await
+        .expect("join");
+    assert_eq!(code, 126, "{err}");
+    assert!(
+        err.contains("TEST_LLM_KEY_UNSET") && err.contains("not set"),
+        "{err}"
+    );
+
+    // A URL that is not http(s).
+    let mut c = embedded(
+        &state,
+        mode,
+        &[
+            "--llm-upstream",
+            "ftp://127.0.0.1/",
+            "--llm-key-env",
+            "TEST_LLM_KEY",
+            "--",
+            "/bin/true",
+        ],
+    );
+    c.env("TEST_LLM_KEY", key);
+    let (code, _, err) = tokio::task::spawn_blocking(move || output(c, b""))
+        .await
+        .expect("join");
+    assert_eq!(code, 126, "{err}");
+    assert!(err.contains("http or https"), "{err}");
+
+    // --llm-upstream alone is a usage error.
+    let c = embedded(
+        &state,
+        mode,
+        &["--llm-upstream", &up.url(), "--", "/bin/true"],
+    );
+    let (code, _, err) = tokio::task::spawn_blocking(move || output(c, b""))
+        .await
+        .expect("join");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--llm-key-env"), "{err}");
+}
