@@ -13,6 +13,7 @@ both_modes!(
     an_agent_talks_http_through_the_relay,
     an_unreachable_upstream_gives_502,
     without_a_forwarder_llm_connections_are_reset,
+    upstream_connections_are_pooled_across_turns,
 );
 
 const AGENT: &str = include_str!("../agents/llm_agent.py");
@@ -231,5 +232,33 @@ except (ConnectionError, http.client.HTTPException) as e:
     o.assert_exited_ok();
     assert!(o.stdout().starts_with("failed "), "{}", o.stdout());
     assert_eq!(opened, 1);
+    h.stop().await;
+}
+
+async fn upstream_connections_are_pooled_across_turns(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let up = Upstream::start().await;
+    let fwd = forwarder(&up.url(), CredentialHeader::XApiKey);
+    // One request per turn, each on the agent's own connection; the second
+    // turn's request goes out on the upstream connection of the first (the
+    // forwarder's pool outlives turns).
+    let script = r#"
+import http.client, os, urllib.parse
+u = urllib.parse.urlparse(os.environ['ANTHROPIC_BASE_URL'])
+c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+c.request('GET', '/v1/models')
+r = c.getresponse()
+print(r.status, r.read().decode())
+"#;
+    for turn in 0..2 {
+        let mut s = start("llm-pool", "");
+        s.argv = vec!["python3".into(), "-c".into(), script.into()];
+        let (o, opened) = run_turn(&h, s, Some(fwd.clone()), |_| {}).await;
+        o.assert_exited_ok();
+        assert_eq!(o.stdout(), "200 ok\n", "turn {turn}");
+        assert_eq!(opened, 1);
+    }
+    assert_eq!(up.seen().len(), 2);
+    assert_eq!(up.accepted(), 1, "upstream connections for 2 turns");
     h.stop().await;
 }

@@ -29,6 +29,8 @@ pub struct Seen {
 
 pub struct Upstream {
     pub port: u16,
+    /// TCP connections accepted so far.
+    accepted: Arc<std::sync::atomic::AtomicUsize>,
     seen: Arc<Mutex<Vec<Seen>>>,
     release: Arc<Notify>,
     /// Log of the SSE route: "sent 0", "released", "sent 1", ...
@@ -53,11 +55,14 @@ impl Upstream {
         let sse_log = Arc::new(Mutex::new(Vec::new()));
         let barrier = Arc::new(Barrier::new(16));
         let state = (seen.clone(), release.clone(), sse_log.clone(), barrier);
+        let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = accepted.clone();
         let server = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let state = state.clone();
                 tokio::spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {
@@ -76,6 +81,7 @@ impl Upstream {
         });
         Upstream {
             port,
+            accepted,
             seen,
             release,
             sse_log,
@@ -91,6 +97,10 @@ impl Upstream {
     pub fn release(&self) {
         self.sse_log.lock().expect("log").push("released".into());
         self.release.notify_one();
+    }
+
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn seen(&self) -> Vec<Seen> {
