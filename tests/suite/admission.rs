@@ -15,6 +15,7 @@ both_modes!(
     oversized_payload_is_refused_before_anything_spawns,
     first_message_must_be_start,
     waiting_lease_runs_after_the_busy_turn,
+    a_waiting_lease_gives_up_at_its_deadline,
 );
 
 async fn second_start_for_a_busy_session_is_refused(mode: Mode) {
@@ -214,5 +215,33 @@ async fn waiting_lease_runs_after_the_busy_turn(mode: Mode) {
     let o = second.collect().await;
     o.assert_exited_ok();
     assert_eq!(o.stdout(), "second\n");
+    h.stop().await;
+}
+
+async fn a_waiting_lease_gives_up_at_its_deadline(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let mut first = h
+        .turn(start("w2", "echo ready; cat >/dev/null; echo first-done"))
+        .await
+        .expect("first");
+    let mut seen = Outcome::default();
+    first.wait_stdout("ready", &mut seen).await;
+    let waiting = pb::Start {
+        lease: Some(pb::Lease {
+            policy: pb::lease::Policy::Wait as i32,
+            wait_ms: 200,
+        }),
+        ..start("w2", "echo never")
+    };
+    let err = h.turn(waiting).await.expect_err("gave up");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(err.message().contains("w2"), "{}", err.message());
+    // The running turn is untouched, and the session is free after it.
+    first.close_stdin().await;
+    first.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    assert_eq!(seen.stdout(), "ready\nfirst-done\n");
+    let o = h.run(start("w2", "echo third")).await;
+    o.assert_exited_ok();
     h.stop().await;
 }
