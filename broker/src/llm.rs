@@ -5,14 +5,15 @@
 //! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
 //! Credentials are added on the executor side; nothing here parses HTTP.
 //!
-//! Memory is bounded: agent → executor bytes go through the turn's bounded
-//! event queue (a slow executor stops the reads, and so the agent); executor
-//! → agent bytes go through a small per-connection queue whose writer waits
-//! for the agent's socket.
+//! Flow control is per connection and direction (`turnstile_client::flow`):
+//! a connection reads from the agent only within the executor's window, and
+//! buffers at most a window of the executor's bytes, granting it back as the
+//! agent's socket takes them. So one slow connection never stalls the turn
+//! stream (other connections, stdin, signals), and memory stays bounded.
 
 use crate::turn::EventTx;
-use bytes::{Bytes, BytesMut};
-use std::collections::HashMap;
+use bytes::{BufMut, Bytes, BytesMut};
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,12 +21,11 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
+use turnstile_client::flow::{Credit, Grants, Inbox};
 use turnstile_proto::v1 as pb;
 
 /// Read size from an agent connection (and largest `data` frame).
 const CHUNK: usize = 64 * 1024;
-/// Frames queued toward one agent connection.
-const CONN_QUEUE: usize = 8;
 
 enum ToAgent {
     Data(Bytes),
@@ -33,7 +33,11 @@ enum ToAgent {
 }
 
 struct Conn {
-    tx: Option<mpsc::Sender<ToAgent>>,
+    /// Unbounded, but holds at most a window of bytes: `inbox` refuses more.
+    tx: Option<mpsc::UnboundedSender<ToAgent>>,
+    inbox: Inbox,
+    /// The reader's credit: bytes the executor still accepts.
+    credit: Credit,
     reader: tokio::task::AbortHandle,
     writer: tokio::task::AbortHandle,
     /// Directions finished (0..=2); the connection is forgotten at 2.
@@ -43,6 +47,9 @@ struct Conn {
 /// One turn's relay: the listener's accept loop and its connections.
 pub struct Relay {
     conns: Arc<Mutex<HashMap<u64, Conn>>>,
+    /// Connections the broker reset: the executor's frames still in flight
+    /// for them are dropped without a notice.
+    gone: Arc<Mutex<HashSet<u64>>>,
     events: EventTx,
     accept: tokio::task::AbortHandle,
 }
@@ -75,6 +82,8 @@ impl Relay {
     /// Starts accepting the agent's connections (at most `max_conns` at once).
     pub fn start(listener: UnixListener, events: EventTx, max_conns: usize) -> Relay {
         let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
+        let gone: Arc<Mutex<HashSet<u64>>> = Arc::default();
+        let accept_gone = gone.clone();
         let accept_conns = conns.clone();
         let accept_events = events.clone();
         let accept = tokio::spawn(
@@ -104,7 +113,9 @@ impl Relay {
                     let id = next_id;
                     next_id += 1;
                     let (mut rd, mut wr) = stream.into_split();
-                    let (tx, mut rx) = mpsc::channel::<ToAgent>(CONN_QUEUE);
+                    let (tx, mut rx) = mpsc::unbounded_channel::<ToAgent>();
+                    let (inbox, credit) = (Inbox::default(), Credit::default());
+                    let reader_credit = credit.clone();
                     // Agent → executor.
                     let ev = accept_events.clone();
                     let reader_conns = accept_conns.clone();
@@ -122,8 +133,12 @@ impl Relay {
                             }
                             let mut buf = BytesMut::with_capacity(CHUNK);
                             loop {
-                                buf.reserve(CHUNK);
-                                let kind = match rd.read_buf(&mut buf).await {
+                                let allowed = reader_credit.take(CHUNK).await;
+                                buf.reserve(allowed);
+                                let got = rd.read_buf(&mut (&mut buf).limit(allowed)).await;
+                                reader_credit
+                                    .give_back(allowed - got.as_ref().map_or(allowed, |n| *n));
+                                let kind = match got {
                                     Ok(0) => pb::llm_frame::Kind::Eof(pb::LlmEof {}),
                                     Ok(_) => pb::llm_frame::Kind::Data(buf.split().freeze()),
                                     Err(e) => pb::llm_frame::Kind::Reset(pb::LlmReset {
@@ -141,13 +156,40 @@ impl Relay {
                     );
                     // Executor → agent.
                     let writer_conns = accept_conns.clone();
+                    let writer_inbox = inbox.clone();
+                    let writer_events = accept_events.clone();
+                    let writer_gone = accept_gone.clone();
                     let writer = per_conn.spawn(
                         async move {
+                            let mut grants = Grants::default();
                             while let Some(msg) = rx.recv().await {
                                 match msg {
                                     ToAgent::Data(b) => {
-                                        if wr.write_all(&b).await.is_err() {
-                                            break;
+                                        if let Err(e) = wr.write_all(&b).await {
+                                            // The agent's side is gone: the
+                                            // executor is told, and what it
+                                            // sent meanwhile is dropped.
+                                            let reason =
+                                                format!("the agent's connection closed: {e}");
+                                            debug!(conn = id, %reason, "llm connection reset");
+                                            let c = forget(&writer_conns, &writer_gone, id);
+                                            let reset =
+                                                pb::llm_frame::Kind::Reset(pb::LlmReset { reason });
+                                            let _ = writer_events.send(frame(id, reset)).await;
+                                            if let Some(c) = c {
+                                                c.reader.abort();
+                                            }
+                                            return;
+                                        }
+                                        let n = b.len() as u64;
+                                        writer_inbox.handed_on(n);
+                                        if let Some(bytes) = grants.add(n, rx.is_empty()) {
+                                            let w = pb::llm_frame::Kind::Window(pb::LlmWindow {
+                                                bytes,
+                                            });
+                                            if writer_events.send(frame(id, w)).await.is_err() {
+                                                break;
+                                            }
                                         }
                                     }
                                     ToAgent::Eof => break,
@@ -163,6 +205,8 @@ impl Relay {
                             id,
                             Conn {
                                 tx: Some(tx),
+                                inbox,
+                                credit,
                                 reader,
                                 writer,
                                 halves_done: 0,
@@ -179,6 +223,7 @@ impl Relay {
         .abort_handle();
         Relay {
             conns,
+            gone,
             events,
             accept,
         }
@@ -194,36 +239,51 @@ impl Relay {
             .await;
     }
 
-    /// Handles one frame from the executor. Frames for unknown or closed
-    /// connections get a notice; the turn goes on.
+    /// Handles one frame from the executor; never waits for a connection.
+    /// Frames for unknown or closed connections get a notice, and so does
+    /// a broken window (that connection is reset); the turn goes on.
     pub async fn from_executor(&self, f: pb::LlmFrame) {
         let conn = f.conn;
-        let tx = self
-            .conns
-            .lock()
-            .ok()
-            .and_then(|m| m.get(&conn).map(|c| c.tx.clone()));
-        let Some(tx) = tx else {
+        let found = self.conns.lock().ok().and_then(|m| {
+            m.get(&conn)
+                .map(|c| (c.tx.clone(), c.inbox.clone(), c.credit.clone()))
+        });
+        let Some((tx, inbox, credit)) = found else {
+            if self.gone.lock().map(|g| g.contains(&conn)).unwrap_or(false) {
+                debug!(conn, "llm frame for a connection the broker reset, dropped");
+                return;
+            }
             return self
                 .notice(format!("llm frame for unknown or closed connection {conn}"))
                 .await;
         };
         match f.kind {
             Some(pb::llm_frame::Kind::Data(b)) => {
-                let sent = match &tx {
-                    Some(tx) => tx.send(ToAgent::Data(b)).await.is_ok(),
-                    None => false,
+                let Some(tx) = tx else {
+                    return self
+                        .notice(format!(
+                            "llm data for connection {conn} after its executor side was closed"
+                        ))
+                        .await;
                 };
-                if !sent {
-                    self.notice(format!(
-                        "llm data for connection {conn} after its executor side was closed"
-                    ))
-                    .await;
+                if !inbox.receive(b.len() as u64) {
+                    return self
+                        .violation(conn, "llm data beyond the connection's window")
+                        .await;
+                }
+                // A closed queue means the agent's side is gone; its reader
+                // reports that (eof or reset).
+                let _ = tx.send(ToAgent::Data(b));
+            }
+            Some(pb::llm_frame::Kind::Window(w)) => {
+                if !credit.grant(w.bytes) {
+                    self.violation(conn, "llm window grant beyond the window")
+                        .await;
                 }
             }
             Some(pb::llm_frame::Kind::Eof(_)) => {
                 if let Some(tx) = &tx {
-                    let _ = tx.send(ToAgent::Eof).await;
+                    let _ = tx.send(ToAgent::Eof);
                 }
                 if let Ok(mut m) = self.conns.lock()
                     && let Some(c) = m.get_mut(&conn)
@@ -231,19 +291,41 @@ impl Relay {
                     c.tx = None;
                 }
             }
-            Some(pb::llm_frame::Kind::Reset(_)) => {
-                if let Some(c) = self.conns.lock().ok().and_then(|mut m| m.remove(&conn)) {
-                    c.reader.abort();
-                    c.writer.abort();
-                }
-            }
+            Some(pb::llm_frame::Kind::Reset(_)) => self.drop_conn(conn),
             Some(pb::llm_frame::Kind::Open(_)) | None => {
                 self.notice(format!(
-                    "llm frame for connection {conn} has no data, eof or reset"
+                    "llm frame for connection {conn} has no data, eof, reset or window"
                 ))
                 .await
             }
         }
+    }
+
+    fn drop_conn(&self, conn: u64) {
+        if let Some(c) = self.conns.lock().ok().and_then(|mut m| m.remove(&conn)) {
+            c.reader.abort();
+            c.writer.abort();
+        }
+    }
+
+    /// The executor broke the flow-control contract: the connection is
+    /// reset on both sides, and a notice says why.
+    async fn violation(&self, conn: u64, what: &str) {
+        if let Some(c) = forget(&self.conns, &self.gone, conn) {
+            c.reader.abort();
+            c.writer.abort();
+        }
+        let reason = format!("{what}; connection {conn} reset");
+        let _ = self
+            .events
+            .send(frame(
+                conn,
+                pb::llm_frame::Kind::Reset(pb::LlmReset {
+                    reason: reason.clone(),
+                }),
+            ))
+            .await;
+        self.notice(reason).await;
     }
 
     /// Number of open connections.
@@ -261,6 +343,14 @@ impl Relay {
             }
         }
     }
+}
+
+/// Removes a connection the broker resets, remembering its id as gone.
+fn forget(conns: &Mutex<HashMap<u64, Conn>>, gone: &Mutex<HashSet<u64>>, id: u64) -> Option<Conn> {
+    if let Ok(mut g) = gone.lock() {
+        g.insert(id);
+    }
+    conns.lock().ok().and_then(|mut m| m.remove(&id))
 }
 
 /// Marks one direction of a connection done; forgets the connection when

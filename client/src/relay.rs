@@ -4,15 +4,17 @@
 //!
 //! Per connection: a duplex pipe (the forwarder's HTTP server on one end),
 //! a task moving bytes from the pipe to the broker as `data` frames (then
-//! `eof`, or `reset` on error), and a task writing the broker's `data` into
-//! the pipe (closing its write half on `eof`). The broker's frames reach the
-//! writer through a small bounded queue, so a slow connection slows the turn
-//! stream (and so the agent), never grows memory.
+//! `eof`, or `reset` on error) within the broker's window, and a task
+//! writing the broker's `data` into the pipe (closing its write half on
+//! `eof`) and granting the window back as it goes (see [`crate::flow`]). So
+//! the turn stream never waits for one connection, and a connection buffers
+//! at most a window.
 
+use crate::flow::{Credit, Grants, Inbox};
 use crate::forward::LlmForwarder;
 use crate::pb;
 use crate::turn::TurnInput;
-use bytes::{Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::HashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
@@ -22,14 +24,15 @@ use tokio::task::JoinHandle;
 const PIPE: usize = 256 * 1024;
 /// Largest `data` frame sent to the broker.
 const CHUNK: usize = 64 * 1024;
-/// `data` frames from the broker queued for one connection before the turn
-/// stream waits for it.
-const QUEUE: usize = 8;
 
-/// One connection: the queue to its writer, and its tasks.
+/// One connection: the queue to its writer, flow control, and its tasks.
 struct Conn {
-    /// `None` once the broker half-closed its direction.
-    to_pipe: Option<mpsc::Sender<Bytes>>,
+    /// `None` once the broker half-closed its direction. Unbounded, but
+    /// holds at most a window of bytes: `inbox` refuses more.
+    to_pipe: Option<mpsc::UnboundedSender<Bytes>>,
+    inbox: Inbox,
+    /// Credit of the reader task (bytes the broker still accepts).
+    credit: Credit,
     tasks: [JoinHandle<()>; 3],
 }
 
@@ -66,20 +69,36 @@ impl LlmRelay {
         self.opened
     }
 
-    /// Handles one frame from the broker. Waits only when the connection's
-    /// queue is full (backpressure) or the request queue is.
+    /// Handles one frame from the broker. Never waits for a connection;
+    /// only for the request queue, when it sends a frame itself.
     pub(crate) async fn handle(&mut self, frame: pb::LlmFrame) {
         let id = frame.conn;
         match frame.kind {
             Some(pb::llm_frame::Kind::Open(_)) => self.open(id).await,
             Some(pb::llm_frame::Kind::Data(data)) => {
-                let Some(tx) = self.conns.get(&id).and_then(|c| c.to_pipe.as_ref()) else {
+                let Some(c) = self.conns.get(&id) else {
                     tracing::debug!(conn = id, "llm data for a closed connection dropped");
                     return;
                 };
-                if tx.send(data).await.is_err() {
+                let Some(tx) = c.to_pipe.as_ref() else {
+                    tracing::debug!(conn = id, "llm data after the broker's eof dropped");
+                    return;
+                };
+                if !c.inbox.receive(data.len() as u64) {
+                    self.violation(id, "data beyond its window").await;
+                    return;
+                }
+                if tx.send(data).is_err() {
                     // The HTTP side is gone; its reader task tells the broker.
                     tracing::debug!(conn = id, "llm data after the connection ended");
+                }
+            }
+            Some(pb::llm_frame::Kind::Window(w)) => {
+                let Some(c) = self.conns.get(&id) else {
+                    return;
+                };
+                if !c.credit.grant(w.bytes) {
+                    self.violation(id, "a window grant beyond the window").await;
                 }
             }
             Some(pb::llm_frame::Kind::Eof(_)) => {
@@ -97,6 +116,19 @@ impl LlmRelay {
         }
     }
 
+    /// The broker broke the flow-control contract on `id`: reset it.
+    async fn violation(&mut self, id: u64, what: &str) {
+        tracing::warn!(conn = id, "llm connection reset: the broker sent {what}");
+        if let Some(c) = self.conns.remove(&id) {
+            c.abort();
+        }
+        let reason = format!("the executor received {what}");
+        let _ = self
+            .input
+            .llm(id, pb::llm_frame::Kind::Reset(pb::LlmReset { reason }))
+            .await;
+    }
+
     async fn open(&mut self, id: u64) {
         self.opened += 1;
         self.conns.retain(|_, c| !c.finished());
@@ -110,18 +142,27 @@ impl LlmRelay {
         };
         let (ours, theirs) = tokio::io::duplex(PIPE);
         let (read, write) = tokio::io::split(ours);
-        let (tx, rx) = mpsc::channel(QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         let serve = tokio::spawn(async move {
             if let Err(e) = forwarder.serve_connection(theirs).await {
                 tracing::debug!(conn = id, "llm connection: {e}");
             }
         });
-        let up = tokio::spawn(pipe_to_broker(id, read, self.input.clone()));
-        let down = tokio::spawn(broker_to_pipe(rx, write));
+        let (inbox, credit) = (Inbox::default(), Credit::default());
+        let up = tokio::spawn(pipe_to_broker(id, read, self.input.clone(), credit.clone()));
+        let down = tokio::spawn(broker_to_pipe(
+            id,
+            rx,
+            write,
+            inbox.clone(),
+            self.input.clone(),
+        ));
         self.conns.insert(
             id,
             Conn {
                 to_pipe: Some(tx),
+                inbox,
+                credit,
                 tasks: [serve, up, down],
             },
         );
@@ -136,13 +177,22 @@ impl Drop for LlmRelay {
     }
 }
 
-/// The forwarder's bytes to the broker: `data` frames, then `eof` when the
-/// server closed its side, or `reset` on an error.
-async fn pipe_to_broker(id: u64, mut read: tokio::io::ReadHalf<DuplexStream>, input: TurnInput) {
+/// The forwarder's bytes to the broker, within the broker's window: `data`
+/// frames, then `eof` when the server closed its side, or `reset` on an
+/// error.
+async fn pipe_to_broker(
+    id: u64,
+    mut read: tokio::io::ReadHalf<DuplexStream>,
+    input: TurnInput,
+    credit: Credit,
+) {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        buf.reserve(CHUNK);
-        let kind = match read.read_buf(&mut buf).await {
+        let allowed = credit.take(CHUNK).await;
+        buf.reserve(allowed);
+        let got = read.read_buf(&mut (&mut buf).limit(allowed)).await;
+        credit.give_back(allowed - got.as_ref().map_or(allowed, |n| *n));
+        let kind = match got {
             Ok(0) => pb::llm_frame::Kind::Eof(pb::LlmEof {}),
             Ok(_) => pb::llm_frame::Kind::Data(buf.split().freeze()),
             Err(e) => pb::llm_frame::Kind::Reset(pb::LlmReset {
@@ -156,14 +206,27 @@ async fn pipe_to_broker(id: u64, mut read: tokio::io::ReadHalf<DuplexStream>, in
     }
 }
 
-/// The broker's bytes into the pipe, then its half-close.
+/// The broker's bytes into the pipe, granting the window back as they go;
+/// then its half-close.
 async fn broker_to_pipe(
-    mut rx: mpsc::Receiver<Bytes>,
+    id: u64,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
     mut write: tokio::io::WriteHalf<DuplexStream>,
+    inbox: Inbox,
+    input: TurnInput,
 ) {
+    let mut grants = Grants::default();
     while let Some(data) = rx.recv().await {
         if write.write_all(&data).await.is_err() {
             return;
+        }
+        let n = data.len() as u64;
+        inbox.handed_on(n);
+        if let Some(bytes) = grants.add(n, rx.is_empty()) {
+            let window = pb::llm_frame::Kind::Window(pb::LlmWindow { bytes });
+            if input.llm(id, window).await.is_err() {
+                return;
+            }
         }
     }
     let _ = write.shutdown().await;

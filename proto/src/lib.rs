@@ -5,3 +5,7 @@
 pub mod v1 {
     tonic::include_proto!("turnstile.v1");
 }
+
+/// The window of `data` bytes each side of an LLM connection starts with, per
+/// direction (see `LlmFrame` in the proto file).
+pub const LLM_INITIAL_WINDOW: u64 = 256 * 1024;

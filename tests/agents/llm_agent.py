@@ -109,6 +109,15 @@ r = c.getresponse()
 say("after-toolarge", r.status, r.read().decode())
 c.close()
 
+# A response the agent does not read holds up no other connection: its
+# bytes wait within that connection's window.
+a = conn()
+a.request("GET", "/v1/big")
+ra = a.getresponse()
+status, _, data = request("POST", "/v1/echo", b"hol")
+say("hol", ra.status, status, data.decode())
+a.close()
+
 # Nothing but the bridge is reachable from the jail.
 if mode == "nsjail":
     for addr in (("127.0.0.1", upstream_port), ("10.0.0.1", 80), ("1.1.1.1", 443)):

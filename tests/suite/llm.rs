@@ -12,6 +12,7 @@ both_modes!(
     an_agent_connection_is_relayed_both_ways_with_half_close,
     frames_for_unknown_connections_get_a_notice_and_the_turn_goes_on,
     connections_over_the_cap_are_refused,
+    data_beyond_the_window_resets_only_that_connection,
 );
 
 /// The agent: opens `n` connections to its bridge URL, sends "ping-<i>" on
@@ -55,6 +56,8 @@ async fn serve(t: &mut Turn, seen: &mut Outcome, count: usize) {
                         .await;
                     done += 1;
                 }
+                // The broker grants its window back as the agent reads.
+                Some(pb::llm_frame::Kind::Window(_)) => {}
                 other => panic!("unexpected frame {other:?}"),
             },
             Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
@@ -174,6 +177,8 @@ async fn connections_over_the_cap_are_refused(mode: Mode) {
                     got.entry(f.conn).or_default().extend_from_slice(&b)
                 }
                 Some(pb::llm_frame::Kind::Eof(_)) => eofs.push(f.conn),
+                // The broker grants its window back as the agent reads.
+                Some(pb::llm_frame::Kind::Window(_)) => {}
                 other => panic!("unexpected frame {other:?}"),
             },
             Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
@@ -205,5 +210,86 @@ async fn connections_over_the_cap_are_refused(mode: Mode) {
     let mut answered = vec![lines[1].to_string(), lines[2].to_string()];
     answered.sort();
     assert_eq!(answered, sent);
+    h.stop().await;
+}
+
+/// The agent for the window test: opens a connection, sends "ping", waits
+/// for a line on stdin, then reports what it reads from the connection.
+const WINDOW_AGENT: &str = r#"python3 -c '
+import os, socket, sys, urllib.parse
+u = urllib.parse.urlparse(os.environ["ANTHROPIC_BASE_URL"])
+s = socket.create_connection((u.hostname, u.port))
+s.sendall(b"ping")
+print("sent", flush=True)
+sys.stdin.readline()
+got = 0
+try:
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        got += len(b)
+    print("eof", got, flush=True)
+except ConnectionResetError:
+    print("reset", got, flush=True)
+'"#;
+
+async fn data_beyond_the_window_resets_only_that_connection(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let mut t = h
+        .turn(start("llm-window", WINDOW_AGENT))
+        .await
+        .expect("turn");
+    let mut seen = Outcome::default();
+    let conn = loop {
+        let ev = t.events.next().await.expect("event").expect("ok");
+        match ev.kind {
+            Some(pb::turn_event::Kind::Llm(f)) => {
+                if let Some(pb::llm_frame::Kind::Open(_)) = f.kind {
+                    break f.conn;
+                }
+            }
+            Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
+            Some(pb::turn_event::Kind::Stdout(b)) => seen.stdout.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    };
+    // One byte more than the window, in one frame.
+    let too_much = vec![b'x'; turnstile_proto::LLM_INITIAL_WINDOW as usize + 1];
+    t.send(llm(conn, pb::llm_frame::Kind::Data(too_much.into())))
+        .await;
+    let (mut reset, mut notice) = (None, None);
+    while reset.is_none() || notice.is_none() {
+        let ev = t.events.next().await.expect("event").expect("ok");
+        match ev.kind {
+            Some(pb::turn_event::Kind::Llm(f)) => match f.kind {
+                Some(pb::llm_frame::Kind::Reset(r)) => {
+                    assert_eq!(f.conn, conn);
+                    reset = Some(r.reason);
+                }
+                // The agent's "ping" may or may not have been read first.
+                Some(pb::llm_frame::Kind::Data(_)) => {}
+                other => panic!("unexpected frame {other:?}"),
+            },
+            Some(pb::turn_event::Kind::Notice(n)) => notice = Some(n.message),
+            Some(pb::turn_event::Kind::Stdout(b)) => seen.stdout.extend_from_slice(&b),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let notice = notice.unwrap_or_default();
+    assert!(
+        notice.contains("beyond the connection's window")
+            && notice.contains(&format!("connection {conn} reset")),
+        "{notice}"
+    );
+    assert_eq!(reset.as_deref(), Some(notice.as_str()));
+    // The turn goes on; the agent finds its connection ended, with none of
+    // the refused bytes.
+    t.stdin(b"go\n").await;
+    t.close_stdin().await;
+    t.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    let out = seen.stdout();
+    assert!(out == "sent\neof 0\n" || out == "sent\nreset 0\n", "{out}");
     h.stop().await;
 }

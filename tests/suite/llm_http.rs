@@ -142,6 +142,7 @@ async fn an_agent_talks_http_through_the_relay(mode: Mode) {
     assert!(rl.contains("rate_limit_error"), "{rl}");
     assert_eq!(line(&out, "toolarge"), "413 request_too_large");
     assert_eq!(line(&out, "after-toolarge"), "200 ok");
+    assert_eq!(line(&out, "hol"), "200 200 {\"len\": 3, \"sum\": 323}");
 
     // The upstream saw the executor's key, never the agent's; the agent
     // never saw the key anywhere (environment, files, responses).
@@ -167,8 +168,9 @@ async fn an_agent_talks_http_through_the_relay(mode: Mode) {
     );
     assert!(!out.contains(KEY), "the key reached the agent:\n{out}");
     assert!(!o.stderr().contains(KEY));
-    // 1 echo + 1 sse + 16 + 1 keep-alive + 1 + 1 + 1 (413, then reused).
-    assert_eq!(opened, 22, "connections the agent opened");
+    // 1 echo + 1 sse + 16 + 1 keep-alive + 1 + 1 + 1 (413, then reused)
+    // + 2 (an unread response and one beside it).
+    assert_eq!(opened, 24, "connections the agent opened");
 
     if mode == Mode::Nsjail {
         for l in out.lines().filter(|l| l.starts_with("reach ")) {

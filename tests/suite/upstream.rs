@@ -7,6 +7,7 @@
 //!   four 200 ms apart once the test calls [`Upstream::release`];
 //! - `GET /v1/concurrent`: answers only once 16 such requests are in flight;
 //! - `GET /v1/ratelimited`: `429` with `retry-after: 7`;
+//! - `GET /v1/big`: 64 MiB, streamed;
 //! - anything else: `200` with `ok`.
 
 use bytes::Bytes;
@@ -163,6 +164,20 @@ async fn handle(
                 hyper::header::HeaderValue::from_static("text/event-stream"),
             );
             r
+        }
+        "/v1/big" => {
+            // 64 MiB, streamed; stops when the client goes away.
+            let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+            tokio::spawn(async move {
+                let chunk = Bytes::from(vec![b'b'; 64 * 1024]);
+                for _ in 0..1024 {
+                    if tx.send(Ok(Frame::data(chunk.clone()))).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            Response::new(BodyExt::boxed(body))
         }
         "/v1/concurrent" => {
             barrier.wait().await;
