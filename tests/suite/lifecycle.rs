@@ -264,12 +264,14 @@ async fn starts_racing_shutdown_leave_no_turn_running() {
         match s.await.expect("join") {
             // Admitted before shutdown: ended by it.
             Ok(o) => assert_eq!(o.reason(), Reason::BrokerShutdown, "{:?}", o.exited),
-            // Refused, or its connection closed by the stopping server.
+            // Refused, or its connection closed by the stopping server
+            // (a GOAWAY racing the request surfaces as an h2 error).
             Err(status) => assert!(
                 matches!(
                     status.code(),
                     tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                ),
+                ) || (status.code() == tonic::Code::Internal
+                    && format!("{status:?}").contains("GoAway")),
                 "{status:?}"
             ),
         }
