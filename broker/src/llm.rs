@@ -12,16 +12,16 @@
 //! stream (other connections, stdin, signals), and memory stays bounded.
 
 use crate::turn::EventTx;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
-use turnstile_client::flow::{Credit, Grants, Inbox};
+use turnstile_client::flow::{self, Credit, Grants, Inbox};
 use turnstile_proto::v1 as pb;
 
 /// Read size from an agent connection (and largest `data` frame).
@@ -133,18 +133,9 @@ impl Relay {
                             }
                             let mut buf = BytesMut::with_capacity(CHUNK);
                             loop {
-                                let allowed = reader_credit.take(CHUNK).await;
-                                buf.reserve(allowed);
-                                let got = rd.read_buf(&mut (&mut buf).limit(allowed)).await;
-                                reader_credit
-                                    .give_back(allowed - got.as_ref().map_or(allowed, |n| *n));
-                                let kind = match got {
-                                    Ok(0) => pb::llm_frame::Kind::Eof(pb::LlmEof {}),
-                                    Ok(_) => pb::llm_frame::Kind::Data(buf.split().freeze()),
-                                    Err(e) => pb::llm_frame::Kind::Reset(pb::LlmReset {
-                                        reason: e.to_string(),
-                                    }),
-                                };
+                                let kind =
+                                    flow::next_frame(&mut rd, &reader_credit, &mut buf, CHUNK)
+                                        .await;
                                 let last = !matches!(kind, pb::llm_frame::Kind::Data(_));
                                 if ev.send(frame(id, kind)).await.is_err() || last {
                                     break;

@@ -7,10 +7,13 @@
 //! them out. So a receiver buffers at most one window per connection and
 //! never has to stall the shared stream for one slow connection.
 
+use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
 pub use turnstile_proto::LLM_INITIAL_WINDOW;
+use turnstile_proto::v1 as pb;
 
 /// Grants are sent once this many bytes were handed on, or when the
 /// receiver's queue ran dry, whichever comes first.
@@ -62,6 +65,32 @@ impl Credit {
         if n > 0 {
             self.0.add_permits(n);
         }
+    }
+}
+
+/// Reads what the peer's window allows (at most `chunk` bytes) from one
+/// side of a connection: the next frame to send, `data`, or `eof` at the
+/// end, or `reset` on an error. Waits for credit first.
+pub async fn next_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    credit: &Credit,
+    buf: &mut BytesMut,
+    chunk: usize,
+) -> pb::llm_frame::Kind {
+    let allowed = credit.take(chunk).await;
+    buf.reserve(allowed);
+    match reader.read_buf(&mut (&mut *buf).limit(allowed)).await {
+        Ok(n) => {
+            credit.give_back(allowed - n);
+            if n == 0 {
+                pb::llm_frame::Kind::Eof(pb::LlmEof {})
+            } else {
+                pb::llm_frame::Kind::Data(buf.split().freeze())
+            }
+        }
+        Err(e) => pb::llm_frame::Kind::Reset(pb::LlmReset {
+            reason: e.to_string(),
+        }),
     }
 }
 

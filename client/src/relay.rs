@@ -10,13 +10,13 @@
 //! the turn stream never waits for one connection, and a connection buffers
 //! at most a window.
 
-use crate::flow::{Credit, Grants, Inbox};
+use crate::flow::{self, Credit, Grants, Inbox};
 use crate::forward::LlmForwarder;
 use crate::pb;
 use crate::turn::TurnInput;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncWriteExt, DuplexStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -188,17 +188,7 @@ async fn pipe_to_broker(
 ) {
     let mut buf = BytesMut::with_capacity(CHUNK);
     loop {
-        let allowed = credit.take(CHUNK).await;
-        buf.reserve(allowed);
-        let got = read.read_buf(&mut (&mut buf).limit(allowed)).await;
-        credit.give_back(allowed - got.as_ref().map_or(allowed, |n| *n));
-        let kind = match got {
-            Ok(0) => pb::llm_frame::Kind::Eof(pb::LlmEof {}),
-            Ok(_) => pb::llm_frame::Kind::Data(buf.split().freeze()),
-            Err(e) => pb::llm_frame::Kind::Reset(pb::LlmReset {
-                reason: e.to_string(),
-            }),
-        };
+        let kind = flow::next_frame(&mut read, &credit, &mut buf, CHUNK).await;
         let last = !matches!(kind, pb::llm_frame::Kind::Data(_));
         if input.llm(id, kind).await.is_err() || last {
             return;

@@ -190,6 +190,17 @@ async fn first_message_must_be_start(mode: Mode) {
     h.stop().await;
 }
 
+/// A `Start` that waits up to `wait_ms` for a busy session.
+fn waiting_start(session: &str, script: &str, wait_ms: u64) -> pb::Start {
+    pb::Start {
+        lease: Some(pb::Lease {
+            policy: pb::lease::Policy::Wait as i32,
+            wait_ms,
+        }),
+        ..start(session, script)
+    }
+}
+
 async fn waiting_lease_runs_after_the_busy_turn(mode: Mode) {
     let h = Harness::start(mode).await;
     let mut first = h
@@ -198,13 +209,7 @@ async fn waiting_lease_runs_after_the_busy_turn(mode: Mode) {
         .expect("first");
     let mut seen = Outcome::default();
     first.wait_stdout("ready", &mut seen).await;
-    let waiting = pb::Start {
-        lease: Some(pb::Lease {
-            policy: pb::lease::Policy::Wait as i32,
-            wait_ms: 60_000,
-        }),
-        ..start("w", "echo second")
-    };
+    let waiting = waiting_start("w", "echo second", 60_000);
     let client = h.client().await;
     let second = tokio::spawn(async move { Turn::start(client, waiting).await });
     first.close_stdin().await;
@@ -226,13 +231,7 @@ async fn a_waiting_lease_gives_up_at_its_deadline(mode: Mode) {
         .expect("first");
     let mut seen = Outcome::default();
     first.wait_stdout("ready", &mut seen).await;
-    let waiting = pb::Start {
-        lease: Some(pb::Lease {
-            policy: pb::lease::Policy::Wait as i32,
-            wait_ms: 200,
-        }),
-        ..start("w2", "echo never")
-    };
+    let waiting = waiting_start("w2", "echo never", 200);
     let err = h.turn(waiting).await.expect_err("gave up");
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
     assert!(err.message().contains("w2"), "{}", err.message());

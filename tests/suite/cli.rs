@@ -6,28 +6,9 @@ use std::process::{Command, Stdio};
 use turnstile_broker::config::Mode;
 
 fn run_cli(socket: &std::path::Path, args: &[&str], stdin: &[u8]) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_turnstile"))
-        .arg("run")
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn turnstile run");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin)
-        .expect("write stdin");
-    let out = child.wait_with_output().expect("wait");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));
+    c.arg("run").arg("--socket").arg(socket).args(args);
+    output(c, stdin)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
