@@ -13,15 +13,16 @@
 //! carry p50/p90 and the ratios.
 
 use criterion::{Criterion, criterion_group, criterion_main};
+use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turnstile_benches::{Served, drain, nsjail, report, runtime, shim, workspace};
 use turnstile_broker::config::Mode;
 use turnstile_broker::jail;
-use turnstile_broker::sys::ChildSetup;
+use turnstile_broker::spawn::{self, ChildSetup};
 use turnstile_shim::{InitPayload, ShimMsg};
 
 async fn frame(s: &mut tokio::net::UnixStream) -> ShimMsg {
@@ -114,26 +115,24 @@ impl Raw {
         };
         // nsjail's log pipe: its read end stays open until nsjail exits.
         let mut log_read = None;
-        let mut cmd = match self.mode {
+        let max_payload = turnstile_shim::DEFAULT_MAX_PAYLOAD.to_string();
+        let (program, args): (PathBuf, Vec<&OsStr>) = match self.mode {
             Mode::Nsjail => {
                 let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
                 log_read = Some(r);
                 setup.fds.push((w, jail::LOG_FD));
-                let mut c = tokio::process::Command::new(nsjail());
-                c.arg("--config").arg(&self.config);
-                c
+                (
+                    nsjail(),
+                    vec![OsStr::new("--config"), self.config.as_os_str()],
+                )
             }
-            Mode::Direct => {
-                let mut c = tokio::process::Command::new(shim());
-                c.arg("--max-payload")
-                    .arg(turnstile_shim::DEFAULT_MAX_PAYLOAD.to_string());
-                c
-            }
+            Mode::Direct => (
+                shim(),
+                vec![OsStr::new("--max-payload"), OsStr::new(&max_payload)],
+            ),
         };
-        cmd.env_clear().stdin(std::process::Stdio::null());
-        setup.install(&mut cmd);
-        let mut proc = cmd.spawn().expect("spawn");
-        drop(cmd);
+        // The same spawn as the broker's (no fork: see turnstile_broker::spawn).
+        let mut proc = spawn::spawn(&program, &args, spawn::Stdio::Null, setup).expect("spawn");
         let std = std::os::unix::net::UnixStream::from(parent);
         std.set_nonblocking(true).expect("nonblocking");
         let mut ctl = tokio::net::UnixStream::from_std(std).expect("tokio");
@@ -150,9 +149,24 @@ impl Raw {
     }
 }
 
+/// One broker turn start (to `Started`), the turn then run to its end.
+async fn broker_once(served: &mut Served, n: u64) -> Duration {
+    let (d, tx, events) = served
+        .start_turn(&format!("b{}", n % 8), &["/bin/true"])
+        .await;
+    drop(tx);
+    drain(events).await;
+    d
+}
+
+/// Broker and raw samples are taken in pairs, one right after the other,
+/// so that whatever else the machine does weighs on both alike.
 fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
     let name = mode.as_str();
     let mut served = rt.block_on(Served::start(mode));
+    if let Some(w) = &served.broker.warm {
+        rt.block_on(w.wait_ready(served.broker.config.warm_spares));
+    }
     let raw = Raw::new(mode);
     let broker_samples = Arc::new(Mutex::new(Vec::new()));
     let raw_samples = Arc::new(Mutex::new(Vec::new()));
@@ -162,32 +176,18 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(6));
     let mut n = 0u64;
+    // Back to back: one turn right after the other.
     group.bench_function("broker", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     n += 1;
-                    let (d, tx, events) = served
-                        .start_turn(&format!("b{}", n % 8), &["/bin/true"])
-                        .await;
-                    drop(tx);
-                    drain(events).await;
+                    let d = broker_once(&mut served, n).await;
+                    total += d;
                     broker_samples.lock().expect("samples").push(d);
-                    total += d;
-                }
-                total
-            })
-        })
-    });
-    group.bench_function("raw", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut total = Duration::ZERO;
-                for _ in 0..iters {
-                    let d = raw.once().await;
-                    raw_samples.lock().expect("samples").push(d);
-                    total += d;
+                    let r = raw.once().await;
+                    raw_samples.lock().expect("samples").push(r);
                 }
                 total
             })
@@ -196,15 +196,47 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
     group.finish();
     let b = broker_samples.lock().expect("samples").clone();
     let r = raw_samples.lock().expect("samples").clone();
-    report(&format!("turn_start/{name} broker"), &b, Some(("raw", &r)));
+    report(
+        &format!("turn_start/{name} broker (back to back)"),
+        &b,
+        Some(("raw", &r)),
+    );
+
+    // Spaced: turns SPACING apart, as in production, where turns arrive
+    // seconds apart and the kernel's cgroup lock has gone cold between them.
+    let (mut b, mut r) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        for _ in 0..SPACED_SAMPLES {
+            n += 1;
+            tokio::time::sleep(SPACING).await;
+            b.push(broker_once(&mut served, n).await);
+            tokio::time::sleep(SPACING).await;
+            r.push(raw.once().await);
+        }
+    });
+    report(
+        &format!(
+            "turn_start/{name} broker (spaced {} ms)",
+            SPACING.as_millis()
+        ),
+        &b,
+        Some(("raw", &r)),
+    );
     served.stop();
 }
 
+const SPACING: Duration = Duration::from_millis(200);
+const SPACED_SAMPLES: usize = 40;
+
 fn benches(c: &mut Criterion) {
     let rt = runtime();
-    bench_mode(c, &rt, Mode::Nsjail);
-    bench_mode(c, &rt, Mode::Direct);
-    let _ = Path::new("/");
+    // TURNSTILE_BENCH_MODES=direct (or nsjail) runs one mode only.
+    let modes = std::env::var("TURNSTILE_BENCH_MODES").unwrap_or_default();
+    for mode in [Mode::Nsjail, Mode::Direct] {
+        if modes.is_empty() || modes.split(',').any(|m| m == mode.as_str()) {
+            bench_mode(c, &rt, mode);
+        }
+    }
 }
 
 criterion_group!(turn_start, benches);

@@ -83,6 +83,11 @@ impl Served {
                 wall_time_ms: Some(600_000),
                 ..Limits::unlimited()
             },
+            // TURNSTILE_BENCH_WARM=N sets the ready launchers (0: none).
+            warm_spares: std::env::var("TURNSTILE_BENCH_WARM")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(Config::default().warm_spares),
             ..Config::default()
         };
         let broker = Broker::new(cfg).expect("broker");

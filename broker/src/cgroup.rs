@@ -104,7 +104,8 @@ impl Cgroups {
         Ok(Some(cg))
     }
 
-    fn parents(&self) -> Vec<PathBuf> {
+    /// The broker's parent cgroup directories (one per hierarchy).
+    pub fn parents(&self) -> Vec<PathBuf> {
         match &self.layout {
             Layout::V1 { memory, pids } => vec![memory.clone(), pids.clone()],
             Layout::V2 { base } => vec![base.clone()],
@@ -139,29 +140,7 @@ impl Cgroups {
         for d in &cg.dirs {
             fs::create_dir(d)?;
         }
-        let set = || -> io::Result<()> {
-            if let Some(bytes) = limits.memory_bytes {
-                if v2 {
-                    fs::write(cg.memory_dir.join("memory.max"), bytes.to_string())?;
-                    // No swap: the limit is the memory the agent really gets.
-                    let _ = fs::write(cg.memory_dir.join("memory.swap.max"), "0");
-                } else {
-                    fs::write(
-                        cg.memory_dir.join("memory.limit_in_bytes"),
-                        bytes.to_string(),
-                    )?;
-                    let _ = fs::write(
-                        cg.memory_dir.join("memory.memsw.limit_in_bytes"),
-                        bytes.to_string(),
-                    );
-                }
-            }
-            if let Some(n) = limits.processes {
-                fs::write(cg.pids_dir.join("pids.max"), n.to_string())?;
-            }
-            Ok(())
-        };
-        if let Err(e) = set() {
+        if let Err(e) = cg.set_limits(limits) {
             cg.remove_now();
             return Err(e);
         }
@@ -228,6 +207,69 @@ fn kill_dir(dir: &Path, v2: bool) {
 }
 
 impl TurnCgroup {
+    /// Sets the turn's limits (a limit left `None` stays as it is).
+    pub fn set_limits(&self, limits: CgroupLimits) -> io::Result<()> {
+        if let Some(bytes) = limits.memory_bytes {
+            if self.v2 {
+                fs::write(self.memory_dir.join("memory.max"), bytes.to_string())?;
+                // No swap: the limit is the memory the agent really gets.
+                let _ = fs::write(self.memory_dir.join("memory.swap.max"), "0");
+            } else {
+                fs::write(
+                    self.memory_dir.join("memory.limit_in_bytes"),
+                    bytes.to_string(),
+                )?;
+                let _ = fs::write(
+                    self.memory_dir.join("memory.memsw.limit_in_bytes"),
+                    bytes.to_string(),
+                );
+            }
+        }
+        if let Some(n) = limits.processes {
+            fs::write(self.pids_dir.join("pids.max"), n.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Renames the cgroup (its directory in each hierarchy) to `name`, so a
+    /// ready cgroup taken by a turn carries the turn's id. Best effort:
+    /// cgroup v2 refuses renames, and then the cgroup keeps its name.
+    pub fn rename(&mut self, name: &str) -> bool {
+        let renamed: Vec<PathBuf> = self
+            .dirs
+            .iter()
+            .filter_map(|d| Some(d.parent()?.join(name)))
+            .collect();
+        for (i, (from, to)) in self.dirs.iter().zip(&renamed).enumerate() {
+            if fs::rename(from, to).is_err() {
+                // Undo the ones already renamed: all or nothing.
+                for (f, t) in self.dirs.iter().zip(&renamed).take(i) {
+                    let _ = fs::rename(t, f);
+                }
+                return false;
+            }
+        }
+        let moved = |p: &PathBuf| {
+            self.dirs
+                .iter()
+                .position(|d| d == p)
+                .map(|i| renamed[i].clone())
+                .unwrap_or_else(|| p.clone())
+        };
+        self.memory_dir = moved(&self.memory_dir);
+        self.pids_dir = moved(&self.pids_dir);
+        self.dirs = renamed;
+        true
+    }
+
+    /// The cgroup's name (its directory's).
+    pub fn name(&self) -> String {
+        self.pids_dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
+
     /// Opens the `cgroup.procs` files for a child to join before exec.
     pub fn procs_files(&self) -> io::Result<Vec<OwnedFd>> {
         self.dirs

@@ -154,6 +154,11 @@ pub struct Config {
     pub session_ttl_ms: Option<u64>,
     /// How often the garbage collector runs (when a TTL is set).
     pub gc_interval_ms: u64,
+    /// Launchers kept ready in their own cgroups for the next turns (with
+    /// cgroups on): moving a process into a cgroup can wait for a kernel RCU
+    /// grace period (~10 ms), which a ready launcher has already paid. 0
+    /// turns them off; each costs one idle process (~1 MiB) and one cgroup.
+    pub warm_spares: usize,
 }
 
 impl Default for Config {
@@ -184,9 +189,13 @@ impl Default for Config {
             import_max_entries: 1_000_000,
             session_ttl_ms: None,
             gc_interval_ms: 10 * 60 * 1000,
+            warm_spares: 2,
         }
     }
 }
+
+/// Upper bound on `warm_spares`.
+pub const MAX_WARM_SPARES: usize = 64;
 
 fn default_state_dir() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
@@ -286,6 +295,12 @@ pub enum ConfigError {
     },
     #[error("{0} must be greater than 0")]
     Zero(&'static str),
+    #[error("{name} = {value} is over its maximum {max}")]
+    OverMax {
+        name: &'static str,
+        value: u64,
+        max: u64,
+    },
     #[error("bundle mount {0:?}: want an absolute SRC or SRC:DST")]
     BundleMount(String),
 }
@@ -320,6 +335,13 @@ impl Config {
         }
         if self.max_payload_bytes == 0 {
             return Err(ConfigError::Zero("max_payload_bytes"));
+        }
+        if self.warm_spares > MAX_WARM_SPARES {
+            return Err(ConfigError::OverMax {
+                name: "warm_spares",
+                value: self.warm_spares as u64,
+                max: MAX_WARM_SPARES as u64,
+            });
         }
         if self.max_message_bytes == 0 {
             return Err(ConfigError::Zero("max_message_bytes"));
@@ -413,6 +435,16 @@ mod tests {
         cfg.listen = Some("[::1]:1".parse().expect("addr"));
         cfg.token_file = Some("/t".into());
         cfg.validate().expect("valid");
+    }
+
+    #[test]
+    fn warm_spares_are_bounded() {
+        let toml = "warm_spares = 65";
+        let cfg: Config = toml::from_str(toml).expect("parses");
+        let err = cfg.validate().expect_err("over the maximum");
+        assert_eq!(err.to_string(), "warm_spares = 65 is over its maximum 64");
+        let cfg: Config = toml::from_str("warm_spares = 0").expect("parses");
+        cfg.validate().expect("0 turns the pool off");
     }
 
     #[test]

@@ -17,9 +17,11 @@ pub mod run;
 pub mod server;
 pub mod service;
 pub mod session;
+pub mod spawn;
 pub mod sys;
 pub mod turn;
 pub mod validate;
+pub mod warm;
 
 use crate::cgroup::Cgroups;
 use crate::config::{CgroupPolicy, Config, Mode};
@@ -111,6 +113,8 @@ pub struct Broker {
     /// The resolved nsjail binary and profile text (nsjail mode only).
     pub nsjail: Option<(PathBuf, String)>,
     pub cgroups: Option<Cgroups>,
+    /// Ready launchers in ready cgroups (with cgroups on); see [`warm`].
+    pub warm: Option<warm::WarmPool>,
     /// Host uid/gid of the agent in nsjail mode.
     pub outside_ids: (u32, u32),
     admission: Mutex<Admission>,
@@ -252,12 +256,17 @@ impl Broker {
             cgroups = cgroups.as_ref().map(|c| c.version()).unwrap_or(0),
             "broker ready"
         );
+        let warm = cgroups
+            .as_ref()
+            .filter(|_| config.warm_spares > 0)
+            .map(|cg| warm::WarmPool::new(cg.clone(), config.shim.clone(), config.warm_spares));
         Ok(Arc::new(Broker {
             config,
             sessions,
             turns_dir,
             nsjail,
             cgroups,
+            warm,
             outside_ids,
             admission: Mutex::default(),
             tracker: TaskTracker::new(),
@@ -339,6 +348,9 @@ impl Broker {
                 turns = self.active_count(),
                 "turns still running after the shutdown grace"
             );
+        }
+        if let Some(w) = &self.warm {
+            w.stop().await;
         }
     }
 }

@@ -28,6 +28,8 @@ impl Embedded {
             } else {
                 Mode::Direct
             },
+            // One turn: a ready launcher for a next turn would go unused.
+            warm_spares: 0,
             ..Config::default()
         };
         if let Some(d) = &args.state_dir {

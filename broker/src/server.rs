@@ -136,6 +136,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> io::Result<()> {
     let stop = CancellationToken::new();
+    if let Some(w) = &broker.warm {
+        w.start();
+    }
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<BrokerServer<Service>>().await;
     let max = broker.config.max_message_bytes;

@@ -6,14 +6,14 @@ use crate::cgroup::{CgroupLimits, TurnCgroup};
 use crate::config::{Limits, Mode};
 use crate::error::{BrokerError, InputError};
 use crate::session::{Lease, LeasePolicy, SessionMeta, SessionPaths, now_unix_ms};
-use crate::sys::{ChildSetup, kill_group, kill_pid};
+use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
+use crate::sys::{kill_group, kill_pid};
 use crate::{Admitted, Broker, StopReason, jail, validate};
 use bytes::{Bytes, BytesMut};
 use nix::sys::signal::Signal;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -307,6 +307,8 @@ struct Prepared {
     meta: SessionMeta,
     cgroup: Option<TurnCgroup>,
     llm: Option<std::os::unix::net::UnixListener>,
+    /// A ready launcher in `cgroup` (taken by the spawn).
+    launcher: std::sync::Mutex<Option<Launcher>>,
 }
 
 fn prepare(
@@ -383,19 +385,23 @@ fn populate(
             .create(&tmp)
             .map_err(|e| BrokerError::io("cannot create", &tmp, e))?;
     }
-    let cgroup = match &broker.cgroups {
-        Some(cg) => Some(
-            cg.create(
-                &spec.turn_id,
-                CgroupLimits {
-                    memory_bytes: spec.limits.memory_bytes,
-                    // nsjail and the shim live in the turn's cgroup too.
-                    processes: spec.limits.max_processes.map(|n| n + SUPERVISORS),
-                },
-            )
-            .map_err(BrokerError::Cgroup)?,
-        ),
-        None => None,
+    let limits = CgroupLimits {
+        memory_bytes: spec.limits.memory_bytes,
+        // nsjail and the shim live in the turn's cgroup too.
+        processes: spec.limits.max_processes.map(|n| n + SUPERVISORS),
+    };
+    let (cgroup, launcher) = match &broker.cgroups {
+        Some(cg) => match take_spare(broker, &spec.turn_id, limits) {
+            Some((cgroup, launcher)) => (Some(cgroup), Some(launcher)),
+            None => (
+                Some(
+                    cg.create(&spec.turn_id, limits)
+                        .map_err(BrokerError::Cgroup)?,
+                ),
+                None,
+            ),
+        },
+        None => (None, None),
     };
     meta.turn_count += 1;
     meta.last_turn_id = Some(spec.turn_id.clone());
@@ -406,7 +412,29 @@ fn populate(
         meta,
         cgroup,
         llm: Some(llm),
+        launcher: std::sync::Mutex::new(launcher),
     })
+}
+
+/// A ready cgroup and launcher from the warm pool, made the turn's: its
+/// limits set and (where the kernel allows) its name changed to the turn id.
+fn take_spare(
+    broker: &Broker,
+    turn_id: &str,
+    limits: CgroupLimits,
+) -> Option<(TurnCgroup, Launcher)> {
+    let spare = broker.warm.as_ref()?.take()?;
+    if let Err(e) = spare.cgroup.set_limits(limits) {
+        warn!(error = %e, "cannot set limits on a spare cgroup; making a new one");
+        spare.discard();
+        return None;
+    }
+    let crate::warm::Spare {
+        mut cgroup,
+        launcher,
+    } = spare;
+    cgroup.rename(turn_id);
+    Some((cgroup, launcher))
 }
 
 /// How the turn ended, before it becomes an `Exited`.
@@ -541,7 +569,7 @@ async fn inbound(
     }
 }
 
-async fn stdin_writer(mut w: tokio::process::ChildStdin, mut rx: mpsc::Receiver<Bytes>) {
+async fn stdin_writer(mut w: tokio::net::unix::pipe::Sender, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(chunk) = rx.recv().await {
         if w.write_all(&chunk).await.is_err() {
             break;
@@ -647,12 +675,7 @@ async fn supervise(
 ) -> Outcome {
     let mut outcome = Outcome::default();
     let paths = &prepared.paths;
-    let spawned = spawn(broker, prepared);
-    // Recorded while the jail starts, off the spawn path (a write and a
-    // rename cost ~0.2 ms on ext4).
-    if let Err(e) = broker.sessions.write_meta(&paths.session, &prepared.meta) {
-        warn!(error = %e, "cannot record the turn's start in the session metadata");
-    }
+    let spawned = spawn(broker, prepared).await;
     let llm_listener = prepared.llm.as_ref().and_then(|l| l.try_clone().ok());
     let (mut child, ctl, log_rx) = match spawned {
         Ok(s) => s,
@@ -661,7 +684,7 @@ async fn supervise(
             return outcome;
         }
     };
-    let child_pid = child.id().map(|p| p as i32).unwrap_or(0);
+    let child_pid = child.id();
     tracing::Span::current().record("jail.pid", child_pid);
     if broker.mode() == Mode::Nsjail {
         // The agent may open /dev/stdout and friends by path (`echo >/dev/stderr`),
@@ -807,6 +830,23 @@ async fn supervise(
             kind: Some(pb::turn_event::Kind::Started(started)),
         }))
         .await;
+    // The start record, off the start path and off the runtime's threads: a
+    // write and a rename cost 0.2-0.5 ms, and running them here would hold
+    // back the `Started` just queued (tokio runs the task it woke only when
+    // this one yields). Awaited before this function returns, so the end
+    // record (`finish`) always comes last. A turn that never starts is
+    // recorded by `finish` alone.
+    let start_record = {
+        let (broker, session, meta) =
+            (broker.clone(), paths.session.clone(), prepared.meta.clone());
+        tokio::task::spawn_blocking(move || broker.sessions.write_meta(&session, &meta))
+    };
+    // Let the task that sends `Started` out run before the relay is set up.
+    tokio::task::yield_now().await;
+    // The next spare is made now, not while this turn was starting.
+    if let Some(w) = &broker.warm {
+        w.refill();
+    }
 
     // Relay.
     use std::os::fd::AsFd;
@@ -913,6 +953,11 @@ async fn supervise(
     }
     counters.stdin = stdin_total.load(Ordering::Relaxed);
     outcome.nsjail_log = log_text(log_rx).await;
+    match start_record.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => warn!(error = %e, "cannot record the turn's start in the session metadata"),
+        Err(e) => warn!(error = %e, "the turn's start record did not finish"),
+    }
     outcome
 }
 
@@ -944,16 +989,33 @@ fn kill_all(child_pid: i32, prepared: &Prepared) {
 /// Ends a child that never ran its agent (or was refused) and reaps it.
 async fn end_child(
     broker: &Broker,
-    child: &mut tokio::process::Child,
+    child: &mut Child,
     child_pid: i32,
     prepared: &Prepared,
     outcome: &mut Outcome,
 ) {
     // Without GO the shim exits by itself once the control socket closes;
     // killing it directly is faster and certain.
-    let _ = broker;
     kill_all(child_pid, prepared);
     outcome.child_status = child.wait().await.ok();
+    // A ready launcher that could not exec the program says why.
+    let program = match &broker.nsjail {
+        Some((bin, _)) => bin.as_path(),
+        None => broker.config.shim.as_path(),
+    };
+    if let Some(e) = child.launch_failure(program) {
+        outcome.spawn_error = Some(
+            BrokerError::Spawn {
+                what: if broker.nsjail.is_some() {
+                    "nsjail"
+                } else {
+                    "shim"
+                },
+                source: e,
+            }
+            .to_string(),
+        );
+    }
     // What nsjail (a config error) or the shim said on stderr before any
     // agent ran; the jail is gone, so this reaches EOF at once.
     if let Some(err) = child.stderr.take() {
@@ -989,7 +1051,7 @@ async fn log_text(rx: Option<tokio::task::JoinHandle<Vec<u8>>>) -> String {
 }
 
 type Spawned = (
-    tokio::process::Child,
+    Child,
     std::io::Result<tokio::net::UnixStream>,
     Option<tokio::task::JoinHandle<Vec<u8>>>,
 );
@@ -997,7 +1059,7 @@ type Spawned = (
 /// Spawns nsjail (which runs the shim as the jail's init) or, in direct
 /// mode, the shim itself, with the payload on fd 3 and the control socket on
 /// fd 4. One code path for both modes.
-fn spawn(broker: &Broker, prepared: &Prepared) -> Result<Spawned, BrokerError> {
+async fn spawn(broker: &Broker, prepared: &Prepared) -> Result<Spawned, BrokerError> {
     let paths = &prepared.paths;
     let payload_fd: OwnedFd = std::fs::File::open(&paths.payload)
         .map_err(|e| BrokerError::io("cannot open", &paths.payload, e))?
@@ -1017,7 +1079,7 @@ fn spawn(broker: &Broker, prepared: &Prepared) -> Result<Spawned, BrokerError> {
         },
     };
     let mut log_reader = None;
-    let mut cmd = match &broker.nsjail {
+    let (program, args): (&std::path::Path, Vec<std::ffi::OsString>) = match &broker.nsjail {
         Some((bin, _)) => {
             let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| {
                 BrokerError::Spawn {
@@ -1027,36 +1089,41 @@ fn spawn(broker: &Broker, prepared: &Prepared) -> Result<Spawned, BrokerError> {
             })?;
             setup.fds.push((w, jail::LOG_FD));
             log_reader = Some(r);
-            let mut c = tokio::process::Command::new(bin);
-            c.arg("--config").arg(&paths.jail_config);
-            c
+            (
+                bin,
+                vec!["--config".into(), paths.jail_config.clone().into()],
+            )
         }
-        None => {
-            let mut c = tokio::process::Command::new(&broker.config.shim);
-            c.arg("--max-payload")
-                .arg(broker.config.max_payload_bytes.to_string());
-            c
-        }
+        None => (
+            &broker.config.shim,
+            vec![
+                "--max-payload".into(),
+                broker.config.max_payload_bytes.to_string().into(),
+            ],
+        ),
     };
-    cmd.env_clear()
-        .current_dir("/")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    setup.install(&mut cmd);
-    let child = cmd.spawn().map_err(|e| BrokerError::Spawn {
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let error = |e| BrokerError::Spawn {
         what: if broker.nsjail.is_some() {
             "nsjail"
         } else {
             "shim"
         },
         source: e,
-    })?;
-    // Close the broker's copies of the child's ends (held by the pre-exec
-    // closure) so EOF on the control socket and log pipe means the child side
-    // is gone.
-    drop(cmd);
+    };
+    let piped = crate::spawn::Stdio::Piped;
+    let launcher = prepared.launcher.lock().ok().and_then(|mut l| l.take());
+    let child = match launcher {
+        Some(l) => match l.launch(program, &args, piped, &setup) {
+            Ok(child) => child,
+            Err(LaunchError::Failed(e)) => return Err(error(e)),
+            Err(LaunchError::Unusable(e)) => {
+                warn!(error = %e, "spare launcher unusable; spawning directly");
+                crate::spawn::spawn(program, &args, piped, setup).map_err(error)?
+            }
+        },
+        None => crate::spawn::spawn(program, &args, piped, setup).map_err(error)?,
+    };
     let ctl = std::os::unix::net::UnixStream::from(ctl_parent);
     let ctl = ctl
         .set_nonblocking(true)
@@ -1087,7 +1154,12 @@ async fn finish(
         mut meta,
         cgroup,
         llm: _,
+        launcher: _,
     } = prepared;
+    // A turn that failed before `Started` still took a spare.
+    if let Some(w) = &broker.warm {
+        w.refill();
+    }
     let stats = cgroup.as_ref().map(|c| c.stats()).unwrap_or_default();
     if let Some(cg) = cgroup
         && let Err(e) = cg.remove().await

@@ -16,6 +16,13 @@
 //!
 //! The shim's argv is `turnstile-shim --max-payload BYTES`; nothing secret.
 //!
+//! The same binary has a second, tiny role: `turnstile-shim --launcher` is a
+//! process the broker starts ahead of a turn, inside a cgroup made ready for
+//! the next turn (moving a process into a cgroup can cost a kernel RCU grace
+//! period, ~10 ms). It waits on [`LAUNCH_FD`] for one [`launch`] request
+//! (descriptors plus an argv), puts the descriptors in place and execs the
+//! argv (nsjail, or the shim itself in direct mode).
+//!
 //! This crate's library half is shared with the broker so that both ends use
 //! one definition; it depends only on serde and rmp-serde.
 
@@ -34,6 +41,117 @@ pub const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
 pub const MAX_CONTROL_FRAME: usize = 64 * 1024;
 /// The broker's answer that lets the shim start the agent.
 pub const GO: u8 = b'G';
+
+/// The launcher's request socket (a `SOCK_SEQPACKET` socketpair end).
+pub const LAUNCH_FD: i32 = 3;
+
+/// The launcher's request: which received descriptor goes where, and what
+/// to exec. One `SOCK_SEQPACKET` message carries the encoding below and the
+/// descriptors (`SCM_RIGHTS`, in the order of `targets`): a count byte, one
+/// little-endian i32 target per descriptor, then the argv strings, each
+/// NUL-terminated, the program path first. The launcher answers only on
+/// failure, with [`launch::Failure`]; success is its end of the socket
+/// closing at exec.
+pub mod launch {
+    /// Cap on one request (argv included).
+    pub const MAX_REQUEST: usize = 16 * 1024;
+    /// Cap on the descriptors of one request.
+    pub const MAX_FDS: usize = 8;
+
+    /// Encodes a request; `None` if it breaks a cap or an argument holds NUL.
+    pub fn encode(targets: &[i32], argv: &[&[u8]]) -> Option<Vec<u8>> {
+        if targets.len() > MAX_FDS || argv.is_empty() {
+            return None;
+        }
+        let mut out = vec![u8::try_from(targets.len()).ok()?];
+        for t in targets {
+            out.extend_from_slice(&t.to_le_bytes());
+        }
+        for a in argv {
+            if a.contains(&0) {
+                return None;
+            }
+            out.extend_from_slice(a);
+            out.push(0);
+        }
+        (out.len() <= MAX_REQUEST).then_some(out)
+    }
+
+    /// Decodes a request carrying `nfds` descriptors: (targets, argv).
+    pub fn decode(buf: &[u8], nfds: usize) -> Result<(Vec<i32>, Vec<Vec<u8>>), &'static str> {
+        let (&count, rest) = buf.split_first().ok_or("empty request")?;
+        let count = usize::from(count);
+        if count != nfds || count > MAX_FDS {
+            return Err("descriptor count does not match the request");
+        }
+        let (words, strings) = rest
+            .split_at_checked(count * 4)
+            .ok_or("request cut short")?;
+        let targets = words
+            .chunks_exact(4)
+            .map(|w| i32::from_le_bytes([w[0], w[1], w[2], w[3]]))
+            .collect::<Vec<_>>();
+        if targets.iter().any(|&t| !(0..64).contains(&t)) {
+            return Err("descriptor target out of range");
+        }
+        let Some(body) = strings.strip_suffix(&[0]) else {
+            return Err("argv not NUL-terminated");
+        };
+        let argv: Vec<Vec<u8>> = body.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
+        if argv[0].is_empty() {
+            return Err("empty program path");
+        }
+        Ok((targets, argv))
+    }
+
+    /// The launcher's failure report: the step and errno, 8 bytes.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub struct Failure {
+        pub step: Step,
+        pub errno: i32,
+    }
+
+    /// What the launcher was doing when it failed.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum Step {
+        /// The request was malformed or too large.
+        Request,
+        /// Descriptors could not be put in place.
+        Descriptors,
+        /// Signal dispositions or mask could not be reset.
+        Signals,
+        /// `execve` failed.
+        Exec,
+    }
+
+    impl Failure {
+        pub fn encode(self) -> [u8; 8] {
+            let step: i32 = match self.step {
+                Step::Request => 1,
+                Step::Descriptors => 2,
+                Step::Signals => 3,
+                Step::Exec => 4,
+            };
+            let mut out = [0u8; 8];
+            out[..4].copy_from_slice(&step.to_le_bytes());
+            out[4..].copy_from_slice(&self.errno.to_le_bytes());
+            out
+        }
+
+        pub fn decode(buf: &[u8]) -> Option<Failure> {
+            let step = i32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
+            let errno = i32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
+            let step = match step {
+                1 => Step::Request,
+                2 => Step::Descriptors,
+                3 => Step::Signals,
+                4 => Step::Exec,
+                _ => return None,
+            };
+            Some(Failure { step, errno })
+        }
+    }
+}
 
 /// Exit codes of the shim when it fails before or while starting the agent.
 /// Once the agent has started, the shim exits with the agent's own code
@@ -388,6 +506,50 @@ pub fn read_frame(mut r: impl Read) -> io::Result<Option<ShimMsg>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn launch_requests_round_trip_and_refuse_garbage() {
+        use super::launch::*;
+        let req = encode(
+            &[0, 1, 2, 3, 4],
+            &[b"/usr/bin/nsjail", b"--config", b"/x/jail.cfg"],
+        )
+        .expect("encode");
+        let (targets, argv) = decode(&req, 5).expect("decode");
+        assert_eq!(targets, vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            argv,
+            vec![
+                b"/usr/bin/nsjail".to_vec(),
+                b"--config".to_vec(),
+                b"/x/jail.cfg".to_vec()
+            ]
+        );
+        assert!(decode(&req, 4).is_err(), "descriptor count mismatch");
+        assert!(
+            decode(&req[..req.len() - 1], 5).is_err(),
+            "unterminated argv"
+        );
+        assert!(decode(&req[..8], 5).is_err(), "cut short");
+        assert!(decode(&[], 0).is_err(), "empty");
+        assert!(decode(&[0, 0], 0).is_err(), "empty program");
+        let mut far = encode(&[7], &[b"/bin/true"]).expect("encode");
+        far[1..5].copy_from_slice(&99i32.to_le_bytes());
+        assert!(decode(&far, 1).is_err(), "target out of range");
+        assert!(encode(&[0], &[b"a\0b"]).is_none(), "NUL in argv");
+        assert!(encode(&[0; 9], &[b"/bin/true"]).is_none(), "too many fds");
+        assert!(
+            encode(&[], &[&[b'x'; MAX_REQUEST][..]]).is_none(),
+            "too large"
+        );
+        let f = Failure {
+            step: Step::Exec,
+            errno: 2,
+        };
+        assert_eq!(Failure::decode(&f.encode()), Some(f));
+        assert_eq!(Failure::decode(&[9, 0, 0, 0, 2, 0, 0, 0]), None);
+        assert_eq!(Failure::decode(&[4, 0]), None);
+    }
+
     use super::*;
 
     fn payload() -> InitPayload {

@@ -9,6 +9,7 @@
 //! All syscalls live in [`sys`].
 
 mod bridge;
+mod launch;
 mod sys;
 
 use nix::errno::Errno;
@@ -29,7 +30,11 @@ const MAX_MESSAGE: usize = 4096;
 const MAX_PROC_FILE: u64 = 64 * 1024;
 
 fn main() {
-    let code = match parse_args(std::env::args_os().skip(1)) {
+    let mut args = std::env::args_os().skip(1).peekable();
+    if args.peek().is_some_and(|a| a == "--launcher") && args.len() == 1 {
+        std::process::exit(launch::run());
+    }
+    let code = match parse_args(args) {
         Ok(max_payload) => {
             let mut control = Control::default();
             match run(max_payload, &mut control) {

@@ -695,6 +695,104 @@ pub fn parse_stat_ppid(stat: &str) -> Option<i32> {
     rest.split_whitespace().nth(1)?.parse().ok()
 }
 
+// --------------------------------------------------------------- launcher --
+
+static LAUNCH_TAKEN: AtomicBool = AtomicBool::new(false);
+
+/// Launcher only. The request socket on [`turnstile_shim::LAUNCH_FD`], moved
+/// to a high close-on-exec descriptor so that the request's own descriptors
+/// may take its number.
+pub fn take_launch_fd() -> io::Result<OwnedFd> {
+    let fd = adopt(turnstile_shim::LAUNCH_FD, &LAUNCH_TAKEN)?;
+    let high = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(100))?;
+    drop(fd);
+    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing else
+    // owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(high) })
+}
+
+/// Launcher only. One `SOCK_SEQPACKET` message and its descriptors (received
+/// close-on-exec). `Ok(None)` at EOF; an error if the message or its control
+/// data was cut short.
+pub fn recv_with_fds(
+    sock: &OwnedFd,
+    buf: &mut [u8],
+    max_fds: usize,
+) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::AsRawFd;
+    let mut cmsg = nix::cmsg_space!([RawFd; turnstile_shim::launch::MAX_FDS]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = loop {
+        match recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    let mut fds = Vec::new();
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: SCM_RIGHTS installed these descriptors in this
+                // process just now; each is wrapped exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    let cut = msg
+        .flags
+        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
+    let n = msg.bytes;
+    if cut || fds.len() > max_fds {
+        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
+    }
+    if n == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some((n, fds)))
+}
+
+/// Launcher only. Puts `fds[i]` at `targets[i]` (close-on-exec cleared),
+/// via high numbers first so that one target never overwrites a later
+/// source.
+pub fn place_fds(fds: Vec<OwnedFd>, targets: &[i32]) -> Result<(), Errno> {
+    let mut high = Vec::with_capacity(fds.len());
+    for fd in &fds {
+        high.push(fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(100))?);
+    }
+    drop(fds);
+    for (&h, &target) in high.iter().zip(targets) {
+        // SAFETY: dup2 on a descriptor this process owns onto a small number
+        // it means to replace; the old target (if any) is closed by dup2.
+        if unsafe { libc::dup2(h, target) } < 0 {
+            return Err(Errno::last());
+        }
+    }
+    Ok(())
+}
+
+/// Launcher only. Default dispositions and an empty mask for the program
+/// about to be exec'd (the Rust runtime ignores SIGPIPE, which exec keeps).
+pub fn reset_signals_for_exec() -> Result<(), Errno> {
+    child_reset_signals()
+}
+
+/// Launcher only. `execve` with an empty environment; returns only on error.
+pub fn exec(argv: &[CString]) -> Errno {
+    let ptrs = nul_terminated(argv);
+    let envp = [std::ptr::null::<c_char>()];
+    // SAFETY: `ptrs` is a NULL-terminated array of pointers to the C strings
+    // of `argv`, alive across the call; `envp` is an empty NULL-terminated
+    // array.
+    unsafe { libc::execve(argv[0].as_ptr(), ptrs.as_ptr(), envp.as_ptr()) };
+    Errno::last()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

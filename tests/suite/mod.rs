@@ -15,6 +15,7 @@ mod llm_http;
 mod relay;
 mod sessions;
 mod upstream;
+mod warm;
 
 /// Generates `nsjail` and `direct` tests from one `async fn(Mode)`.
 #[macro_export]

@@ -1,0 +1,177 @@
+//! Ready launchers (`warm_spares`): a turn starts in a cgroup and process
+//! made before it, falls back to a fresh spawn when they are gone, and
+//! nothing of them outlives the broker.
+
+use super::harness::*;
+use crate::both_modes;
+use turnstile_broker::config::Mode;
+
+both_modes!(
+    a_ready_launcher_becomes_the_turn,
+    turns_start_when_the_ready_launchers_were_killed
+);
+
+/// The command line of a live process, NUL-separated args joined by spaces.
+fn cmdline(pid: i32) -> String {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', " "))
+        .unwrap_or_default()
+}
+
+fn cgroups_of(pid: i32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
+}
+
+/// Dead: gone, or a zombie waiting for its reaper.
+fn is_dead(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.contains(") Z ")
+}
+
+async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let warm = h
+        .broker
+        .warm
+        .as_ref()
+        .expect("a warm pool (cgroups are on)");
+    warm.wait_ready(2).await;
+    let launchers = warm.launcher_pids();
+    assert_eq!(launchers.len(), 2, "{launchers:?}");
+    // Each is the shim binary (its command line may not be readable yet:
+    // the kernel lets the spawner go on before the new program's arguments
+    // are in place).
+    let shim = std::fs::canonicalize(shim()).expect("shim");
+    for pid in &launchers {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("exe");
+        assert_eq!(exe, shim, "launcher {pid}");
+    }
+    let mut t = h
+        .turn(start("warm", "echo ready; read line; echo \"got $line\""))
+        .await
+        .expect("turn");
+    let mut seen = Outcome::default();
+    t.wait_stdout("ready", &mut seen).await;
+    let turn_id = seen.started.as_ref().expect("started").turn_id.clone();
+    // The first ready launcher is now the turn's nsjail (or shim): same pid,
+    // new program, in the cgroup that now carries the turn's id.
+    let pid = launchers[0];
+    let want = match mode {
+        Mode::Nsjail => "--config",
+        Mode::Direct => "--max-payload",
+    };
+    assert!(cmdline(pid).contains(want), "pid {pid}: {}", cmdline(pid));
+    let cg = cgroups_of(pid);
+    assert!(
+        cg.lines().any(|l| l.ends_with(&format!("/{turn_id}"))),
+        "turn {turn_id} not in the cgroups of {pid}:\n{cg}"
+    );
+    t.stdin(b"hello\n").await;
+    t.close_stdin().await;
+    t.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    assert_eq!(seen.stdout(), "ready\ngot hello\n");
+    // The pool is topped up once the turn has started: two ready again, one
+    // of them new.
+    warm.wait_ready(2).await;
+    let now = warm.launcher_pids();
+    assert!(now.contains(&launchers[1]), "{now:?}");
+    assert!(now.iter().any(|p| !launchers.contains(p)), "{now:?}");
+    h.stop().await;
+}
+
+async fn turns_start_when_the_ready_launchers_were_killed(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let warm = h
+        .broker
+        .warm
+        .as_ref()
+        .expect("a warm pool (cgroups are on)");
+    warm.wait_ready(2).await;
+    let launchers = warm.launcher_pids();
+    for pid in &launchers {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill a launcher");
+    }
+    // Both turns take a dead launcher, notice, and spawn afresh.
+    for i in 0..2 {
+        let o = h.run(start("cold", &format!("echo turn {i}"))).await;
+        o.assert_exited_ok();
+        assert_eq!(o.stdout(), format!("turn {i}\n"));
+    }
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_of_the_pool_outlives_the_broker() {
+    let h = Harness::start(Mode::Direct).await;
+    let broker = h.broker.clone();
+    let warm = broker.warm.as_ref().expect("a warm pool (cgroups are on)");
+    warm.wait_ready(2).await;
+    let launchers = warm.launcher_pids();
+    let parents = broker.cgroups.as_ref().expect("cgroups").parents();
+    let spares = |dir: &std::path::Path| -> Vec<String> {
+        entries(dir)
+            .into_iter()
+            .filter(|n| n.starts_with("spare-"))
+            .collect()
+    };
+    for p in &parents {
+        assert_eq!(spares(p).len(), 2, "{}: {:?}", p.display(), entries(p));
+    }
+    h.stop().await;
+    for pid in &launchers {
+        assert!(is_dead(*pid), "launcher {pid} outlived the broker");
+    }
+    for p in &parents {
+        assert_eq!(spares(p), Vec::<String>::new(), "{}", p.display());
+    }
+    assert_eq!(warm.launcher_pids(), Vec::<i32>::new());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_spares_zero_means_no_pool() {
+    let h = Harness::start_with(Mode::Direct, |c| c.warm_spares = 0).await;
+    assert!(h.broker.warm.is_none());
+    h.run(start("nopool", "true")).await.assert_exited_ok();
+    h.stop().await;
+}
+
+both_modes!(a_launcher_that_cannot_exec_fails_the_turn_clearly);
+
+async fn a_launcher_that_cannot_exec_fails_the_turn_clearly(mode: Mode) {
+    // The program the launchers will exec, a copy that goes away once they
+    // are ready (as when a package upgrade removes a binary under a broker).
+    let dir = tempdir();
+    let (original, copy) = match mode {
+        Mode::Nsjail => (nsjail(), dir.path().join("nsjail")),
+        Mode::Direct => (shim(), dir.path().join("turnstile-shim")),
+    };
+    std::fs::copy(&original, &copy).expect("copy");
+    let h = Harness::start_with(mode, |c| match mode {
+        Mode::Nsjail => c.nsjail = copy.clone(),
+        Mode::Direct => c.shim = copy.clone(),
+    })
+    .await;
+    let warm = h
+        .broker
+        .warm
+        .as_ref()
+        .expect("a warm pool (cgroups are on)");
+    warm.wait_ready(2).await;
+    std::fs::remove_file(&copy).expect("remove");
+    let o = h.run(start("gone", "echo never")).await;
+    assert_eq!(o.reason(), Reason::SpawnFailed, "{:?}", o.exited);
+    let message = &o.exited().message;
+    assert!(
+        message.contains(&format!("cannot execute {}", copy.display()))
+            && message.contains("No such file"),
+        "{message}"
+    );
+    assert_eq!(o.stdout(), "");
+    assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
+}
