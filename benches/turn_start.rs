@@ -205,8 +205,15 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
     // Spaced: turns SPACING apart, as in production, where turns arrive
     // seconds apart and the kernel's cgroup lock has gone cold between them.
     let (mut b, mut r) = (Vec::new(), Vec::new());
+    // `cargo bench` passes --bench; the smoke run (`cargo test --benches`)
+    // takes one sample.
+    let samples = if std::env::args().any(|a| a == "--bench") {
+        SPACED_SAMPLES
+    } else {
+        1
+    };
     rt.block_on(async {
-        for _ in 0..SPACED_SAMPLES {
+        for _ in 0..samples {
             n += 1;
             tokio::time::sleep(SPACING).await;
             b.push(broker_once(&mut served, n).await);
