@@ -173,17 +173,11 @@ pub fn spawn(
         failed_errno: AtomicI32::new(0),
     };
     let pid = clone_and_exec(&plan)?;
-    // `strings` and the child's ends (in `fds.held` and `setup`) stay alive
-    // up to here: the child has exec'd or exited by now, so the broker's
-    // copies can go.
-    let Descriptors {
-        held,
-        stdin,
-        stdout,
-        stderr,
-        ..
-    } = fds;
-    drop((strings, held, setup));
+    // `strings` and the child's ends (in `fds` and `setup`) stay alive up to
+    // here: the child has exec'd or exited by now, so the broker's copies
+    // can go.
+    let (stdin, stdout, stderr) = fds.hand_over();
+    drop((strings, setup));
 
     let step = Step::from_raw(plan.failed_step.load(Ordering::Acquire));
     if step != Step::None {
@@ -226,6 +220,13 @@ struct Descriptors {
 }
 
 impl Descriptors {
+    /// Closes the broker's copies of the child's ends (once the child has
+    /// its own) and returns the broker's stdio ends.
+    fn hand_over(self) -> (Option<OwnedFd>, Option<OwnedFd>, Option<OwnedFd>) {
+        drop(self.held);
+        (self.stdin, self.stdout, self.stderr)
+    }
+
     fn new(stdio: Stdio, extra: &[(OwnedFd, RawFd)]) -> io::Result<Descriptors> {
         let mut d = Descriptors {
             pairs: Vec::new(),
@@ -368,14 +369,7 @@ impl Launcher {
         }
         // The launcher has its copies; the broker's copies of the child's
         // ends go now, so that EOF on them means the child's side is gone.
-        let Descriptors {
-            held,
-            stdin,
-            stdout,
-            stderr,
-            ..
-        } = fds;
-        drop(held);
+        let (stdin, stdout, stderr) = fds.hand_over();
         // Not waited for: the exec goes on while the broker does its own
         // work, and a failed one shows as the child exiting before its
         // handshake, when the caller asks `launch_failure` why.
@@ -696,6 +690,15 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+    async fn read_all(r: Option<pipe::Receiver>) -> String {
+        let mut out = String::new();
+        r.expect("pipe")
+            .read_to_string(&mut out)
+            .await
+            .expect("read");
+        out
+    }
+
     #[tokio::test]
     async fn pipes_descriptors_and_status() {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
@@ -716,22 +719,8 @@ mod tests {
         let mut stdin = child.stdin.take().expect("stdin");
         stdin.write_all(b"hello\n").await.expect("write");
         drop(stdin);
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .await
-            .expect("read");
-        let mut err = String::new();
-        child
-            .stderr
-            .take()
-            .expect("stderr")
-            .read_to_string(&mut err)
-            .await
-            .expect("read");
+        let out = read_all(child.stdout.take()).await;
+        let err = read_all(child.stderr.take()).await;
         let status = child.wait().await.expect("wait");
         assert_eq!(status.code(), Some(3));
         assert_eq!(child.wait().await.expect("again").code(), Some(3));
@@ -744,12 +733,7 @@ mod tests {
             Some(format!("pgid:{pid} pid:{pid} cwd:/ home:none").as_str())
         );
         assert_eq!(err, "err\n");
-        let mut five = String::new();
-        tokio::net::unix::pipe::Receiver::from_owned_fd(r)
-            .expect("pipe")
-            .read_to_string(&mut five)
-            .await
-            .expect("read");
+        let five = read_all(Some(pipe::Receiver::from_owned_fd(r).expect("pipe"))).await;
         assert_eq!(five, "five\n");
     }
 
@@ -815,14 +799,7 @@ mod tests {
             ChildSetup::default(),
         )
         .expect("spawn");
-        let mut out = String::new();
-        child
-            .stdout
-            .take()
-            .expect("stdout")
-            .read_to_string(&mut out)
-            .await
-            .expect("read");
+        let out = read_all(child.stdout.take()).await;
         child.wait().await.expect("wait");
         // Signals 32 and 33 belong to the C library, which refuses to change
         // them; an ignored one stays ignored across exec (as with std).

@@ -22,14 +22,15 @@ fn cgroups_of(pid: i32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default()
 }
 
-/// Dead: gone, or a zombie waiting for its reaper.
-fn is_dead(pid: i32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    stat.is_empty() || stat.contains(") Z ")
+/// A broker with its pool full, and the ready launchers' pids.
+async fn started_full(mode: Mode) -> (Harness, Vec<i32>) {
+    let h = Harness::start(mode).await;
+    let launchers = full(&h).await;
+    (h, launchers)
 }
 
-async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
-    let h = Harness::start(mode).await;
+/// Waits for the pool to be full; the ready launchers' pids.
+async fn full(h: &Harness) -> Vec<i32> {
     let warm = h
         .broker
         .warm
@@ -38,6 +39,18 @@ async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
     warm.wait_ready(2).await;
     let launchers = warm.launcher_pids();
     assert_eq!(launchers.len(), 2, "{launchers:?}");
+    launchers
+}
+
+/// Dead: gone, or a zombie waiting for its reaper.
+fn is_dead(pid: i32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    stat.is_empty() || stat.contains(") Z ")
+}
+
+async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
+    let (h, launchers) = started_full(mode).await;
+    let warm = h.broker.warm.as_ref().expect("pool");
     // Each is the shim binary (its command line may not be readable yet:
     // the kernel lets the spawner go on before the new program's arguments
     // are in place).
@@ -81,14 +94,7 @@ async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
 }
 
 async fn turns_start_when_the_ready_launchers_were_killed(mode: Mode) {
-    let h = Harness::start(mode).await;
-    let warm = h
-        .broker
-        .warm
-        .as_ref()
-        .expect("a warm pool (cgroups are on)");
-    warm.wait_ready(2).await;
-    let launchers = warm.launcher_pids();
+    let (h, launchers) = started_full(mode).await;
     for pid in &launchers {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(*pid),
@@ -107,11 +113,9 @@ async fn turns_start_when_the_ready_launchers_were_killed(mode: Mode) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_of_the_pool_outlives_the_broker() {
-    let h = Harness::start(Mode::Direct).await;
+    let (h, launchers) = started_full(Mode::Direct).await;
     let broker = h.broker.clone();
-    let warm = broker.warm.as_ref().expect("a warm pool (cgroups are on)");
-    warm.wait_ready(2).await;
-    let launchers = warm.launcher_pids();
+    let warm = broker.warm.as_ref().expect("pool");
     let parents = broker.cgroups.as_ref().expect("cgroups").parents();
     let spares = |dir: &std::path::Path| -> Vec<String> {
         entries(dir)
@@ -156,12 +160,7 @@ async fn a_launcher_that_cannot_exec_fails_the_turn_clearly(mode: Mode) {
         Mode::Direct => c.shim = copy.clone(),
     })
     .await;
-    let warm = h
-        .broker
-        .warm
-        .as_ref()
-        .expect("a warm pool (cgroups are on)");
-    warm.wait_ready(2).await;
+    full(&h).await;
     std::fs::remove_file(&copy).expect("remove");
     let o = h.run(start("gone", "echo never")).await;
     assert_eq!(o.reason(), Reason::SpawnFailed, "{:?}", o.exited);
