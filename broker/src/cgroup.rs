@@ -23,8 +23,8 @@ pub struct Cgroups {
     layout: Layout,
 }
 
-/// Limits applied through the cgroup.
-#[derive(Debug, Clone, Copy, Default)]
+/// Limits applied through the cgroup (`None`: unlimited).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct CgroupLimits {
     pub memory_bytes: Option<u64>,
     pub processes: Option<u64>,
@@ -44,6 +44,8 @@ pub struct TurnCgroup {
     memory_dir: PathBuf,
     pids_dir: PathBuf,
     v2: bool,
+    /// The limits the cgroup has now (a new cgroup has none).
+    limits: CgroupLimits,
 }
 
 fn mounts() -> Vec<(String, String, String)> {
@@ -131,11 +133,12 @@ impl Cgroups {
                 (vec![d.clone()], d.clone(), d, true)
             }
         };
-        let cg = TurnCgroup {
+        let mut cg = TurnCgroup {
             dirs,
             memory_dir,
             pids_dir,
             v2,
+            limits: CgroupLimits::default(),
         };
         for d in &cg.dirs {
             fs::create_dir(d)?;
@@ -207,28 +210,49 @@ fn kill_dir(dir: &Path, v2: bool) {
 }
 
 impl TurnCgroup {
-    /// Sets the turn's limits (a limit left `None` stays as it is).
-    pub fn set_limits(&self, limits: CgroupLimits) -> io::Result<()> {
-        if let Some(bytes) = limits.memory_bytes {
-            if self.v2 {
-                fs::write(self.memory_dir.join("memory.max"), bytes.to_string())?;
-                // No swap: the limit is the memory the agent really gets.
-                let _ = fs::write(self.memory_dir.join("memory.swap.max"), "0");
-            } else {
-                fs::write(
-                    self.memory_dir.join("memory.limit_in_bytes"),
-                    bytes.to_string(),
-                )?;
-                let _ = fs::write(
-                    self.memory_dir.join("memory.memsw.limit_in_bytes"),
-                    bytes.to_string(),
-                );
-            }
+    /// Gives the cgroup exactly `want` (`None`: unlimited), writing only the
+    /// limits that differ from what it has: a ready cgroup made with the
+    /// broker's default limits costs a turn with those limits no write.
+    pub fn set_limits(&mut self, want: CgroupLimits) -> io::Result<()> {
+        if want.memory_bytes != self.limits.memory_bytes {
+            self.set_memory(self.limits.memory_bytes, want.memory_bytes)?;
+            self.limits.memory_bytes = want.memory_bytes;
         }
-        if let Some(n) = limits.processes {
-            fs::write(self.pids_dir.join("pids.max"), n.to_string())?;
+        if want.processes != self.limits.processes {
+            let value = want.processes.map_or("max".to_string(), |n| n.to_string());
+            fs::write(self.pids_dir.join("pids.max"), value)?;
+            self.limits.processes = want.processes;
         }
         Ok(())
+    }
+
+    fn set_memory(&self, old: Option<u64>, new: Option<u64>) -> io::Result<()> {
+        if self.v2 {
+            let value = new.map_or("max".to_string(), |b| b.to_string());
+            fs::write(self.memory_dir.join("memory.max"), value)?;
+            // No swap: the limit is the memory the agent really gets.
+            let _ = fs::write(self.memory_dir.join("memory.swap.max"), "0");
+            return Ok(());
+        }
+        // v1: memory+swap (memsw, when the kernel accounts swap) must never
+        // be below memory alone, so it moves first when the limit rises and
+        // second when it falls. -1 is unlimited.
+        let value = new.map_or("-1".to_string(), |b| b.to_string());
+        let memory = self.memory_dir.join("memory.limit_in_bytes");
+        let memsw = self.memory_dir.join("memory.memsw.limit_in_bytes");
+        let rising = match (old, new) {
+            (_, None) => true,
+            (None, Some(_)) => false,
+            (Some(o), Some(n)) => n > o,
+        };
+        if rising {
+            let _ = fs::write(&memsw, &value);
+            fs::write(&memory, &value)
+        } else {
+            fs::write(&memory, &value)?;
+            let _ = fs::write(&memsw, &value);
+            Ok(())
+        }
     }
 
     /// Renames the cgroup (its directory in each hierarchy) to `name`, so a
@@ -260,6 +284,11 @@ impl TurnCgroup {
         self.pids_dir = moved(&self.pids_dir);
         self.dirs = renamed;
         true
+    }
+
+    /// The cgroup's directories (v1: memory, then pids; v2: one).
+    pub fn dirs(&self) -> &[PathBuf] {
+        &self.dirs
     }
 
     /// The cgroup's name (its directory's).

@@ -259,7 +259,14 @@ impl Broker {
         let warm = cgroups
             .as_ref()
             .filter(|_| config.warm_spares > 0)
-            .map(|cg| warm::WarmPool::new(cg.clone(), config.shim.clone(), config.warm_spares));
+            .map(|cg| {
+                warm::WarmPool::new(
+                    cg.clone(),
+                    config.shim.clone(),
+                    config.warm_spares,
+                    turn::cgroup_limits(&config.default_limits),
+                )
+            });
         Ok(Arc::new(Broker {
             config,
             sessions,

@@ -28,7 +28,7 @@ use turnstile_shim::{AgentStatus, FailureClass, InitPayload, SelfCheck, ShimMsg,
 /// Read size of the stdout/stderr relay; also the largest chunk per event.
 pub const RELAY_CHUNK: usize = 256 * 1024;
 /// Processes of a turn that are not the agent's: nsjail and the shim.
-const SUPERVISORS: u64 = 2;
+pub(crate) const SUPERVISORS: u64 = 2;
 /// Kernel buffer of the agent's stdout/stderr pipes.
 const PIPE_SIZE: i32 = 1 << 20;
 /// Events buffered per turn between the relay and gRPC.
@@ -385,11 +385,7 @@ fn populate(
             .create(&tmp)
             .map_err(|e| BrokerError::io("cannot create", &tmp, e))?;
     }
-    let limits = CgroupLimits {
-        memory_bytes: spec.limits.memory_bytes,
-        // nsjail and the shim live in the turn's cgroup too.
-        processes: spec.limits.max_processes.map(|n| n + SUPERVISORS),
-    };
+    let limits = cgroup_limits(&spec.limits);
     let (cgroup, launcher) = match &broker.cgroups {
         Some(cg) => match take_spare(broker, &spec.turn_id, limits) {
             Some((cgroup, launcher)) => (Some(cgroup), Some(launcher)),
@@ -416,6 +412,15 @@ fn populate(
     })
 }
 
+/// The cgroup's share of a turn's limits.
+pub(crate) fn cgroup_limits(limits: &Limits) -> CgroupLimits {
+    CgroupLimits {
+        memory_bytes: limits.memory_bytes,
+        // nsjail and the shim live in the turn's cgroup too.
+        processes: limits.max_processes.map(|n| n + SUPERVISORS),
+    }
+}
+
 /// A ready cgroup and launcher from the warm pool, made the turn's: its
 /// limits set and (where the kernel allows) its name changed to the turn id.
 fn take_spare(
@@ -423,7 +428,7 @@ fn take_spare(
     turn_id: &str,
     limits: CgroupLimits,
 ) -> Option<(TurnCgroup, Launcher)> {
-    let spare = broker.warm.as_ref()?.take()?;
+    let mut spare = broker.warm.as_ref()?.take()?;
     if let Err(e) = spare.cgroup.set_limits(limits) {
         warn!(error = %e, "cannot set limits on a spare cgroup; making a new one");
         spare.discard();

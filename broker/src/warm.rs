@@ -77,6 +77,8 @@ struct Shared {
     size: usize,
     cgroups: Cgroups,
     shim: PathBuf,
+    /// The limits spares are made with (those of most turns).
+    preset: CgroupLimits,
     made: AtomicU64,
     /// The number of ready spares, for those who wait for them.
     ready: tokio::sync::watch::Sender<usize>,
@@ -89,7 +91,7 @@ pub struct WarmPool {
 }
 
 impl WarmPool {
-    pub fn new(cgroups: Cgroups, shim: PathBuf, size: usize) -> WarmPool {
+    pub fn new(cgroups: Cgroups, shim: PathBuf, size: usize, preset: CgroupLimits) -> WarmPool {
         WarmPool {
             shared: Arc::new(Shared {
                 state: Mutex::default(),
@@ -97,6 +99,7 @@ impl WarmPool {
                 size,
                 cgroups,
                 shim,
+                preset,
                 made: AtomicU64::new(0),
                 ready: tokio::sync::watch::Sender::new(0),
             }),
@@ -264,7 +267,7 @@ fn drop_spare(spare: Spare) {
 fn make(shared: &Shared) -> std::io::Result<Spare> {
     let n = shared.made.fetch_add(1, Ordering::Relaxed);
     let name = format!("spare-{}-{n}", std::process::id());
-    let cgroup = shared.cgroups.create(&name, CgroupLimits::default())?;
+    let cgroup = shared.cgroups.create(&name, shared.preset)?;
     let launcher = cgroup
         .procs_files()
         .and_then(|procs| Launcher::start(&shared.shim, procs));

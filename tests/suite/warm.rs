@@ -96,11 +96,18 @@ async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
 async fn turns_start_when_the_ready_launchers_were_killed(mode: Mode) {
     let (h, launchers) = started_full(mode).await;
     for pid in &launchers {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*pid),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill a launcher");
+        let pid = nix::unistd::Pid::from_raw(*pid);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("kill a launcher");
+        // Until it has died (not reaped: WNOWAIT; the broker reaps it). A
+        // launcher killed while a turn is handing it the request ends that
+        // turn as `spawn_failed` instead; this test is about dead ones.
+        use nix::sys::wait::{Id, WaitPidFlag, waitid};
+        tokio::task::spawn_blocking(move || {
+            waitid(Id::Pid(pid), WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT)
+        })
+        .await
+        .expect("join")
+        .expect("waitid");
     }
     // Both turns take a dead launcher, notice, and spawn afresh.
     for i in 0..2 {
@@ -172,5 +179,61 @@ async fn a_launcher_that_cannot_exec_fails_the_turn_clearly(mode: Mode) {
     );
     assert_eq!(o.stdout(), "");
     assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
+}
+
+/// Reads a cgroup file from whichever of the dirs has it.
+fn cg_file(dirs: &[std::path::PathBuf], name: &str) -> String {
+    dirs.iter()
+        .find_map(|d| std::fs::read_to_string(d.join(name)).ok())
+        .unwrap_or_else(|| panic!("no {name} in {dirs:?}"))
+        .trim()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spares_are_made_with_the_default_limits_and_take_any_other() {
+    use turnstile_broker::cgroup::CgroupLimits;
+    let h = Harness::start_with(Mode::Direct, |c| {
+        c.default_limits.memory_bytes = Some(256 << 20);
+        c.default_limits.max_processes = Some(64);
+    })
+    .await;
+    full(&h).await;
+    let warm = h.broker.warm.as_ref().expect("pool");
+    let mut spare = warm.take().expect("a ready spare");
+    let v2 = h.broker.cgroups.as_ref().expect("cgroups").version() == 2;
+    let (memory_file, unlimited) = if v2 {
+        ("memory.max", "max".to_string())
+    } else {
+        // v1 shows "unlimited" as the largest page-aligned i64.
+        (
+            "memory.limit_in_bytes",
+            (i64::MAX as u64 & !4095).to_string(),
+        )
+    };
+    let dirs = spare.cgroup.dirs().to_vec();
+    // Made with the defaults (processes: the agent's plus nsjail and shim).
+    assert_eq!(cg_file(&dirs, memory_file), (256u64 << 20).to_string());
+    assert_eq!(cg_file(&dirs, "pids.max"), "66");
+    // Lowered, raised to unlimited, and set again: each one exactly.
+    for (memory, processes) in [
+        (Some(128u64 << 20), Some(10u64)),
+        (None, None),
+        (Some(512 << 20), Some(100)),
+    ] {
+        let want = CgroupLimits {
+            memory_bytes: memory,
+            processes,
+        };
+        spare.cgroup.set_limits(want).expect("set limits");
+        let m = memory.map_or(unlimited.clone(), |b| b.to_string());
+        let p = processes.map_or("max".to_string(), |n| n.to_string());
+        assert_eq!(
+            (cg_file(&dirs, memory_file), cg_file(&dirs, "pids.max")),
+            (m, p)
+        );
+    }
+    spare.discard();
     h.stop().await;
 }
