@@ -9,27 +9,52 @@ use crate::sys;
 use nix::errno::Errno;
 use std::ffi::CString;
 use std::os::fd::OwnedFd;
+use std::os::unix::ffi::OsStrExt;
 use turnstile_shim::launch::{self, Failure, Step};
 
-/// Runs the launcher; returns its exit code (it only returns on failure or
-/// when the broker closed the socket without a request).
-pub fn run() -> i32 {
+/// Whether `path` is the file this process runs (same device and inode;
+/// a binary replaced on disk since the launcher started is not).
+fn is_this_binary(path: &CString) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
+    match (std::fs::metadata(path), std::fs::metadata("/proc/self/exe")) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
+/// What the launcher does once it has its request.
+pub enum Next {
+    /// Exit with this code: the request failed (and was reported), or the
+    /// broker closed the socket without one (the spare was discarded).
+    Exit(i32),
+    /// The request is to run this very binary as the shim: do so in this
+    /// process, with this `--max-payload`, instead of exec'ing it again
+    /// (an exec and a process start saved on every direct-mode turn).
+    RunShim(usize),
+}
+
+/// Runs the launcher; returns only without an exec.
+pub fn run() -> Next {
     let sock = match sys::take_launch_fd() {
         Ok(s) => s,
-        Err(_) => return 126,
+        Err(_) => return Next::Exit(126),
     };
     match launch_one(&sock) {
-        Ok(()) => 0,
+        Ok(None) => Next::Exit(0),
+        // The socket closes here, as an exec would have closed it.
+        Ok(Some(max_payload)) => Next::RunShim(max_payload),
         Err(failure) => {
             let _ = nix::unistd::write(&sock, &failure.encode());
-            127
+            Next::Exit(127)
         }
     }
 }
 
-/// Waits for the request and execs it; `Ok` only when the broker closed the
-/// socket without one (the spare was discarded).
-fn launch_one(sock: &OwnedFd) -> Result<(), Failure> {
+/// Waits for the request and execs it; `Ok(None)` when the broker closed
+/// the socket without one, `Ok(Some(max_payload))` when the request is this
+/// binary as the shim.
+fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
     let fail = |step: Step| {
         move |e: Errno| Failure {
             step,
@@ -42,7 +67,7 @@ fn launch_one(sock: &OwnedFd) -> Result<(), Failure> {
         errno: e.raw_os_error().unwrap_or(libc::EIO),
     })?;
     let Some((n, fds)) = received else {
-        return Ok(());
+        return Ok(None);
     };
     let (targets, argv) =
         launch::decode(&buf[..n], fds.len()).map_err(|_| fail(Step::Request)(Errno::EINVAL))?;
@@ -52,6 +77,15 @@ fn launch_one(sock: &OwnedFd) -> Result<(), Failure> {
         .collect::<Result<_, _>>()
         .map_err(|_| fail(Step::Request)(Errno::EINVAL))?;
     sys::place_fds(fds, &targets).map_err(fail(Step::Descriptors))?;
+    if is_this_binary(&argv[0])
+        && let Ok(max_payload) = crate::parse_args(
+            argv[1..]
+                .iter()
+                .map(|a| std::ffi::OsString::from(std::ffi::OsStr::from_bytes(a.as_bytes()))),
+        )
+    {
+        return Ok(Some(max_payload));
+    }
     sys::reset_signals_for_exec().map_err(fail(Step::Signals))?;
     Err(fail(Step::Exec)(sys::exec(&argv)))
 }

@@ -31,10 +31,15 @@ const MAX_PROC_FILE: u64 = 64 * 1024;
 
 fn main() {
     let mut args = std::env::args_os().skip(1).peekable();
-    if args.peek().is_some_and(|a| a == "--launcher") && args.len() == 1 {
-        std::process::exit(launch::run());
-    }
-    let code = match parse_args(args) {
+    let parsed = if args.peek().is_some_and(|a| a == "--launcher") && args.len() == 1 {
+        match launch::run() {
+            launch::Next::Exit(code) => std::process::exit(code),
+            launch::Next::RunShim(max_payload) => Ok(max_payload),
+        }
+    } else {
+        parse_args(args)
+    };
+    let code = match parsed {
         Ok(max_payload) => {
             let mut control = Control::default();
             match run(max_payload, &mut control) {

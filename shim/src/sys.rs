@@ -761,15 +761,19 @@ pub fn recv_with_fds(
 /// via high numbers first so that one target never overwrites a later
 /// source.
 pub fn place_fds(fds: Vec<OwnedFd>, targets: &[i32]) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
     let mut high = Vec::with_capacity(fds.len());
     for fd in &fds {
-        high.push(fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(100))?);
+        let h = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(100))?;
+        // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; it is
+        // owned here alone (and closed when `high` goes).
+        high.push(unsafe { OwnedFd::from_raw_fd(h) });
     }
     drop(fds);
-    for (&h, &target) in high.iter().zip(targets) {
+    for (h, &target) in high.iter().zip(targets) {
         // SAFETY: dup2 on a descriptor this process owns onto a small number
         // it means to replace; the old target (if any) is closed by dup2.
-        if unsafe { libc::dup2(h, target) } < 0 {
+        if unsafe { libc::dup2(h.as_raw_fd(), target) } < 0 {
             return Err(Errno::last());
         }
     }
