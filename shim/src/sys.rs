@@ -1,7 +1,7 @@
 //! Every syscall the shim makes, in one place.
 //!
-//! Each helper's doc says whether it may run in the forked child between
-//! `fork` and `execve` ("child-safe": async-signal-safe, no allocation, no
+//! Each helper's doc says whether it may run in the agent's child between
+//! its clone and `execve` ("child-safe": async-signal-safe, no allocation, no
 //! panic) or only in the shim itself ("shim only"). `unsafe` is allowed in
 //! this module alone; every block says why it is sound.
 #![allow(unsafe_code)]
@@ -28,6 +28,10 @@ const HANDLED: [Signal; 5] = [
     Signal::SIGHUP,
     Signal::SIGQUIT,
 ];
+
+/// Stack of the agent's child between clone and exec (a few frames of
+/// syscall wrappers).
+const CHILD_STACK: usize = 64 * 1024;
 
 /// Upper bound on kill-and-reap rounds at the end of a turn, so that a fork
 /// bomb cannot keep the shim alive forever.
@@ -166,9 +170,10 @@ pub fn hostname() -> String {
 
 // ------------------------------------------------------------------ spawn --
 
-/// Everything the child touches between `fork` and `execve`, built before the
-/// fork: the child must not allocate (another thread may hold the malloc lock
-/// at fork time), so strings are C strings ready to pass.
+/// Everything the child touches between its clone and `execve`, built
+/// before: the child must not allocate (it shares the shim's memory, and
+/// another thread may hold the malloc lock), so strings are C strings ready
+/// to pass.
 #[derive(Debug)]
 pub struct ExecPlan {
     argv: Vec<CString>,
@@ -239,7 +244,7 @@ impl ExecPlan {
 
     /// Sets `key=value` in the agent's environment: replaces the first entry
     /// with that key in place (dropping any later duplicate), or appends it.
-    /// Shim only, before the fork. The PATH candidates for `argv[0]` stay
+    /// Shim only, before the clone. The PATH candidates for `argv[0]` stay
     /// the ones computed from the payload's PATH.
     pub fn set_env(&mut self, key: &str, value: &str) -> Result<(), String> {
         check_env_key(key)?;
@@ -353,7 +358,7 @@ impl Step {
 
 #[derive(Debug)]
 pub enum SpawnError {
-    /// The shim could not create the error pipe or fork.
+    /// The shim could not create the error pipe or clone.
     Fork(Errno),
     /// The child reported that `step` failed with `errno`.
     Child { step: Step, errno: Errno },
@@ -362,7 +367,7 @@ pub enum SpawnError {
 }
 
 /// Shim only, and from the main thread: the agent's parent-death signal
-/// fires when the thread that forked it exits. Forks the agent and returns
+/// fires when the thread that cloned it exits. Starts the agent and returns
 /// its pid once it has executed.
 ///
 /// The child reports a failed step on a close-on-exec pipe as three
@@ -373,16 +378,40 @@ pub fn spawn(plan: &ExecPlan) -> Result<i32, SpawnError> {
     let envp = nul_terminated(&plan.envp);
     let (report_r, report_w) = unistd::pipe2(OFlag::O_CLOEXEC).map_err(SpawnError::Fork)?;
     let parent = unistd::getpid();
-    // SAFETY: between fork and execve/_exit the child runs `exec_child`
-    // only, which makes async-signal-safe calls on data prepared above, never
-    // allocates and never returns; so forking a possibly multi-threaded
-    // process is sound.
-    let pid = unsafe { libc::fork() };
-    if pid == -1 {
-        return Err(SpawnError::Fork(Errno::last()));
-    }
-    if pid == 0 {
-        exec_child(plan, &argv, &envp, &report_w, parent);
+    // Not fork: a vfork-style clone, as posix_spawn does. The child shares
+    // the shim's memory, so no page tables are copied, and the shim waits
+    // until the child has exec'd or exited, so the report below is already
+    // there. Every signal is blocked across the clone so that no handler of
+    // the shim's runtime can run in the child before it resets them.
+    let mut stack = vec![0u8; CHILD_STACK];
+    let mut old = SigSet::empty();
+    signal::pthread_sigmask(
+        SigmaskHow::SIG_SETMASK,
+        Some(&SigSet::all()),
+        Some(&mut old),
+    )
+    .map_err(SpawnError::Fork)?;
+    let child = Box::new(|| exec_child(plan, &argv, &envp, &report_w, parent));
+    // SAFETY: the child runs `exec_child` only, on its own stack, which makes
+    // async-signal-safe calls on data prepared above, never allocates and
+    // never returns (it ends in execve or _exit), so sharing the memory of a
+    // possibly multi-threaded process is sound; this thread is suspended
+    // until then, so everything the child reads outlives its use. SIGCHLD as
+    // the exit signal makes it an ordinary child for the wait loop.
+    let cloned = unsafe {
+        nix::sched::clone(
+            child,
+            &mut stack,
+            nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
+            Some(libc::SIGCHLD),
+        )
+    };
+    let restored = signal::pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
+    let pid = cloned.map_err(SpawnError::Fork)?.as_raw();
+    if let Err(e) = restored {
+        send_signal(pid, Signal::SIGKILL);
+        let _ = reap(pid, true);
+        return Err(SpawnError::Fork(e));
     }
     // Our copy of the write end must go, or the read below never sees EOF.
     drop(report_w);
@@ -427,7 +456,8 @@ fn nul_terminated(strings: &[CString]) -> Vec<*const c_char> {
         .collect()
 }
 
-/// Child-safe; runs in the forked child and never returns. The order matters:
+/// Child-safe; runs in the cloned child (which shares the shim's memory)
+/// and never returns. The order matters:
 /// 1. Signals first: the child inherited the shim's blocked mask and SIGPIPE
 ///    ignore, which the agent must not keep.
 /// 2. Direct mode: own process group before anything can fork, so that one
