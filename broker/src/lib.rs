@@ -256,6 +256,15 @@ impl Broker {
             cgroups = cgroups.as_ref().map(|c| c.version()).unwrap_or(0),
             "broker ready"
         );
+        // Spare turn dirs wait here, out of turns/, and are renamed into it
+        // when a turn takes one (same filesystem). What a previous broker
+        // left here goes.
+        let spares_dir = state.join("spares");
+        let _ = std::fs::remove_dir_all(&spares_dir);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&spares_dir)
+            .map_err(io_err)?;
         let warm = cgroups
             .as_ref()
             .filter(|_| config.warm_spares > 0)
@@ -265,6 +274,11 @@ impl Broker {
                     config.shim.clone(),
                     config.warm_spares,
                     turn::cgroup_limits(&config.default_limits),
+                    warm::TurnDirs {
+                        spares: spares_dir.clone(),
+                        tmp: config.mode == Mode::Direct,
+                        llm_owner: (config.mode == Mode::Nsjail && root).then_some(outside_ids),
+                    },
                 )
             });
         Ok(Arc::new(Broker {

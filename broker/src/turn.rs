@@ -8,6 +8,7 @@ use crate::error::{BrokerError, InputError};
 use crate::session::{Lease, LeasePolicy, SessionMeta, SessionPaths, now_unix_ms};
 use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
 use crate::sys::{kill_group, kill_pid};
+use crate::warm::Spare;
 use crate::{Admitted, Broker, StopReason, jail, validate};
 use bytes::{Bytes, BytesMut};
 use nix::sys::signal::Signal;
@@ -319,12 +320,26 @@ fn prepare(
     payload: &[u8],
 ) -> Result<Prepared, BrokerError> {
     let (_, meta) = broker.sessions.ensure(lease)?;
-    std::fs::DirBuilder::new()
-        .mode(0o755)
-        .create(&paths.turn_dir)
-        .map_err(|e| BrokerError::io("cannot create", &paths.turn_dir, e))?;
+    // The turn dir: a ready one (with its llm.sock bound, and tmp/ in direct
+    // mode) renamed to the turn's name, or a new one.
+    let spare = take_spare(broker, &spec.turn_id, cgroup_limits(&spec.limits)).and_then(|s| {
+        match std::fs::rename(&s.dir, &paths.turn_dir) {
+            Ok(()) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "cannot take a spare turn dir; making a new one");
+                s.discard();
+                None
+            }
+        }
+    });
+    if spare.is_none() {
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&paths.turn_dir)
+            .map_err(|e| BrokerError::io("cannot create", &paths.turn_dir, e))?;
+    }
     // From here on a failure must not leave the turn dir behind.
-    populate(broker, spec, paths.clone(), meta, payload).inspect_err(|_| {
+    populate(broker, spec, paths.clone(), meta, payload, spare).inspect_err(|_| {
         let _ = std::fs::remove_dir_all(&paths.turn_dir);
     })
 }
@@ -333,9 +348,80 @@ fn populate(
     broker: &Broker,
     spec: &TurnSpec,
     paths: TurnPaths,
-    mut meta: SessionMeta,
+    meta: SessionMeta,
     payload: &[u8],
+    spare: Option<Spare>,
 ) -> Result<Prepared, BrokerError> {
+    match spare {
+        Some(spare) => {
+            // Nothing of the spare may leak if the turn cannot be prepared.
+            if let Err(e) = write_files(broker, spec, &paths, payload, true) {
+                spare.discard();
+                return Err(e);
+            }
+            let Spare {
+                cgroup,
+                launcher,
+                llm,
+                ..
+            } = spare;
+            Ok(prepared(
+                spec,
+                paths,
+                meta,
+                Some(cgroup),
+                llm,
+                Some(launcher),
+            ))
+        }
+        None => {
+            write_files(broker, spec, &paths, payload, false)?;
+            let owner = (broker.mode() == Mode::Nsjail && crate::sys::is_root())
+                .then_some(broker.outside_ids);
+            let llm = crate::llm::bind(&paths.llm_socket, owner)
+                .map_err(|e| BrokerError::io("cannot bind", &paths.llm_socket, e))?;
+            let cgroup = match &broker.cgroups {
+                Some(cg) => Some(
+                    cg.create(&spec.turn_id, cgroup_limits(&spec.limits))
+                        .map_err(BrokerError::Cgroup)?,
+                ),
+                None => None,
+            };
+            Ok(prepared(spec, paths, meta, cgroup, llm, None))
+        }
+    }
+}
+
+fn prepared(
+    spec: &TurnSpec,
+    paths: TurnPaths,
+    mut meta: SessionMeta,
+    cgroup: Option<TurnCgroup>,
+    llm: std::os::unix::net::UnixListener,
+    launcher: Option<Launcher>,
+) -> Prepared {
+    meta.turn_count += 1;
+    meta.last_turn_id = Some(spec.turn_id.clone());
+    meta.last_turn_start_unix_ms = Some(now_unix_ms());
+    meta.last_turn_end_unix_ms = None;
+    Prepared {
+        paths,
+        meta,
+        cgroup,
+        llm: Some(llm),
+        launcher: std::sync::Mutex::new(launcher),
+    }
+}
+
+/// The turn dir's files: the payload, and the jail config (nsjail mode) or
+/// the agent's tmp dir (direct mode; a spare turn dir has one already).
+fn write_files(
+    broker: &Broker,
+    spec: &TurnSpec,
+    paths: &TurnPaths,
+    payload: &[u8],
+    spare: bool,
+) -> Result<(), BrokerError> {
     let write = |path: &PathBuf, bytes: &[u8]| -> Result<(), BrokerError> {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -347,10 +433,6 @@ fn populate(
             .map_err(|e| BrokerError::io("cannot write", path, e))
     };
     write(&paths.payload, payload)?;
-    let owner =
-        (broker.mode() == Mode::Nsjail && crate::sys::is_root()).then_some(broker.outside_ids);
-    let llm = crate::llm::bind(&paths.llm_socket, owner)
-        .map_err(|e| BrokerError::io("cannot bind", &paths.llm_socket, e))?;
     if let Some((_, profile)) = &broker.nsjail {
         let bundle_mounts = broker
             .config
@@ -378,38 +460,14 @@ fn populate(
             },
         );
         write(&paths.jail_config, cfg.as_bytes())?;
-    } else {
+    } else if !spare {
         let tmp = PathBuf::from(&paths.tmp);
         std::fs::DirBuilder::new()
             .mode(0o700)
             .create(&tmp)
             .map_err(|e| BrokerError::io("cannot create", &tmp, e))?;
     }
-    let limits = cgroup_limits(&spec.limits);
-    let (cgroup, launcher) = match &broker.cgroups {
-        Some(cg) => match take_spare(broker, &spec.turn_id, limits) {
-            Some((cgroup, launcher)) => (Some(cgroup), Some(launcher)),
-            None => (
-                Some(
-                    cg.create(&spec.turn_id, limits)
-                        .map_err(BrokerError::Cgroup)?,
-                ),
-                None,
-            ),
-        },
-        None => (None, None),
-    };
-    meta.turn_count += 1;
-    meta.last_turn_id = Some(spec.turn_id.clone());
-    meta.last_turn_start_unix_ms = Some(now_unix_ms());
-    meta.last_turn_end_unix_ms = None;
-    Ok(Prepared {
-        paths,
-        meta,
-        cgroup,
-        llm: Some(llm),
-        launcher: std::sync::Mutex::new(launcher),
-    })
+    Ok(())
 }
 
 /// The cgroup's share of a turn's limits.
@@ -423,23 +481,15 @@ pub(crate) fn cgroup_limits(limits: &Limits) -> CgroupLimits {
 
 /// A ready cgroup and launcher from the warm pool, made the turn's: its
 /// limits set and (where the kernel allows) its name changed to the turn id.
-fn take_spare(
-    broker: &Broker,
-    turn_id: &str,
-    limits: CgroupLimits,
-) -> Option<(TurnCgroup, Launcher)> {
+fn take_spare(broker: &Broker, turn_id: &str, limits: CgroupLimits) -> Option<Spare> {
     let mut spare = broker.warm.as_ref()?.take()?;
     if let Err(e) = spare.cgroup.set_limits(limits) {
         warn!(error = %e, "cannot set limits on a spare cgroup; making a new one");
         spare.discard();
         return None;
     }
-    let crate::warm::Spare {
-        mut cgroup,
-        launcher,
-    } = spare;
-    cgroup.rename(turn_id);
-    Some((cgroup, launcher))
+    spare.cgroup.rename(turn_id);
+    Some(spare)
 }
 
 /// How the turn ended, before it becomes an `Exited`.

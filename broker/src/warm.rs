@@ -20,25 +20,47 @@
 use crate::cgroup::{CgroupLimits, Cgroups, TurnCgroup};
 use crate::spawn::Launcher;
 use std::collections::VecDeque;
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 use tracing::{debug, warn};
 
-/// A cgroup and a launcher already inside it.
+/// A cgroup and a launcher already inside it, and a turn dir with its
+/// `llm.sock` bound (and `tmp/` in direct mode).
 #[derive(Debug)]
 pub struct Spare {
     pub cgroup: TurnCgroup,
     pub launcher: Launcher,
+    /// The turn dir, under its spare name until a turn renames it.
+    pub dir: PathBuf,
+    pub llm: UnixListener,
+}
+
+/// What a spare turn dir needs: where spare dirs wait (on the filesystem of
+/// the turn dirs, which they are renamed into), whether the agent gets a tmp
+/// dir in it (direct mode), who owns `llm.sock` (nsjail mode as root).
+#[derive(Debug, Clone)]
+pub struct TurnDirs {
+    pub spares: PathBuf,
+    pub tmp: bool,
+    pub llm_owner: Option<(u32, u32)>,
 }
 
 impl Spare {
     /// Kills the launcher and removes the cgroup (in the background when a
-    /// runtime is at hand).
+    /// runtime is at hand) and the turn dir, if it still has its spare name.
     pub fn discard(self) {
-        let Spare { cgroup, launcher } = self;
-        drop(launcher);
+        let Spare {
+            cgroup,
+            launcher,
+            dir,
+            llm,
+        } = self;
+        drop((launcher, llm));
+        let _ = std::fs::remove_dir_all(&dir);
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
@@ -79,6 +101,7 @@ struct Shared {
     shim: PathBuf,
     /// The limits spares are made with (those of most turns).
     preset: CgroupLimits,
+    dirs: TurnDirs,
     made: AtomicU64,
     /// The number of ready spares, for those who wait for them.
     ready: tokio::sync::watch::Sender<usize>,
@@ -91,7 +114,13 @@ pub struct WarmPool {
 }
 
 impl WarmPool {
-    pub fn new(cgroups: Cgroups, shim: PathBuf, size: usize, preset: CgroupLimits) -> WarmPool {
+    pub fn new(
+        cgroups: Cgroups,
+        shim: PathBuf,
+        size: usize,
+        preset: CgroupLimits,
+        dirs: TurnDirs,
+    ) -> WarmPool {
         WarmPool {
             shared: Arc::new(Shared {
                 state: Mutex::default(),
@@ -100,6 +129,7 @@ impl WarmPool {
                 cgroups,
                 shim,
                 preset,
+                dirs,
                 made: AtomicU64::new(0),
                 ready: tokio::sync::watch::Sender::new(0),
             }),
@@ -259,23 +289,51 @@ fn fill(shared: &Shared) {
 }
 
 fn drop_spare(spare: Spare) {
-    let Spare { cgroup, launcher } = spare;
-    drop(launcher);
+    let Spare {
+        cgroup,
+        launcher,
+        dir,
+        llm,
+    } = spare;
+    drop((launcher, llm));
+    let _ = std::fs::remove_dir_all(&dir);
     remove_blocking(&cgroup);
 }
 
 fn make(shared: &Shared) -> std::io::Result<Spare> {
     let n = shared.made.fetch_add(1, Ordering::Relaxed);
     let name = format!("spare-{}-{n}", std::process::id());
+    let dir = shared.dirs.spares.join(&name);
     let cgroup = shared.cgroups.create(&name, shared.preset)?;
-    let launcher = cgroup
+    let made = cgroup
         .procs_files()
-        .and_then(|procs| Launcher::start(&shared.shim, procs));
-    match launcher {
-        Ok(launcher) => Ok(Spare { cgroup, launcher }),
+        .and_then(|procs| Launcher::start(&shared.shim, procs))
+        .and_then(|launcher| {
+            let llm = turn_dir(&shared.dirs, &dir)?;
+            Ok((launcher, llm))
+        });
+    match made {
+        Ok((launcher, llm)) => Ok(Spare {
+            cgroup,
+            launcher,
+            dir,
+            llm,
+        }),
         Err(e) => {
-            cgroup.remove_now();
+            let _ = std::fs::remove_dir_all(&dir);
+            remove_blocking(&cgroup);
             Err(e)
         }
     }
+}
+
+/// Makes a turn dir as a turn would (0755, `llm.sock` bound, `tmp/` 0700).
+fn turn_dir(dirs: &TurnDirs, dir: &std::path::Path) -> std::io::Result<UnixListener> {
+    std::fs::DirBuilder::new().mode(0o755).create(dir)?;
+    if dirs.tmp {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir.join("tmp"))?;
+    }
+    crate::llm::bind(&dir.join("llm.sock"), dirs.llm_owner)
 }

@@ -62,7 +62,7 @@ async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
     let mut t = h
         .turn(start(
             "warm",
-            "echo \"ready $PPID\"; read line; echo \"got $line\"",
+            "echo \"ready $PPID\"; read line; echo x > \"$TMPDIR/x\" && echo \"got $line\"",
         ))
         .await
         .expect("turn");
@@ -95,6 +95,9 @@ async fn a_ready_launcher_becomes_the_turn(mode: Mode) {
             );
         }
     }
+    // Its turn dir was a spare one too, renamed: llm.sock bound in it.
+    let turn_dir = h.state().join("turns").join(&turn_id);
+    assert!(turn_dir.join("llm.sock").exists(), "{}", turn_dir.display());
     let cg = cgroups_of(pid);
     assert!(
         cg.lines().any(|l| l.ends_with(&format!("/{turn_id}"))),
@@ -158,7 +161,10 @@ async fn nothing_of_the_pool_outlives_the_broker() {
     for p in &parents {
         assert_eq!(spares(p).len(), 2, "{}: {:?}", p.display(), entries(p));
     }
+    let spare_dirs = h.state().join("spares");
+    assert_eq!(entries(&spare_dirs).len(), 2, "{:?}", entries(&spare_dirs));
     h.stop().await;
+    assert_eq!(entries(&spare_dirs), Vec::<String>::new());
     for pid in &launchers {
         assert!(is_dead(*pid), "launcher {pid} outlived the broker");
     }
