@@ -145,8 +145,7 @@ impl Broker {
             .map_err(io_err)?;
         let lock_file = File::create(state.join("broker.lock")).map_err(io_err)?;
         let state_lock =
-            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map_err(|_| StartupError::StateDirLocked(state.clone()))?;
+            lock_state(lock_file).map_err(|_| StartupError::StateDirLocked(state.clone()))?;
 
         if !is_executable(&config.shim) {
             return Err(StartupError::Shim(config.shim.clone()));
@@ -260,11 +259,15 @@ impl Broker {
         // when a turn takes one (same filesystem). What a previous broker
         // left here goes.
         let spares_dir = state.join("spares");
-        let _ = std::fs::remove_dir_all(&spares_dir);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&spares_dir)
-            .map_err(io_err)?;
+        match std::fs::DirBuilder::new().mode(0o700).create(&spares_dir) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => return Err(io_err(e)),
+            _ => {}
+        }
+        if let Ok(entries) = std::fs::read_dir(&spares_dir) {
+            for e in entries.flatten() {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
         let warm = cgroups
             .as_ref()
             .filter(|_| config.warm_spares > 0)
@@ -396,6 +399,29 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         if let Ok(mut adm) = self.broker.admission.lock() {
             adm.active.remove(&self.turn_id);
+        }
+    }
+}
+
+/// How long a starting broker waits for the state dir's lock: a broker that
+/// was just killed may leave a child between its clone and its exec (or
+/// waiting for the kernel in a cgroup join) that still holds the lock for a
+/// few milliseconds.
+const STATE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Takes the state dir's lock, waiting up to [`STATE_LOCK_WAIT`].
+fn lock_state(file: File) -> Result<nix::fcntl::Flock<File>, nix::errno::Errno> {
+    use nix::fcntl::{Flock, FlockArg};
+    let deadline = std::time::Instant::now() + STATE_LOCK_WAIT;
+    let mut file = file;
+    loop {
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) if std::time::Instant::now() < deadline => {
+                file = f;
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err((_, e)) => return Err(e),
         }
     }
 }

@@ -556,17 +556,21 @@ fn child_steps(plan: &Plan) -> Result<std::convert::Infallible, (Step, Errno)> {
             return Err((Step::Signals, Errno::last()));
         }
     }
-    // 2. The turn's cgroups first, so that everything the child forks later
-    //    (nsjail, the shim, the agent) is counted and killable as one.
-    for &fd in &plan.procs {
-        write_all_raw(fd, b"0").map_err(|e| (Step::Cgroup, e))?;
-    }
-    // 3. The parent-death signal, then a re-check of the parent: the signal
+    // 2. The parent-death signal, then a re-check of the parent: the signal
     //    fires when the *thread* that cloned exits, and the parent may already
-    //    be gone before the prctl took effect.
+    //    be gone before the prctl took effect. First, so that a broker killed
+    //    now takes this child with it as soon as possible (it holds copies of
+    //    the broker's descriptors, the state dir's lock among them, until its
+    //    exec).
     nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(|e| (Step::ParentDeathSignal, e))?;
     if nix::unistd::getppid() != plan.parent {
         return Err((Step::ParentGone, Errno::ESRCH));
+    }
+    // 3. The turn's cgroups, before anything the child forks later (nsjail,
+    //    the shim, the agent), so that all of it is counted and killable as
+    //    one. The join may wait for the kernel (an RCU grace period).
+    for &fd in &plan.procs {
+        write_all_raw(fd, b"0").map_err(|e| (Step::Cgroup, e))?;
     }
     // 4. Own process group, so a group kill reaches every process that did
     //    not leave it.
