@@ -33,6 +33,58 @@ const HANDLED: [Signal; 5] = [
 /// syscall wrappers).
 const CHILD_STACK: usize = 64 * 1024;
 
+/// The child's stack: fresh anonymous pages (only the few the child touches
+/// count towards the shim's memory) above a guard page, so that an overflow
+/// faults instead of writing over the shim's heap.
+struct ChildStack {
+    base: std::ptr::NonNull<libc::c_void>,
+    len: usize,
+}
+
+impl ChildStack {
+    const GUARD: usize = 4096;
+
+    fn new() -> Result<ChildStack, Errno> {
+        use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, mprotect};
+        let len = CHILD_STACK + Self::GUARD;
+        let size = std::num::NonZeroUsize::new(len).ok_or(Errno::EINVAL)?;
+        // SAFETY: a new private anonymous mapping; nothing else refers to it.
+        let base = unsafe {
+            mmap_anonymous(
+                None,
+                size,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_PRIVATE | MapFlags::MAP_STACK,
+            )?
+        };
+        let stack = ChildStack { base, len };
+        // SAFETY: the first page of the mapping made above, which no slice
+        // handed out ever covers.
+        unsafe { mprotect(base, Self::GUARD, ProtFlags::PROT_NONE)? };
+        Ok(stack)
+    }
+
+    /// The usable part, above the guard page.
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len` bytes, readable and writable past the
+        // guard page, owned by `self` and alive as long as the borrow.
+        unsafe {
+            std::slice::from_raw_parts_mut(
+                self.base.as_ptr().cast::<u8>().add(Self::GUARD),
+                self.len - Self::GUARD,
+            )
+        }
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`, no longer used
+        // (the child has exec'd or exited before `spawn` returns).
+        let _ = unsafe { nix::sys::mman::munmap(self.base, self.len) };
+    }
+}
+
 /// Upper bound on kill-and-reap rounds at the end of a turn, so that a fork
 /// bomb cannot keep the shim alive forever.
 const MAX_CLEANUP_ROUNDS: usize = 4096;
@@ -383,7 +435,7 @@ pub fn spawn(plan: &ExecPlan) -> Result<i32, SpawnError> {
     // until the child has exec'd or exited, so the report below is already
     // there. Every signal is blocked across the clone so that no handler of
     // the shim's runtime can run in the child before it resets them.
-    let mut stack = vec![0u8; CHILD_STACK];
+    let mut stack = ChildStack::new().map_err(SpawnError::Fork)?;
     let mut old = SigSet::empty();
     signal::pthread_sigmask(
         SigmaskHow::SIG_SETMASK,
@@ -401,7 +453,7 @@ pub fn spawn(plan: &ExecPlan) -> Result<i32, SpawnError> {
     let cloned = unsafe {
         nix::sched::clone(
             child,
-            &mut stack,
+            stack.as_mut_slice(),
             nix::sched::CloneFlags::CLONE_VM | nix::sched::CloneFlags::CLONE_VFORK,
             Some(libc::SIGCHLD),
         )
