@@ -53,14 +53,7 @@ impl Spare {
     /// Kills the launcher and removes the cgroup (in the background when a
     /// runtime is at hand) and the turn dir, if it still has its spare name.
     pub fn discard(self) {
-        let Spare {
-            cgroup,
-            launcher,
-            dir,
-            llm,
-        } = self;
-        drop((launcher, llm));
-        let _ = std::fs::remove_dir_all(&dir);
+        let cgroup = self.release();
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 rt.spawn(async move {
@@ -71,6 +64,20 @@ impl Spare {
             }
             Err(_) => remove_blocking(&cgroup),
         }
+    }
+
+    /// Kills the launcher, closes `llm.sock`, removes the turn dir (if it
+    /// still has its spare name); the cgroup is left to remove.
+    fn release(self) -> TurnCgroup {
+        let Spare {
+            cgroup,
+            launcher,
+            dir,
+            llm,
+        } = self;
+        drop((launcher, llm));
+        let _ = std::fs::remove_dir_all(&dir);
+        cgroup
     }
 }
 
@@ -289,15 +296,7 @@ fn fill(shared: &Shared) {
 }
 
 fn drop_spare(spare: Spare) {
-    let Spare {
-        cgroup,
-        launcher,
-        dir,
-        llm,
-    } = spare;
-    drop((launcher, llm));
-    let _ = std::fs::remove_dir_all(&dir);
-    remove_blocking(&cgroup);
+    remove_blocking(&spare.release());
 }
 
 fn make(shared: &Shared) -> std::io::Result<Spare> {
