@@ -164,7 +164,15 @@ impl WarmPool {
             .name("turnstile-warm".into())
             .spawn(move || {
                 let _rt = rt.enter();
-                fill(&shared);
+                let filled =
+                    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| fill(&shared)));
+                if filled.is_err() {
+                    // The turns started from this thread's launchers die with
+                    // it (parent-death signal): after a bug, it stays, idle,
+                    // until the pool is stopped.
+                    warn!("the spare maker failed; turns spawn without spares from now on");
+                    park_until_stopped(&shared);
+                }
             });
         state.running = started.is_ok();
     }
@@ -281,6 +289,11 @@ fn fill(shared: &Shared) {
             }
         }
     }
+    wind_down(shared);
+}
+
+/// Discards the spares left and marks the thread gone.
+fn wind_down(shared: &Shared) {
     let spares: Vec<Spare> = match shared.state.lock() {
         Ok(mut state) => state.spares.drain(..).collect(),
         Err(_) => Vec::new(),
@@ -293,6 +306,19 @@ fn fill(shared: &Shared) {
         state.running = false;
     }
     shared.changed.notify_all();
+}
+
+/// Waits for the stop request, then winds down.
+fn park_until_stopped(shared: &Shared) {
+    if let Ok(mut state) = shared.state.lock() {
+        while !state.stopping {
+            state = match shared.changed.wait(state) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+    }
+    wind_down(shared);
 }
 
 fn drop_spare(spare: Spare) {
