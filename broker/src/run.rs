@@ -191,6 +191,13 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
         llm_env_vars: args.llm_env_vars.clone(),
         ..Default::default()
     };
+    // Ctrl-C is taken over before the turn starts: a press between the start
+    // and a handler installed later would kill this process (and so the
+    // turn) instead of interrupting the agent.
+    let interrupts = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::interrupt()).ok()
+    };
     let mut turn = match Turn::start(&mut client, start, forwarder).await {
         Ok(t) => t,
         Err(status) => {
@@ -226,8 +233,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
     let cancel_session = session.clone();
     let quiet = args.quiet;
     let ctrl_c = tokio::spawn(async move {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut int) = signal(SignalKind::interrupt()) else {
+        let Some(mut int) = interrupts else {
             return;
         };
         let mut presses = 0;

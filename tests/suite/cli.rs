@@ -368,7 +368,13 @@ async fn ctrl_c_interrupts_then_cancels() {
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("first ctrl-c");
     line.clear();
     out.read_line(&mut line).expect("got-int");
-    assert_eq!(line, "got-int\n", "the agent got SIGINT and goes on");
+    if line != "got-int\n" {
+        let _ = child.kill();
+        let _ = child.wait();
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut err);
+        panic!("the agent did not go on after SIGINT: stdout {line:?}, stderr:\n{err}");
+    }
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).expect("second ctrl-c");
     let status = child.wait().expect("wait");
     let mut err = String::new();
