@@ -930,28 +930,34 @@ mod tests {
         assert_eq!(Step::decode(99, 0), None);
     }
 
-    #[test]
-    fn set_env_replaces_in_place_or_appends() {
-        let mut payload = InitPayload {
+    /// A direct-mode payload running `sh` in `/` with `env`.
+    fn test_payload(env: Vec<(String, String)>) -> InitPayload {
+        InitPayload {
             version: turnstile_shim::PROTOCOL_VERSION,
             mode: turnstile_shim::Mode::Direct,
             session_id: "s".into(),
             turn_id: "t".into(),
             argv: vec!["sh".into()],
-            env: vec![
-                ("A".into(), "1".into()),
-                ("URL".into(), "old".into()),
-                ("URLX".into(), "keep".into()),
-                ("URL".into(), "dup".into()),
-            ],
+            env,
             cwd: "/".into(),
             rlimits: turnstile_shim::Rlimits::default(),
-            llm: Some(turnstile_shim::LlmBridge {
-                port: 0,
-                socket_path: "/s".into(),
-                env_vars: vec!["URL".into(), "NEW".into()],
-            }),
-        };
+            llm: None,
+        }
+    }
+
+    #[test]
+    fn set_env_replaces_in_place_or_appends() {
+        let mut payload = test_payload(vec![
+            ("A".into(), "1".into()),
+            ("URL".into(), "old".into()),
+            ("URLX".into(), "keep".into()),
+            ("URL".into(), "dup".into()),
+        ]);
+        payload.llm = Some(turnstile_shim::LlmBridge {
+            port: 0,
+            socket_path: "/s".into(),
+            env_vars: vec!["URL".into(), "NEW".into()],
+        });
         let mut plan = ExecPlan::new(&payload).expect("valid plan");
         plan.set_env("URL", "http://127.0.0.1:9").expect("set");
         plan.set_env("NEW", "http://127.0.0.1:9").expect("set");
@@ -980,20 +986,8 @@ mod tests {
 
     #[test]
     fn plan_refuses_nul_bytes() {
-        let mut payload = InitPayload {
-            version: turnstile_shim::PROTOCOL_VERSION,
-            mode: turnstile_shim::Mode::Direct,
-            session_id: "s".into(),
-            turn_id: "t".into(),
-            argv: vec!["sh".into()],
-            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
-            cwd: "/".into(),
-            rlimits: turnstile_shim::Rlimits {
-                file_size_bytes: Some(10),
-                ..Default::default()
-            },
-            llm: None,
-        };
+        let mut payload = test_payload(vec![("PATH".into(), "/usr/bin:/bin".into())]);
+        payload.rlimits.file_size_bytes = Some(10);
         let plan = ExecPlan::new(&payload).expect("valid plan");
         assert_eq!(plan.candidates.len(), 2);
         assert_eq!(plan.rlimit_name(0), "file size");

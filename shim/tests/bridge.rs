@@ -13,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::Duration;
-use turnstile_shim::{AgentStatus, FailureClass, GO, InitPayload, LlmBridge, ShimMsg};
+use turnstile_shim::{AgentStatus, FailureClass, InitPayload, LlmBridge};
 
 const PYTHON: &str = "/usr/bin/python3";
 /// A safety net against a hung test, not a synchronisation.
@@ -371,9 +371,7 @@ fn a_port_in_use_is_a_setup_failure_before_the_agent_runs() {
         env_vars: vec!["ANTHROPIC_BASE_URL".into()],
     });
     let mut shim = Shim::start(dir, &p);
-    assert!(matches!(shim.frame(), ShimMsg::Hello(_)));
-    shim.ctl.write_all(&[GO]).expect("go");
-    let (class, message) = shim.failed();
+    let (class, message) = shim.go_and_fail();
     assert_eq!(class, FailureClass::Setup);
     assert!(
         message.starts_with(&format!("cannot listen on 127.0.0.1:{port}: ")),

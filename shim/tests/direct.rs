@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use turnstile_shim::{AgentStatus, FailureClass, GO, Mode, ShimMsg};
+use turnstile_shim::{AgentStatus, FailureClass, Mode, ShimMsg};
 
 /// Whether `pid` is a live (not zombie) `sleep`.
 fn sleep_alive(pid: i32) -> bool {
@@ -116,12 +116,7 @@ fn missing_program_is_an_exec_failure() {
         let dir = TempDir::new();
         let p = payload(&dir.0, &[argv0]);
         let mut shim = Shim::start(dir, &p);
-        match shim.frame() {
-            ShimMsg::Hello(_) => {}
-            other => panic!("want hello, got {other:?}"),
-        }
-        shim.ctl.write_all(&[GO]).expect("go");
-        let (class, message) = shim.failed();
+        let (class, message) = shim.go_and_fail();
         assert_eq!(class, FailureClass::Exec);
         assert_eq!(
             message,
@@ -137,9 +132,7 @@ fn missing_working_directory_is_a_setup_failure() {
     let mut p = payload(&dir.0, &["/bin/true"]);
     p.cwd.push_str("/nope");
     let mut shim = Shim::start(dir, &p);
-    assert!(matches!(shim.frame(), ShimMsg::Hello(_)));
-    shim.ctl.write_all(&[GO]).expect("go");
-    let (class, message) = shim.failed();
+    let (class, message) = shim.go_and_fail();
     assert_eq!(class, FailureClass::Setup);
     assert!(
         message.starts_with("cannot enter working directory"),

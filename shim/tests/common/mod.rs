@@ -136,6 +136,17 @@ impl Shim {
         }
     }
 
+    /// Reads Hello, answers go, and reads the shim's failure to start the
+    /// agent.
+    pub fn go_and_fail(&mut self) -> (FailureClass, String) {
+        match self.frame() {
+            ShimMsg::Hello(_) => {}
+            other => panic!("want hello, got {other:?}"),
+        }
+        self.ctl.write_all(&[GO]).expect("send go");
+        self.failed()
+    }
+
     pub fn exited(&self) -> AgentStatus {
         match self.frame() {
             ShimMsg::AgentExited { status, .. } => status,
