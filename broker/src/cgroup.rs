@@ -40,9 +40,8 @@ pub struct CgroupStats {
 /// One turn's cgroup(s).
 #[derive(Debug)]
 pub struct TurnCgroup {
+    /// v1: the memory then the pids hierarchy's directory; v2: the one.
     dirs: Vec<PathBuf>,
-    memory_dir: PathBuf,
-    pids_dir: PathBuf,
     v2: bool,
     /// The limits the cgroup has now (a new cgroup has none).
     limits: CgroupLimits,
@@ -123,20 +122,12 @@ impl Cgroups {
 
     /// Creates the turn's cgroup with its limits.
     pub fn create(&self, turn_id: &str, limits: CgroupLimits) -> io::Result<TurnCgroup> {
-        let (dirs, memory_dir, pids_dir, v2) = match &self.layout {
-            Layout::V1 { memory, pids } => {
-                let (m, p) = (memory.join(turn_id), pids.join(turn_id));
-                (vec![m.clone(), p.clone()], m, p, false)
-            }
-            Layout::V2 { base } => {
-                let d = base.join(turn_id);
-                (vec![d.clone()], d.clone(), d, true)
-            }
+        let (dirs, v2) = match &self.layout {
+            Layout::V1 { memory, pids } => (vec![memory.join(turn_id), pids.join(turn_id)], false),
+            Layout::V2 { base } => (vec![base.join(turn_id)], true),
         };
         let mut cg = TurnCgroup {
             dirs,
-            memory_dir,
-            pids_dir,
             v2,
             limits: CgroupLimits::default(),
         };
@@ -220,7 +211,7 @@ impl TurnCgroup {
         }
         if want.processes != self.limits.processes {
             let value = want.processes.map_or("max".to_string(), |n| n.to_string());
-            fs::write(self.pids_dir.join("pids.max"), value)?;
+            fs::write(self.pids_dir().join("pids.max"), value)?;
             self.limits.processes = want.processes;
         }
         Ok(())
@@ -229,17 +220,17 @@ impl TurnCgroup {
     fn set_memory(&self, old: Option<u64>, new: Option<u64>) -> io::Result<()> {
         if self.v2 {
             let value = new.map_or("max".to_string(), |b| b.to_string());
-            fs::write(self.memory_dir.join("memory.max"), value)?;
+            fs::write(self.memory_dir().join("memory.max"), value)?;
             // No swap: the limit is the memory the agent really gets.
-            let _ = fs::write(self.memory_dir.join("memory.swap.max"), "0");
+            let _ = fs::write(self.memory_dir().join("memory.swap.max"), "0");
             return Ok(());
         }
         // v1: memory+swap (memsw, when the kernel accounts swap) must never
         // be below memory alone, so it moves first when the limit rises and
         // second when it falls. -1 is unlimited.
         let value = new.map_or("-1".to_string(), |b| b.to_string());
-        let memory = self.memory_dir.join("memory.limit_in_bytes");
-        let memsw = self.memory_dir.join("memory.memsw.limit_in_bytes");
+        let memory = self.memory_dir().join("memory.limit_in_bytes");
+        let memsw = self.memory_dir().join("memory.memsw.limit_in_bytes");
         let rising = match (old, new) {
             (_, None) => true,
             (None, Some(_)) => false,
@@ -273,15 +264,6 @@ impl TurnCgroup {
                 return false;
             }
         }
-        let moved = |p: &PathBuf| {
-            self.dirs
-                .iter()
-                .position(|d| d == p)
-                .map(|i| renamed[i].clone())
-                .unwrap_or_else(|| p.clone())
-        };
-        self.memory_dir = moved(&self.memory_dir);
-        self.pids_dir = moved(&self.pids_dir);
         self.dirs = renamed;
         true
     }
@@ -291,9 +273,19 @@ impl TurnCgroup {
         &self.dirs
     }
 
+    /// Where the memory controller's files are (never empty: see `create`).
+    fn memory_dir(&self) -> &Path {
+        &self.dirs[0]
+    }
+
+    /// Where the pids controller's files are.
+    fn pids_dir(&self) -> &Path {
+        &self.dirs[self.dirs.len() - 1]
+    }
+
     /// The cgroup's name (its directory's).
     pub fn name(&self) -> String {
-        self.pids_dir
+        self.pids_dir()
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
@@ -314,26 +306,26 @@ impl TurnCgroup {
 
     pub fn stats(&self) -> CgroupStats {
         let oom = if self.v2 {
-            read_counter(&self.memory_dir.join("memory.events"), "oom_kill")
+            read_counter(&self.memory_dir().join("memory.events"), "oom_kill")
         } else {
-            read_counter(&self.memory_dir.join("memory.oom_control"), "oom_kill")
+            read_counter(&self.memory_dir().join("memory.oom_control"), "oom_kill")
         };
         CgroupStats {
             oom_kills: oom,
-            fork_failures: read_counter(&self.pids_dir.join("pids.events"), "max"),
+            fork_failures: read_counter(&self.pids_dir().join("pids.events"), "max"),
         }
     }
 
     /// Whether any process is left in the turn.
     pub fn is_empty(&self) -> bool {
-        procs(&self.pids_dir).is_empty()
+        procs(self.pids_dir()).is_empty()
     }
 
     /// SIGKILLs everything in the turn.
     pub fn kill_all(&self) {
-        kill_dir(&self.pids_dir, self.v2);
+        kill_dir(self.pids_dir(), self.v2);
         if !self.v2 {
-            kill_dir(&self.memory_dir, false);
+            kill_dir(self.memory_dir(), false);
         }
     }
 
@@ -362,7 +354,7 @@ impl TurnCgroup {
         }
         Err(io::Error::other(format!(
             "cgroup {} still busy",
-            self.pids_dir.display()
+            self.pids_dir().display()
         )))
     }
 }
