@@ -102,13 +102,12 @@ impl Step {
 /// Everything the child reads, prepared (allocated) by the parent: the child
 /// shares the parent's memory and must never allocate, since another thread
 /// of the broker may hold the allocator's lock at the moment of the clone.
-struct Plan {
+struct Plan<'a> {
     program: CString,
     argv: Vec<*const c_char>,
     envp: [*const c_char; 1],
-    /// (source, target) pairs, stdio first.
-    fds: [(RawFd, RawFd); MAX_FDS],
-    nfds: usize,
+    /// (source, target) pairs, stdio first (at most [`MAX_FDS`]).
+    fds: &'a [(RawFd, RawFd)],
     procs: Vec<RawFd>,
     parent: Pid,
     sigrtmax: i32,
@@ -124,8 +123,9 @@ pub struct Child {
     pid: i32,
     pidfd: Option<AsyncFd<OwnedFd>>,
     status: Option<ExitStatus>,
-    /// The launcher's socket, for a child started by a [`Launcher`].
-    launch_report: Option<OwnedFd>,
+    /// The launcher's socket and the program it was asked to run, for a
+    /// child started by a [`Launcher`].
+    launch_report: Option<(OwnedFd, std::path::PathBuf)>,
     pub stdin: Option<pipe::Sender>,
     pub stdout: Option<pipe::Receiver>,
     pub stderr: Option<pipe::Receiver>,
@@ -156,16 +156,13 @@ pub fn spawn(
     }
 
     let fds = Descriptors::new(stdio, &setup.fds)?;
-    let mut pairs = [(-1, -1); MAX_FDS];
-    pairs[..fds.pairs.len()].copy_from_slice(&fds.pairs);
     let mut argv: Vec<*const c_char> = strings.iter().map(|s| s.as_ptr()).collect();
     argv.push(std::ptr::null());
     let plan = Plan {
         program: program_c,
         argv,
         envp: [std::ptr::null()],
-        fds: pairs,
-        nfds: fds.pairs.len(),
+        fds: &fds.pairs,
         procs: setup.cgroup_procs.iter().map(|f| f.as_raw_fd()).collect(),
         parent: nix::unistd::getpid(),
         sigrtmax: libc::SIGRTMAX(),
@@ -173,25 +170,23 @@ pub fn spawn(
         failed_errno: AtomicI32::new(0),
     };
     let pid = clone_and_exec(&plan)?;
+    let step = Step::from_raw(plan.failed_step.load(Ordering::Acquire));
+    let errno = Errno::from_raw(plan.failed_errno.load(Ordering::Acquire));
+    drop(plan);
     // `strings` and the child's ends (in `fds` and `setup`) stay alive up to
     // here: the child has exec'd or exited by now, so the broker's copies
     // can go.
     let (stdin, stdout, stderr) = fds.hand_over();
     drop((strings, setup));
 
-    let step = Step::from_raw(plan.failed_step.load(Ordering::Acquire));
     if step != Step::None {
         // The child exited right after recording the failure: reap it now.
         reap_blocking(pid);
-        let errno = Errno::from_raw(plan.failed_errno.load(Ordering::Acquire));
         let what = match step {
             Step::Exec => format!("{} {}", step.describe(), program.display()),
             _ => step.describe().to_string(),
         };
-        return Err(io::Error::new(
-            io::Error::from(errno).kind(),
-            format!("{what}: {}", errno.desc()),
-        ));
+        return Err(errno_error(&what, errno));
     }
 
     let mut child = Child {
@@ -373,7 +368,7 @@ impl Launcher {
         // Not waited for: the exec goes on while the broker does its own
         // work, and a failed one shows as the child exiting before its
         // handshake, when the caller asks `launch_failure` why.
-        self.child.launch_report = Some(self.sock);
+        self.child.launch_report = Some((self.sock, program.to_path_buf()));
         self.child
             .attach(stdin, stdout, stderr)
             .map_err(LaunchError::Failed)?;
@@ -402,9 +397,9 @@ impl Child {
     /// Why a child started by a [`Launcher`] never became its program (the
     /// launcher's report), once it has exited; `None` if it did, or if the
     /// child was spawned directly (a failed [`spawn`] returns its error).
-    pub fn launch_failure(&mut self, program: &Path) -> Option<io::Error> {
+    pub fn launch_failure(&self) -> Option<io::Error> {
         use nix::sys::socket::MsgFlags;
-        let sock = self.launch_report.as_ref()?;
+        let (sock, program) = self.launch_report.as_ref()?;
         let mut report = [0u8; 8];
         let n = nix::sys::socket::recv(sock.as_raw_fd(), &mut report, MsgFlags::MSG_DONTWAIT)
             .ok()
@@ -412,17 +407,13 @@ impl Child {
         let Some(f) = turnstile_shim::launch::Failure::decode(&report[..n]) else {
             return Some(io::Error::other("garbled launcher report"));
         };
-        let errno = Errno::from_raw(f.errno);
         let what = match f.step {
             turnstile_shim::launch::Step::Exec => {
-                format!("cannot execute {}", program.display())
+                format!("{} {}", Step::Exec.describe(), program.display())
             }
             step => format!("launcher failed at {step:?}"),
         };
-        Some(io::Error::new(
-            io::Error::from(errno).kind(),
-            format!("{what}: {}", errno.desc()),
-        ))
+        Some(errno_error(&what, Errno::from_raw(f.errno)))
     }
 
     /// Reaps the child if it has exited; `None` while it runs.
@@ -579,7 +570,7 @@ fn child_steps(plan: &Plan) -> Result<std::convert::Infallible, (Step, Errno)> {
     // 5. Descriptors into place, via high numbers first so that one target
     //    never overwrites a later source; dup2 clears FD_CLOEXEC on exactly
     //    the targets.
-    let fds = &plan.fds[..plan.nfds];
+    let fds = plan.fds;
     let mut high = [0 as RawFd; MAX_FDS];
     for (i, &(src, _)) in fds.iter().enumerate() {
         high[i] = fcntl(borrow(src), FcntlArg::F_DUPFD_CLOEXEC(64))
@@ -650,6 +641,14 @@ fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
     #[allow(unsafe_code)]
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// "`what`: `strerror(errno)`", of the errno's kind.
+fn errno_error(what: &str, errno: Errno) -> io::Error {
+    io::Error::new(
+        io::Error::from(errno).kind(),
+        format!("{what}: {}", errno.desc()),
+    )
 }
 
 /// Registers a pidfd with the reactor: readable once the process exits.

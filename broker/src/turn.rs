@@ -308,8 +308,8 @@ struct Prepared {
     meta: SessionMeta,
     cgroup: Option<TurnCgroup>,
     llm: Option<std::os::unix::net::UnixListener>,
-    /// A ready launcher in `cgroup` (taken by the spawn).
-    launcher: std::sync::Mutex<Option<Launcher>>,
+    /// A ready launcher in `cgroup`, taken for the spawn.
+    launcher: Option<Launcher>,
 }
 
 fn prepare(
@@ -409,7 +409,7 @@ fn prepared(
         meta,
         cgroup,
         llm: Some(llm),
-        launcher: std::sync::Mutex::new(launcher),
+        launcher,
     }
 }
 
@@ -683,7 +683,7 @@ async fn run_inner(
     tx: &EventTx,
     received: Instant,
 ) -> pb::Exited {
-    let prepared = match prepare(broker, spec, lease, paths, &payload) {
+    let mut prepared = match prepare(broker, spec, lease, paths, &payload) {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "cannot prepare the turn");
@@ -695,10 +695,12 @@ async fn run_inner(
         }
     };
     let mut counters = Counters::default();
+    let launcher = prepared.launcher.take();
     let outcome = supervise(
         broker,
         spec,
         &prepared,
+        launcher,
         admitted,
         stream,
         tx,
@@ -722,6 +724,7 @@ async fn supervise(
     broker: &Arc<Broker>,
     spec: &TurnSpec,
     prepared: &Prepared,
+    launcher: Option<Launcher>,
     admitted: &Admitted,
     stream: tonic::Streaming<pb::TurnRequest>,
     tx: &EventTx,
@@ -730,7 +733,7 @@ async fn supervise(
 ) -> Outcome {
     let mut outcome = Outcome::default();
     let paths = &prepared.paths;
-    let spawned = spawn(broker, prepared).await;
+    let spawned = spawn(broker, prepared, launcher).await;
     let llm_listener = prepared.llm.as_ref().and_then(|l| l.try_clone().ok());
     let (mut child, ctl, log_rx) = match spawned {
         Ok(s) => s,
@@ -1041,6 +1044,16 @@ fn kill_all(child_pid: i32, prepared: &Prepared) {
     }
 }
 
+/// A spawn failure, named after what was spawned.
+fn spawn_error(broker: &Broker, source: std::io::Error) -> BrokerError {
+    let what = if broker.nsjail.is_some() {
+        "nsjail"
+    } else {
+        "shim"
+    };
+    BrokerError::Spawn { what, source }
+}
+
 /// Ends a child that never ran its agent (or was refused) and reaps it.
 async fn end_child(
     broker: &Broker,
@@ -1054,22 +1067,8 @@ async fn end_child(
     kill_all(child_pid, prepared);
     outcome.child_status = child.wait().await.ok();
     // A ready launcher that could not exec the program says why.
-    let program = match &broker.nsjail {
-        Some((bin, _)) => bin.as_path(),
-        None => broker.config.shim.as_path(),
-    };
-    if let Some(e) = child.launch_failure(program) {
-        outcome.spawn_error = Some(
-            BrokerError::Spawn {
-                what: if broker.nsjail.is_some() {
-                    "nsjail"
-                } else {
-                    "shim"
-                },
-                source: e,
-            }
-            .to_string(),
-        );
+    if let Some(e) = child.launch_failure() {
+        outcome.spawn_error = Some(spawn_error(broker, e).to_string());
     }
     // What nsjail (a config error) or the shim said on stderr before any
     // agent ran; the jail is gone, so this reaches EOF at once.
@@ -1114,7 +1113,11 @@ type Spawned = (
 /// Spawns nsjail (which runs the shim as the jail's init) or, in direct
 /// mode, the shim itself, with the payload on fd 3 and the control socket on
 /// fd 4. One code path for both modes.
-async fn spawn(broker: &Broker, prepared: &Prepared) -> Result<Spawned, BrokerError> {
+async fn spawn(
+    broker: &Broker,
+    prepared: &Prepared,
+    launcher: Option<Launcher>,
+) -> Result<Spawned, BrokerError> {
     let paths = &prepared.paths;
     let payload_fd: OwnedFd = std::fs::File::open(&paths.payload)
         .map_err(|e| BrokerError::io("cannot open", &paths.payload, e))?
@@ -1158,16 +1161,8 @@ async fn spawn(broker: &Broker, prepared: &Prepared) -> Result<Spawned, BrokerEr
         ),
     };
     let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
-    let error = |e| BrokerError::Spawn {
-        what: if broker.nsjail.is_some() {
-            "nsjail"
-        } else {
-            "shim"
-        },
-        source: e,
-    };
+    let error = |e| spawn_error(broker, e);
     let piped = crate::spawn::Stdio::Piped;
-    let launcher = prepared.launcher.lock().ok().and_then(|mut l| l.take());
     let child = match launcher {
         Some(l) => match l.launch(program, &args, piped, &setup) {
             Ok(child) => child,
