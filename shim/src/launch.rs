@@ -12,15 +12,10 @@ use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
 use turnstile_shim::launch::{self, Failure, Step};
 
-/// Whether `path` is the file this process runs (same device and inode;
-/// a binary replaced on disk since the launcher started is not).
-fn is_this_binary(path: &CString) -> bool {
+/// A file's identity: (device, inode).
+fn identity(path: &std::path::Path) -> Option<(u64, u64)> {
     use std::os::unix::fs::MetadataExt;
-    let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path.as_bytes()));
-    match (std::fs::metadata(path), std::fs::metadata("/proc/self/exe")) {
-        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-        _ => false,
-    }
+    std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 /// What the launcher does once it has its request.
@@ -55,6 +50,9 @@ pub fn run() -> Next {
 /// the socket without one, `Ok(Some(max_payload))` when the request is this
 /// binary as the shim.
 fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
+    // The file this process runs, taken before the wait: a request for the
+    // same file (not one replaced on disk since) runs the shim in place.
+    let this_binary = identity(std::path::Path::new("/proc/self/exe"));
     let fail = |step: Step| {
         move |e: Errno| Failure {
             step,
@@ -77,7 +75,9 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
         .collect::<Result<_, _>>()
         .map_err(|_| fail(Step::Request)(Errno::EINVAL))?;
     sys::place_fds(fds, &targets).map_err(fail(Step::Descriptors))?;
-    if is_this_binary(&argv[0])
+    let program = std::path::Path::new(std::ffi::OsStr::from_bytes(argv[0].as_bytes()));
+    if this_binary.is_some()
+        && identity(program) == this_binary
         && let Ok(max_payload) = crate::parse_args(
             argv[1..]
                 .iter()
