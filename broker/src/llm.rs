@@ -44,6 +44,14 @@ struct Conn {
     halves_done: u8,
 }
 
+impl Conn {
+    /// Stops both directions' tasks.
+    fn abort(&self) {
+        self.reader.abort();
+        self.writer.abort();
+    }
+}
+
 /// One turn's relay: the listener's accept loop and its connections.
 pub struct Relay {
     conns: Arc<Mutex<HashMap<u64, Conn>>>,
@@ -294,8 +302,7 @@ impl Relay {
 
     fn drop_conn(&self, conn: u64) {
         if let Some(c) = self.conns.lock().ok().and_then(|mut m| m.remove(&conn)) {
-            c.reader.abort();
-            c.writer.abort();
+            c.abort();
         }
     }
 
@@ -303,8 +310,7 @@ impl Relay {
     /// reset on both sides, and a notice says why.
     async fn violation(&self, conn: u64, what: &str) {
         if let Some(c) = forget(&self.conns, &self.gone, conn) {
-            c.reader.abort();
-            c.writer.abort();
+            c.abort();
         }
         let reason = format!("{what}; connection {conn} reset");
         let _ = self
@@ -329,8 +335,7 @@ impl Relay {
         self.accept.abort();
         if let Ok(mut m) = self.conns.lock() {
             for (_, c) in m.drain() {
-                c.reader.abort();
-                c.writer.abort();
+                c.abort();
             }
         }
     }
