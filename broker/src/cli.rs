@@ -382,25 +382,45 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
         }
         SessionsCommand::Export { id, output } => {
             let mut stream = c.export_session(r(id)).await.map_err(status)?.into_inner();
-            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
-                if output.as_os_str() == "-" {
-                    Box::new(tokio::io::stdout())
-                } else {
-                    Box::new(
-                        tokio::fs::File::create(&output)
-                            .await
-                            .map_err(|e| format!("cannot create {}: {e}", output.display()))?,
-                    )
-                };
+            if output.as_os_str() == "-" {
+                let mut out = tokio::io::stdout();
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(status)?;
+                    out.write_all(&chunk.data)
+                        .await
+                        .map_err(|e| format!("cannot write the archive: {e}"))?;
+                }
+                out.flush()
+                    .await
+                    .map_err(|e| format!("cannot write the archive: {e}"))?;
+                return Ok(());
+            }
+            // A temp file beside the output, renamed over it only when the
+            // whole archive is in: a failed export leaves no file behind.
+            let dir = match output.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => std::path::PathBuf::from("."),
+            };
+            let tmp = tempfile::Builder::new()
+                .prefix(".turnstile-export-")
+                .tempfile_in(&dir)
+                .map_err(|e| format!("cannot create a file in {}: {e}", dir.display()))?;
+            let mut out = tokio::fs::File::from_std(
+                tmp.reopen()
+                    .map_err(|e| format!("cannot open {}: {e}", tmp.path().display()))?,
+            );
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(status)?;
                 out.write_all(&chunk.data)
                     .await
                     .map_err(|e| format!("cannot write the archive: {e}"))?;
             }
-            out.flush()
+            out.sync_all()
                 .await
                 .map_err(|e| format!("cannot write the archive: {e}"))?;
+            drop(out);
+            tmp.persist(&output)
+                .map_err(|e| format!("cannot create {}: {e}", output.display()))?;
         }
         SessionsCommand::Import { id, input } => {
             let mut src: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if input.as_os_str() == "-"

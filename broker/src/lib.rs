@@ -19,6 +19,7 @@ pub mod service;
 pub mod session;
 pub mod spawn;
 pub mod sys;
+pub mod tree;
 pub mod turn;
 pub mod validate;
 pub mod warm;

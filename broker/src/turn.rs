@@ -310,6 +310,9 @@ struct Prepared {
     llm: Option<std::os::unix::net::UnixListener>,
     /// A ready launcher in `cgroup`, taken for the spawn.
     launcher: Option<Launcher>,
+    /// The session's home and work, opened as real directories: nsjail
+    /// must mount exactly these (checked right before the spawn).
+    dirs: Option<crate::session::SessionDirs>,
 }
 
 fn prepare(
@@ -319,7 +322,7 @@ fn prepare(
     paths: TurnPaths,
     payload: &[u8],
 ) -> Result<Prepared, BrokerError> {
-    let (_, meta) = broker.sessions.ensure(lease)?;
+    let (_, meta, dirs) = broker.sessions.ensure(lease)?;
     // The turn dir: a ready one (with its llm.sock bound, and tmp/ in direct
     // mode) renamed to the turn's name, or a new one.
     let spare = take_spare(broker, &spec.turn_id, cgroup_limits(&spec.limits)).and_then(|s| {
@@ -339,9 +342,14 @@ fn prepare(
             .map_err(|e| BrokerError::io("cannot create", &paths.turn_dir, e))?;
     }
     // From here on a failure must not leave the turn dir behind.
-    populate(broker, spec, paths.clone(), meta, payload, spare).inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(&paths.turn_dir);
-    })
+    populate(broker, spec, paths.clone(), meta, payload, spare)
+        .map(|p| Prepared {
+            dirs: Some(dirs),
+            ..p
+        })
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&paths.turn_dir);
+        })
 }
 
 fn populate(
@@ -410,6 +418,7 @@ fn prepared(
         cgroup,
         llm: Some(llm),
         launcher,
+        dirs: None,
     }
 }
 
@@ -1147,6 +1156,9 @@ async fn spawn(
             })?;
             setup.fds.push((w, jail::LOG_FD));
             log_reader = Some(r);
+            if let Some(dirs) = &prepared.dirs {
+                crate::session::check_mount_sources(&paths.session, dirs)?;
+            }
             (
                 bin,
                 vec!["--config".into(), paths.jail_config.clone().into()],
@@ -1205,6 +1217,7 @@ async fn finish(
         cgroup,
         llm: _,
         launcher: _,
+        dirs: _,
     } = prepared;
     // A turn that failed before `Started` still took a spare.
     if let Some(w) = &broker.warm {

@@ -237,7 +237,7 @@ async fn hostile_imports_are_refused_and_leave_nothing() {
                 raw_entry(b, "home/etc/passwd", tar::EntryType::Regular, None, b"x");
             }),
             Code::InvalidArgument,
-            "outside the session",
+            "a parent is a link",
         ),
         (
             archive(|b| {
@@ -246,17 +246,14 @@ async fn hostile_imports_are_refused_and_leave_nothing() {
                     "home/big",
                     tar::EntryType::Regular,
                     None,
-                    &vec![0u8; 2 << 20],
+                    // Real data: all-zero blocks would be holes, free.
+                    &vec![1u8; 2 << 20],
                 )
             }),
             Code::ResourceExhausted,
             "cap",
         ),
-        (
-            good[..1024].to_vec(),
-            Code::InvalidArgument,
-            "corrupt or truncated",
-        ),
+        (good[..1024].to_vec(), Code::InvalidArgument, "corrupt"),
     ];
     for (bytes, code, want) in cases {
         let err = import(&mut c, "hostile", bytes).await.expect_err(want);
