@@ -35,7 +35,10 @@ fn agent_start(session: &str, mode: &str) -> pb::Start {
     }
 }
 
-async fn export(client: &mut BrokerClient<tonic::transport::Channel>, id: &str) -> Vec<u8> {
+pub(super) async fn export(
+    client: &mut BrokerClient<tonic::transport::Channel>,
+    id: &str,
+) -> Vec<u8> {
     let mut s = client
         .export_session(pb::SessionRef {
             session_id: id.into(),
@@ -50,7 +53,7 @@ async fn export(client: &mut BrokerClient<tonic::transport::Channel>, id: &str) 
     out
 }
 
-async fn import(
+pub(super) async fn import(
     client: &mut BrokerClient<tonic::transport::Channel>,
     id: &str,
     archive: Vec<u8>,

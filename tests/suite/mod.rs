@@ -13,6 +13,7 @@ mod limits;
 mod llm;
 mod llm_http;
 mod relay;
+mod session_data;
 mod sessions;
 mod upstream;
 mod warm;
