@@ -96,7 +96,7 @@ impl Served {
         tokio::spawn(server::run(broker.clone(), vec![listener], async {
             let _ = stopped.await;
         }));
-        let channel = turnstile_broker::cli::connect_unix(socket)
+        let channel = turnstile_client::connect_unix(socket)
             .await
             .expect("connect");
         let client =

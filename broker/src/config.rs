@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Every turn runs in an nsjail jail (production).
@@ -19,6 +19,17 @@ impl Mode {
         match self {
             Mode::Nsjail => "nsjail",
             Mode::Direct => "direct",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "nsjail" => Ok(Mode::Nsjail),
+            "direct" => Ok(Mode::Direct),
+            _ => Err(format!("unknown mode {s:?}: want nsjail or direct")),
         }
     }
 }

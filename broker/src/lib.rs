@@ -7,13 +7,10 @@
 
 pub mod archive;
 pub mod cgroup;
-pub mod cli;
 pub mod config;
-pub mod doctor;
 pub mod error;
 pub mod jail;
 pub mod llm;
-pub mod run;
 pub mod server;
 pub mod service;
 pub mod session;

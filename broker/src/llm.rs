@@ -5,7 +5,7 @@
 //! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
 //! Credentials are added on the executor side; nothing here parses HTTP.
 //!
-//! Flow control is per connection and direction (`turnstile_client::flow`):
+//! Flow control is per connection and direction (`turnstile_proto::flow`):
 //! a connection reads from the agent only within the executor's window, and
 //! buffers at most a window of the executor's bytes, granting it back as the
 //! agent's socket takes them. So one slow connection never stalls the turn
@@ -21,7 +21,7 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
-use turnstile_client::flow::{self, Credit, Grants, Inbox};
+use turnstile_proto::flow::{self, Credit, Grants, Inbox};
 use turnstile_proto::v1 as pb;
 
 /// Read size from an agent connection (and largest `data` frame).

@@ -32,7 +32,7 @@
 //!
 //! The crate depends on the API (`turnstile-proto`), never on the broker.
 
-pub mod flow;
+pub use turnstile_proto::flow;
 mod forward;
 mod relay;
 mod turn;

