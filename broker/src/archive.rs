@@ -99,7 +99,12 @@ pub fn export(dir: impl AsFd, w: impl Write) -> io::Result<tree::Skipped> {
             h.set_entry_type(tar::EntryType::Regular);
             h.set_mode(0o600);
             h.set_size(tree::num(bytes.len()));
-            h.set_mtime(crate::session::now_unix_ms() / 1000);
+            h.set_mtime(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0),
+            );
             b.append_data(&mut h, "meta.json", &bytes[..])?;
         }
         Ok(None) => {}

@@ -1,7 +1,7 @@
 //! Turnstile broker: one daemon per worker host that runs agent turns.
 //!
 //! [`Broker`] owns the state dir, the session leases, the per-turn cgroups
-//! and the set of running turns; [`server::run`] serves it over gRPC until a
+//! and the set of running turns; [`server::serve`] serves it over gRPC until a
 //! shutdown trigger fires. The binary `turnstile` only parses flags and calls
 //! into here, which is what lets tests run a real broker on a temp socket.
 

@@ -42,7 +42,8 @@ pub const DEFAULT_LLM_ENV: &str = "ANTHROPIC_BASE_URL";
 /// (held by a process that escaped the turn) before the relay gives up.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
 
-pub type EventTx = mpsc::Sender<Result<pb::TurnEvent, tonic::Status>>;
+/// The turn's events towards the executor (the LLM relay sends on it too).
+pub type EventTx = crate::llm::EventSink;
 
 /// A validated `Start`.
 #[derive(Debug, Clone)]

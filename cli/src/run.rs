@@ -55,7 +55,7 @@ impl Embedded {
         let socket = dir.join("broker.sock");
         let listener = server::bind_unix(&socket).map_err(|e| format!("cannot listen: {e}"))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(broker, vec![listener], async {
+        let server = tokio::spawn(server::serve(broker, vec![listener], async {
             let _ = stopped.await;
         }));
         Ok((

@@ -47,7 +47,7 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
             _ = int.recv() => {}
         }
     };
-    match server::run(broker, listeners, shutdown).await {
+    match server::serve(broker, listeners, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e.to_string()),
     }

@@ -116,7 +116,7 @@ impl Harness {
         let broker = Broker::new(cfg).expect("broker starts");
         let listener = server::bind_unix(&socket).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(broker.clone(), vec![listener], async {
+        let server = tokio::spawn(server::serve(broker.clone(), vec![listener], async {
             let _ = stopped.await;
         }));
         Harness {

@@ -189,7 +189,7 @@ async fn tcp_is_loopback_only_and_needs_the_token() {
         _ => unreachable!("tcp listener"),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(turnstile_broker::server::run(
+    let server = tokio::spawn(turnstile_broker::server::serve(
         h.broker.clone(),
         vec![listener],
         async {
