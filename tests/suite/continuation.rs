@@ -192,8 +192,9 @@ async fn fork_copies_and_then_diverges(mode: Mode) {
     h.stop().await;
 }
 
-/// A tar entry with a raw name (tar's builder refuses hostile ones).
-fn raw_entry(
+/// A tar entry with a raw name and link target (tar's builder refuses
+/// hostile names and normalises link targets).
+pub(super) fn raw_entry(
     b: &mut tar::Builder<Vec<u8>>,
     path: &str,
     kind: tar::EntryType,
@@ -202,17 +203,21 @@ fn raw_entry(
 ) {
     let mut h = tar::Header::new_gnu();
     h.set_size(data.len() as u64);
-    h.set_mode(0o644);
+    h.set_mode(if kind == tar::EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
     h.set_entry_type(kind);
     h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
     if let Some(l) = link {
-        h.set_link_name(l).expect("link");
+        h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
     }
     h.set_cksum();
     b.append(&h, data).expect("append");
 }
 
-fn archive(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+pub(super) fn archive(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     f(&mut b);
     b.into_inner().expect("tar")

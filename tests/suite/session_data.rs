@@ -2,7 +2,7 @@
 //! reach another session or the host, trees that must survive export,
 //! import and fork as they are, the cost of a fork, and the import spool.
 
-use super::continuation::{export, import};
+use super::continuation::{archive, export, import, raw_entry};
 use super::harness::*;
 use crate::both_modes;
 use tonic::Code;
@@ -14,26 +14,9 @@ both_modes!(
     ordinary_sessions_survive_export_import_and_fork
 );
 
-/// A tar entry written raw: no normalisation, any type, any link target.
+/// A raw tar entry; an empty `link` is none.
 fn entry(b: &mut tar::Builder<Vec<u8>>, path: &str, kind: tar::EntryType, link: &str, data: &[u8]) {
-    let mut h = tar::Header::new_gnu();
-    h.set_size(data.len() as u64);
-    h.set_mode(if kind == tar::EntryType::Directory {
-        0o755
-    } else {
-        0o644
-    });
-    h.set_entry_type(kind);
-    h.as_old_mut().name[..path.len()].copy_from_slice(path.as_bytes());
-    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
-    h.set_cksum();
-    b.append(&h, data).expect("append");
-}
-
-fn archive(f: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    f(&mut b);
-    b.into_inner().expect("tar")
+    raw_entry(b, path, kind, (!link.is_empty()).then_some(link), data);
 }
 
 use tar::EntryType::{Directory as D, Fifo as P, Link as H, Regular as F, Symlink as L};
