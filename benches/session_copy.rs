@@ -59,6 +59,12 @@ fn build(root: &Path, data_mib: u64) {
     std::fs::write(root.join("meta.json"), b"{}").expect("meta");
 }
 
+/// Writes back every dirty page, so a measurement never pays for the
+/// previous one's writes.
+fn settle() {
+    rustix::fs::sync();
+}
+
 fn allocated(p: &Path) -> u64 {
     tree::usage(tree::open_dir_path(p).expect("open"))
         .expect("usage")
@@ -85,7 +91,7 @@ fn line(what: &str, ours: u64, theirs: u64, base: &str) {
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");
-    let (data_mib, runs) = if bench { (1024, 5) } else { (32, 1) };
+    let (data_mib, runs) = if bench { (1024, 6) } else { (32, 2) };
     // On the filesystem of the state dir (not a tmpfs /tmp): the target dir.
     let base = turnstile_benches::workspace().join("target/bench-session-copy");
     let _ = std::fs::remove_dir_all(&base);
@@ -103,52 +109,76 @@ fn main() {
     let (mut fork_t, mut cp_t, mut exp_t, mut tar_t) = (vec![], vec![], vec![], vec![]);
     let (mut fork_b, mut cp_b, mut exp_b, mut tar_b) = (0, 0, 0, 0);
     for i in 0..runs {
-        let ours = dir.path().join(format!("fork{i}"));
-        std::fs::create_dir(&ours).expect("mkdir");
-        let t = Instant::now();
-        tree::copy(
-            &src_fd,
-            &tree::open_dir_path(&ours).expect("open"),
-            &["home", "work"],
-        )
-        .expect("copy");
-        fork_t.push(t.elapsed());
-        fork_b = allocated(&ours);
-        std::fs::remove_dir_all(&ours).expect("rm");
-
-        let theirs = dir.path().join(format!("cp{i}"));
-        let t = Instant::now();
-        run(Command::new("cp")
-            .args(["-a", "--reflink=auto"])
-            .arg(&src)
-            .arg(&theirs));
-        cp_t.push(t.elapsed());
-        cp_b = allocated(&theirs.join("home")) + allocated(&theirs.join("work"));
-        std::fs::remove_dir_all(&theirs).expect("rm");
-
-        let out = dir.path().join(format!("export{i}.tar"));
-        let t = Instant::now();
-        let f = std::fs::File::create(&out).expect("create");
-        let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
-        archive::export(&src_fd, &mut w).expect("export");
-        w.into_inner().expect("flush").sync_all().expect("sync");
-        exp_t.push(t.elapsed());
-        exp_b = std::fs::metadata(&out).expect("meta").len();
-        std::fs::remove_file(&out).expect("rm");
-
-        let out = dir.path().join(format!("tar{i}.tar"));
-        let t = Instant::now();
-        run(Command::new("tar")
-            .args(["--sparse", "-cf"])
-            .arg(&out)
-            .arg("-C")
-            .arg(&src)
-            .args(["home", "work", "meta.json"]));
-        let f = std::fs::File::open(&out).expect("open");
-        f.sync_all().expect("sync");
-        tar_t.push(t.elapsed());
-        tar_b = std::fs::metadata(&out).expect("meta").len();
-        std::fs::remove_file(&out).expect("rm");
+        // Each side starts from the same state (no dirty pages of the
+        // other's writes), and the order alternates between runs.
+        let fork = |t: &mut Vec<_>, b: &mut u64| {
+            let ours = dir.path().join(format!("fork{i}"));
+            std::fs::create_dir(&ours).expect("mkdir");
+            settle();
+            let start = Instant::now();
+            tree::copy(
+                &src_fd,
+                &tree::open_dir_path(&ours).expect("open"),
+                &["home", "work"],
+            )
+            .expect("copy");
+            t.push(start.elapsed());
+            *b = allocated(&ours);
+            std::fs::remove_dir_all(&ours).expect("rm");
+        };
+        let cp = |t: &mut Vec<_>, b: &mut u64| {
+            let theirs = dir.path().join(format!("cp{i}"));
+            settle();
+            let start = Instant::now();
+            run(Command::new("cp")
+                .args(["-a", "--reflink=auto"])
+                .arg(&src)
+                .arg(&theirs));
+            t.push(start.elapsed());
+            *b = allocated(&theirs.join("home")) + allocated(&theirs.join("work"));
+            std::fs::remove_dir_all(&theirs).expect("rm");
+        };
+        let export = |t: &mut Vec<_>, b: &mut u64| {
+            let out = dir.path().join(format!("export{i}.tar"));
+            settle();
+            let start = Instant::now();
+            let f = std::fs::File::create(&out).expect("create");
+            let mut w = std::io::BufWriter::with_capacity(64 * 1024, f);
+            archive::export(&src_fd, &mut w).expect("export");
+            w.into_inner().expect("flush").sync_all().expect("sync");
+            t.push(start.elapsed());
+            *b = std::fs::metadata(&out).expect("meta").len();
+            std::fs::remove_file(&out).expect("rm");
+        };
+        let tar = |t: &mut Vec<_>, b: &mut u64| {
+            let out = dir.path().join(format!("tar{i}.tar"));
+            settle();
+            let start = Instant::now();
+            run(Command::new("tar")
+                .args(["--sparse", "-cf"])
+                .arg(&out)
+                .arg("-C")
+                .arg(&src)
+                .args(["home", "work", "meta.json"]));
+            std::fs::File::open(&out)
+                .expect("open")
+                .sync_all()
+                .expect("sync");
+            t.push(start.elapsed());
+            *b = std::fs::metadata(&out).expect("meta").len();
+            std::fs::remove_file(&out).expect("rm");
+        };
+        if i % 2 == 0 {
+            fork(&mut fork_t, &mut fork_b);
+            cp(&mut cp_t, &mut cp_b);
+            export(&mut exp_t, &mut exp_b);
+            tar(&mut tar_t, &mut tar_b);
+        } else {
+            cp(&mut cp_t, &mut cp_b);
+            fork(&mut fork_t, &mut fork_b);
+            tar(&mut tar_t, &mut tar_b);
+            export(&mut exp_t, &mut exp_b);
+        }
     }
     report(
         "fork (tree::copy)",

@@ -7,6 +7,7 @@ mod harness;
 mod admission;
 mod cli;
 mod continuation;
+mod hardening;
 mod isolation;
 mod lifecycle;
 mod limits;
