@@ -8,6 +8,33 @@ use tokio_stream::StreamExt;
 use turnstile_client::connect_unix;
 use turnstile_proto::v1 as pb;
 
+/// A field as the terminal may show it: control characters (which could
+/// come from an imported session's metadata) escaped, never sent raw.
+fn printable(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect()
+}
+
+/// Writes to stdout; a reader that went away (`| head`) ends the output
+/// quietly, as it does for any Unix tool.
+fn write_stdout(text: &str) -> Result<(), String> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Err(e) => Err(format!("cannot write to stdout: {e}")),
+    }
+}
+
 fn info_json(i: &pb::SessionInfo) -> serde_json::Value {
     serde_json::json!({
         "session_id": i.session_id,
@@ -50,32 +77,32 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!(
-                "{:<32} {:>6} {:<16} {:>12} RUNNING",
+            let mut out = format!(
+                "{:<32} {:>6} {:<16} {:>12} RUNNING\n",
                 "SESSION", "TURNS", "LAST EXIT", "DISK"
             );
+            let dash = |s: &str| {
+                if s.is_empty() {
+                    "-".to_string()
+                } else {
+                    printable(s)
+                }
+            };
             for s in list.sessions {
-                println!(
-                    "{:<32} {:>6} {:<16} {:>12} {}",
-                    s.session_id,
+                out.push_str(&format!(
+                    "{:<32} {:>6} {:<16} {:>12} {}\n",
+                    printable(&s.session_id),
                     s.turn_count,
-                    if s.last_exit_reason.is_empty() {
-                        "-"
-                    } else {
-                        &s.last_exit_reason
-                    },
+                    dash(&s.last_exit_reason),
                     s.disk_usage_bytes,
-                    if s.running_turn_id.is_empty() {
-                        "-"
-                    } else {
-                        &s.running_turn_id
-                    }
-                );
+                    dash(&s.running_turn_id),
+                ));
             }
+            write_stdout(&out)?;
         }
         SessionsCommand::Show { id } => {
             let i = c.get_session(r(id)).await.map_err(status)?.into_inner();
-            println!("{}", info_json(&i));
+            write_stdout(&format!("{}\n", info_json(&i)))?;
         }
         SessionsCommand::Rm { id } => {
             c.delete_session(r(id.clone())).await.map_err(status)?;
@@ -90,7 +117,7 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner();
-            println!("{}", info_json(&i));
+            write_stdout(&format!("{}\n", info_json(&i)))?;
         }
         SessionsCommand::Export { id, output } => {
             let mut stream = c.export_session(r(id)).await.map_err(status)?.into_inner();
@@ -176,7 +203,7 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             reader.await.map_err(|e| e.to_string())??;
-            println!("{}", info_json(&i));
+            write_stdout(&format!("{}\n", info_json(&i)))?;
         }
         SessionsCommand::Gc { dry_run } => {
             let g = c
@@ -185,7 +212,8 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
                 .map_err(status)?
                 .into_inner();
             for s in g.sessions {
-                println!("{}{s}", if dry_run { "would delete " } else { "deleted " });
+                let done = if dry_run { "would delete " } else { "deleted " };
+                write_stdout(&format!("{done}{s}\n"))?;
             }
         }
         SessionsCommand::Cancel { id } => {
@@ -198,4 +226,15 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped_for_the_terminal() {
+        assert_eq!(printable("exited"), "exited");
+        assert_eq!(printable("a\u{1b}[2Jb\n"), "a\\u{1b}[2Jb\\n");
+    }
 }

@@ -240,6 +240,41 @@ async fn failed_exports_and_imports_leave_nothing_behind() {
     assert!(d.wait().await.success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_ls_into_a_closed_pipe_ends_quietly() {
+    let dir = tempdir();
+    let mut d = Daemon::spawn(Mode::Direct, dir.path(), &[]);
+    let client = d.ready().await;
+    let t = Turn::start(client, start("listed", "true"))
+        .await
+        .expect("turn");
+    t.close_stdin().await;
+    t.collect().await.assert_exited_ok();
+    // stdout is a pipe whose reader is already gone (`| head` that quit):
+    // every write fails with EPIPE.
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    drop(r);
+    let socket = d.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .arg("sessions")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("ls")
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::piped())
+            .output()
+            .expect("turnstile sessions ls")
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait().await.success());
+}
+
 /// `turnstile run` with no daemon: the broker runs in the CLI process.
 fn embedded(state: &std::path::Path, mode: Mode, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));
