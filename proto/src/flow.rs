@@ -33,9 +33,11 @@ impl Credit {
     /// Adds `n` bytes of credit. Refused (false) when the peer would grant
     /// more than a window in total: that peer is broken.
     pub fn grant(&self, n: u64) -> bool {
+        // `n` comes from the peer: any u64. Checked, so a huge grant is a
+        // refusal, never an overflow.
         let now = self.0.available_permits() as u64;
-        match usize::try_from(n) {
-            Ok(n) if now + n as u64 <= LLM_INITIAL_WINDOW => {
+        match (usize::try_from(n), now.checked_add(n)) {
+            (Ok(n), Some(total)) if total <= LLM_INITIAL_WINDOW => {
                 self.0.add_permits(n);
                 true
             }
@@ -104,6 +106,11 @@ impl Inbox {
     /// Accounts for `n` bytes received; false when they overflow the
     /// sender's window (a protocol error: the caller resets the connection).
     pub fn receive(&self, n: u64) -> bool {
+        // More than a window can never fit; refusing it first also keeps
+        // the sum below from overflowing (pending stays within a window).
+        if n > LLM_INITIAL_WINDOW {
+            return false;
+        }
         let before = self.pending.fetch_add(n, Ordering::AcqRel);
         if before + n > LLM_INITIAL_WINDOW {
             self.pending.fetch_sub(n, Ordering::AcqRel);
@@ -126,7 +133,7 @@ pub struct Grants {
 
 impl Grants {
     pub fn add(&mut self, n: u64, queue_empty: bool) -> Option<u64> {
-        self.owed += n;
+        self.owed = self.owed.saturating_add(n);
         if self.owed >= GRANT_BATCH || (queue_empty && self.owed > 0) {
             Some(std::mem::take(&mut self.owed))
         } else {
@@ -177,5 +184,58 @@ mod tests {
         assert_eq!(g.add(GRANT_BATCH, false), Some(GRANT_BATCH + 100));
         assert_eq!(g.add(7, true), Some(7));
         assert_eq!(g.add(0, true), None);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Grant(u64),
+        Receive(u64),
+        HandOn(u64),
+    }
+
+    fn op() -> impl proptest::strategy::Strategy<Value = Op> {
+        use proptest::prelude::*;
+        let n = prop_oneof![
+            0..=LLM_INITIAL_WINDOW + 2,
+            Just(u64::MAX),
+            Just(u64::MAX - 1),
+            Just(1u64 << 63),
+            any::<u64>(),
+        ];
+        prop_oneof![
+            n.clone().prop_map(Op::Grant),
+            n.prop_map(Op::Receive),
+            (0..=LLM_INITIAL_WINDOW).prop_map(Op::HandOn),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever numbers a peer sends, nothing panics and neither side
+        /// ever holds more than a window.
+        #[test]
+        fn any_sequence_of_peer_numbers_keeps_the_window(ops in proptest::collection::vec(op(), 0..64)) {
+            let credit = Credit::default();
+            let inbox = Inbox::default();
+            let mut pending = 0u64;
+            for op in ops {
+                match op {
+                    Op::Grant(n) => {
+                        let _ = credit.grant(n);
+                    }
+                    Op::Receive(n) => {
+                        if inbox.receive(n) {
+                            pending += n;
+                        }
+                    }
+                    Op::HandOn(n) => {
+                        let n = n.min(pending);
+                        inbox.handed_on(n);
+                        pending -= n;
+                    }
+                }
+                proptest::prop_assert!(credit.0.available_permits() as u64 <= LLM_INITIAL_WINDOW);
+                proptest::prop_assert!(pending <= LLM_INITIAL_WINDOW);
+            }
+        }
     }
 }
