@@ -52,6 +52,10 @@ pub enum BrokerError {
     ShuttingDown,
     #[error("session {0} already exists")]
     SessionExists(String),
+    #[error(
+        "turn id {turn} is already running (in session {session}): a turn id names one running turn"
+    )]
+    TurnIdInUse { turn: String, session: String },
     #[error("session {session} is damaged: {what}")]
     Damaged { session: String, what: String },
     #[error("import refused: {0}")]
@@ -94,7 +98,7 @@ impl BrokerError {
             BrokerError::BusyAfterWait { .. } => Code::DeadlineExceeded,
             BrokerError::SessionNotFound(_) => Code::NotFound,
             BrokerError::ShuttingDown => Code::Unavailable,
-            BrokerError::SessionExists(_) => Code::AlreadyExists,
+            BrokerError::SessionExists(_) | BrokerError::TurnIdInUse { .. } => Code::AlreadyExists,
             BrokerError::Damaged { .. } => Code::FailedPrecondition,
             BrokerError::Import(
                 crate::archive::ImportError::TooLarge { .. }

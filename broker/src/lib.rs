@@ -315,6 +315,14 @@ impl Broker {
         if adm.closed {
             return Err(BrokerError::ShuttingDown);
         }
+        // Turn dirs, cgroups and this registry are keyed by turn id: a
+        // second running turn with the same id would take over the first's.
+        if let Some(running) = adm.active.get(turn_id) {
+            return Err(BrokerError::TurnIdInUse {
+                turn: turn_id.to_string(),
+                session: running.session_id.clone(),
+            });
+        }
         let (signals, signals_rx) = tokio::sync::mpsc::channel(8);
         let turn = ActiveTurn {
             session_id: session_id.to_string(),

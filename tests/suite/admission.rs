@@ -16,7 +16,48 @@ both_modes!(
     first_message_must_be_start,
     waiting_lease_runs_after_the_busy_turn,
     a_waiting_lease_gives_up_at_its_deadline,
+    a_running_turn_id_cannot_be_reused_in_another_session,
 );
+
+async fn a_running_turn_id_cannot_be_reused_in_another_session(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let mut c = h.client().await;
+    let with_id = |session: &str| pb::Start {
+        turn_id: "shared-id".into(),
+        ..start(session, "echo ready; cat")
+    };
+    let mut first = h.turn(with_id("owner")).await.expect("first turn");
+    let mut seen = Outcome::default();
+    first.wait_stdout("ready", &mut seen).await;
+    let err = h.turn(with_id("intruder")).await.expect_err("same turn id");
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    assert!(
+        err.message().contains("shared-id") && err.message().contains("owner"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        !h.state().join("sessions/intruder").exists(),
+        "nothing on disk"
+    );
+    // The first turn is still registered: listed as running, and cancellable.
+    let info = c
+        .get_session(pb::SessionRef {
+            session_id: "owner".into(),
+        })
+        .await
+        .expect("show")
+        .into_inner();
+    assert_eq!(info.running_turn_id, "shared-id");
+    c.cancel_turn(pb::SessionRef {
+        session_id: "owner".into(),
+    })
+    .await
+    .expect("cancel");
+    first.collect_into(&mut seen).await;
+    assert_eq!(seen.reason(), pb::exited::Reason::Cancelled);
+    h.stop().await;
+}
 
 async fn second_start_for_a_busy_session_is_refused(mode: Mode) {
     let h = Harness::start(mode).await;
