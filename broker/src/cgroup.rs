@@ -131,8 +131,18 @@ impl Cgroups {
             v2,
             limits: CgroupLimits::default(),
         };
-        for d in &cg.dirs {
-            fs::create_dir(d)?;
+        for i in 0..cg.dirs.len() {
+            if let Err(e) = fs::create_dir(&cg.dirs[i]) {
+                let path = cg.dirs[i].display().to_string();
+                // The controllers' dirs made so far go too: none is left
+                // behind when a later one fails.
+                cg.dirs.truncate(i);
+                cg.remove_now();
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot create {path}: {e}"),
+                ));
+            }
         }
         if let Err(e) = cg.set_limits(limits) {
             cg.remove_now();
@@ -372,5 +382,32 @@ mod tests {
         assert_eq!(read_counter(&f, "under_oom"), 0);
         assert_eq!(read_counter(&f, "missing"), 0);
         assert_eq!(read_counter(&dir.path().join("nope"), "oom_kill"), 0);
+    }
+
+    #[test]
+    fn a_controller_that_cannot_be_created_leaves_nothing_and_names_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let memory = dir.path().join("memory");
+        fs::create_dir(&memory).expect("mkdir");
+        // The pids hierarchy is missing: its turn dir cannot be made.
+        let pids = dir.path().join("pids");
+        let cgroups = Cgroups {
+            layout: Layout::V1 {
+                memory: memory.clone(),
+                pids: pids.clone(),
+            },
+        };
+        let err = cgroups
+            .create("t1", CgroupLimits::default())
+            .expect_err("no pids hierarchy");
+        assert!(
+            err.to_string()
+                .contains(&pids.join("t1").display().to_string()),
+            "{err}"
+        );
+        assert!(
+            !memory.join("t1").exists(),
+            "the memory cgroup is removed too"
+        );
     }
 }

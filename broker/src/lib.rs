@@ -82,6 +82,12 @@ pub enum StartupError {
         "state dir {0} is in use by another broker (its lock is held); stop it or pick another --state-dir"
     )]
     StateDirLocked(PathBuf),
+    #[error("cannot lock {path}: {source}")]
+    StateLock {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Nsjail(String),
     #[error(
@@ -142,8 +148,13 @@ impl Broker {
             .create(&state)
             .map_err(io_err)?;
         let lock_file = File::create(state.join("broker.lock")).map_err(io_err)?;
-        let state_lock =
-            lock_state(lock_file).map_err(|_| StartupError::StateDirLocked(state.clone()))?;
+        let state_lock = lock_state(lock_file).map_err(|e| match e {
+            nix::errno::Errno::EWOULDBLOCK => StartupError::StateDirLocked(state.clone()),
+            e => StartupError::StateLock {
+                path: state.join("broker.lock"),
+                source: e.into(),
+            },
+        })?;
 
         if !is_executable(&config.shim) {
             return Err(StartupError::Shim(config.shim.clone()));
