@@ -18,6 +18,9 @@ pub const EXIT_REFUSED: i32 = 125;
 pub const EXIT_NOT_STARTED: i32 = 126;
 /// Exit code of `turnstile run` when the broker cannot be reached.
 pub const EXIT_UNREACHABLE: i32 = 127;
+/// Exit code of `turnstile run` when the broker went away after the agent
+/// started: the agent ran, its outcome is unknown.
+pub const EXIT_BROKER_LOST: i32 = 124;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -37,7 +40,7 @@ pub enum Command {
     /// Run one turn on a broker, attached to this terminal. Exits with the
     /// agent's code (128+n for signal n); 125 when the broker refused the
     /// turn, 126 when the agent never started, 127 when the broker is
-    /// unreachable.
+    /// unreachable, 124 when the broker went away after the agent started.
     Run(RunArgs),
     /// Manage a broker's sessions.
     Sessions(SessionsArgs),

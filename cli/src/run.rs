@@ -3,7 +3,8 @@
 //! same broker, served on a private socket: the production code path).
 
 use crate::args::{
-    EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, LlmHeader, RunArgs,
+    EXIT_BROKER_LOST, EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, LlmHeader,
+    RunArgs,
 };
 use std::path::PathBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -260,6 +261,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
     let mut stderr = tokio::io::stderr();
     let mut code = EXIT_NOT_STARTED;
     let mut spawn_us = None;
+    let mut exited = false;
     while let Some(event) = turn.next().await {
         let event = match event {
             Ok(e) => e,
@@ -288,6 +290,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
                 eprintln!("turnstile: notice: {}", n.message);
             }
             Some(pb::turn_event::Kind::Exited(e)) => {
+                exited = true;
                 code = match e.status {
                     Some(pb::exited::Status::ExitCode(c)) => c,
                     Some(pb::exited::Status::Signal(s)) => 128 + s,
@@ -313,6 +316,13 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             }
             _ => {}
         }
+    }
+    if !exited && spawn_us.is_some() {
+        // The agent ran; without `Exited` nobody knows how it ended.
+        eprintln!(
+            "turnstile: the broker went away during the turn: the agent had started, its outcome is unknown"
+        );
+        code = EXIT_BROKER_LOST;
     }
     stdin_task.abort();
     ctrl_c.abort();

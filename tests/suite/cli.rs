@@ -275,6 +275,46 @@ async fn sessions_ls_into_a_closed_pipe_ends_quietly() {
     assert!(d.wait().await.success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_says_the_broker_went_away_when_it_dies_mid_turn() {
+    use std::io::BufRead;
+    let dir = tempdir();
+    let mut d = Daemon::spawn(Mode::Direct, dir.path(), &[]);
+    let _ = d.ready().await;
+    let mut cli = Command::new(env!("CARGO_BIN_EXE_turnstile"))
+        .args(["run", "--socket"])
+        .arg(&d.socket)
+        .args(["--", "/bin/sh", "-c", "echo ready; exec sleep 600"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("turnstile run");
+    let stdout = cli.stdout.take().expect("stdout");
+    let first = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await
+    .expect("join")
+    .expect("read");
+    assert_eq!(first, "ready\n");
+    d.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = d.wait().await;
+    let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
+        .await
+        .expect("join")
+        .expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "{stderr}");
+    assert!(
+        stderr.contains("the broker went away during the turn"),
+        "{stderr}"
+    );
+}
+
 /// `turnstile run` with no daemon: the broker runs in the CLI process.
 fn embedded(state: &std::path::Path, mode: Mode, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));
