@@ -115,22 +115,15 @@ impl BrokerApi for Service {
     ) -> Result<Response<pb::SessionInfo>, Status> {
         let id = request.into_inner().session_id;
         crate::validate::session_id(&id).map_err(BrokerError::from)?;
-        self.info(&id)
-            .map(Response::new)
-            .ok_or_else(|| BrokerError::SessionNotFound(id).into())
+        self.info(id).await
     }
 
     async fn list_sessions(
         &self,
         _request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsReply>, Status> {
-        let sessions = self
-            .broker
-            .sessions
-            .ids()
-            .iter()
-            .filter_map(|id| self.info(id))
-            .collect();
+        let ids = self.broker.sessions.ids();
+        let sessions = self.infos(ids).await?;
         Ok(Response::new(pb::ListSessionsReply { sessions }))
     }
 
@@ -146,9 +139,7 @@ impl BrokerApi for Service {
             .fork(&r.source_session_id, &r.new_session_id)
             .await?;
         info!(session.id = %r.new_session_id, from = %r.source_session_id, "session forked");
-        self.info(&r.new_session_id)
-            .map(Response::new)
-            .ok_or_else(|| BrokerError::SessionNotFound(r.new_session_id).into())
+        self.info(r.new_session_id).await
     }
 
     type ExportSessionStream = ReceiverStream<Result<pb::ArchiveChunk, Status>>;
@@ -264,9 +255,7 @@ impl BrokerApi for Service {
         drop(spool);
         result?;
         info!(session.id = %id, "session imported");
-        self.info(&id)
-            .map(Response::new)
-            .ok_or_else(|| BrokerError::SessionNotFound(id).into())
+        self.info(id).await
     }
 
     async fn gc_sessions(
@@ -372,23 +361,41 @@ impl Service {
             .ok_or_else(|| Status::not_found(format!("session {id} has no running turn")))
     }
 
-    fn info(&self, id: &str) -> Option<pb::SessionInfo> {
-        let meta = self.broker.sessions.meta(id)?;
-        let running = self
-            .broker
-            .active_turn_of(id)
-            .map(|(t, _)| t)
-            .unwrap_or_default();
-        Some(pb::SessionInfo {
-            session_id: id.to_string(),
-            created_unix_ms: meta.created_unix_ms,
-            turn_count: meta.turn_count,
-            last_turn_id: meta.last_turn_id.unwrap_or_default(),
-            last_turn_start_unix_ms: meta.last_turn_start_unix_ms.unwrap_or(0),
-            last_turn_end_unix_ms: meta.last_turn_end_unix_ms.unwrap_or(0),
-            last_exit_reason: meta.last_exit_reason.unwrap_or_default(),
-            disk_usage_bytes: self.broker.sessions.usage(id).map(|u| u.bytes).unwrap_or(0),
-            running_turn_id: running,
-        })
+    /// Sessions' info, read on the blocking pool: metadata files and a disk
+    /// usage walk of each tree, which must never stall the runtime (and
+    /// with it every running turn's relay).
+    async fn infos(&self, ids: Vec<String>) -> Result<Vec<pb::SessionInfo>, Status> {
+        let broker = self.broker.clone();
+        tokio::task::spawn_blocking(move || ids.iter().filter_map(|id| info(&broker, id)).collect())
+            .await
+            .map_err(|e| Status::internal(format!("session info task: {e}")))
     }
+
+    async fn info(&self, id: String) -> Result<Response<pb::SessionInfo>, Status> {
+        self.infos(vec![id.clone()])
+            .await?
+            .pop()
+            .map(Response::new)
+            .ok_or_else(|| BrokerError::SessionNotFound(id).into())
+    }
+}
+
+/// One session's info (blocking: reads its metadata and walks its tree).
+fn info(broker: &Broker, id: &str) -> Option<pb::SessionInfo> {
+    let meta = broker.sessions.meta(id)?;
+    let running = broker
+        .active_turn_of(id)
+        .map(|(t, _)| t)
+        .unwrap_or_default();
+    Some(pb::SessionInfo {
+        session_id: id.to_string(),
+        created_unix_ms: meta.created_unix_ms,
+        turn_count: meta.turn_count,
+        last_turn_id: meta.last_turn_id.unwrap_or_default(),
+        last_turn_start_unix_ms: meta.last_turn_start_unix_ms.unwrap_or(0),
+        last_turn_end_unix_ms: meta.last_turn_end_unix_ms.unwrap_or(0),
+        last_exit_reason: meta.last_exit_reason.unwrap_or_default(),
+        disk_usage_bytes: broker.sessions.usage(id).map(|u| u.bytes).unwrap_or(0),
+        running_turn_id: running,
+    })
 }
