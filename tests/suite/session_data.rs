@@ -315,3 +315,51 @@ async fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_session_is_refused_with_its_cause_and_still_listed() {
+    let h = Harness::start(Mode::Direct).await;
+    let mut c = h.client().await;
+    h.run(start("damaged", "true")).await.assert_exited_ok();
+    h.run(start("fine", "true")).await.assert_exited_ok();
+    let dir = h.state().join("sessions/damaged");
+    std::fs::write(dir.join("meta.json"), b"{not json").expect("corrupt");
+    // The turn is admitted, then refused before anything runs.
+    let out = h.run(start("damaged", "true")).await;
+    assert_eq!(out.reason(), Reason::SpawnFailed, "{:?}", out.exited);
+    assert!(
+        out.exited()
+            .message
+            .contains("session damaged is damaged: meta.json is not valid metadata"),
+        "{:?}",
+        out.exited
+    );
+    // Never reset behind the operator's back: the file is as it was.
+    assert_eq!(
+        std::fs::read(dir.join("meta.json")).expect("meta"),
+        b"{not json"
+    );
+    // home as a link is refused the same way, and nothing follows it.
+    std::fs::write(dir.join("meta.json"), b"{}").expect("meta");
+    std::fs::rename(dir.join("home"), dir.join("home.real")).expect("rename");
+    std::os::unix::fs::symlink("../fine/home", dir.join("home")).expect("symlink");
+    let out = h.run(start("damaged", "true")).await;
+    assert_eq!(out.reason(), Reason::SpawnFailed, "{:?}", out.exited);
+    assert!(
+        out.exited().message.contains("home is not a directory"),
+        "{:?}",
+        out.exited
+    );
+    // The listing still shows both sessions.
+    let ids: Vec<String> = c
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .expect("ls")
+        .into_inner()
+        .sessions
+        .into_iter()
+        .map(|s| s.session_id)
+        .collect();
+    assert_eq!(ids, ["damaged", "fine"]);
+    h.stop().await;
+}
