@@ -113,6 +113,19 @@ impl Cgroups {
         }
     }
 
+    /// Removes the broker's parent cgroups (at a clean stop, once every turn
+    /// and spare cgroup is gone); returns those that could not be removed.
+    pub fn remove_parents(&self) -> Vec<(PathBuf, io::Error)> {
+        self.parents()
+            .into_iter()
+            .filter_map(|d| match fs::remove_dir(&d) {
+                Ok(()) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => Some((d, e)),
+            })
+            .collect()
+    }
+
     pub fn version(&self) -> u8 {
         match self.layout {
             Layout::V1 { .. } => 1,

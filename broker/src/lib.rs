@@ -393,6 +393,13 @@ impl Broker {
         if let Some(w) = &self.warm {
             w.stop().await;
         }
+        // The broker's own parent cgroups go with it; one that still holds
+        // a turn (past the grace) stays, and says so.
+        if let Some(cg) = &self.cgroups {
+            for (dir, e) in cg.remove_parents() {
+                warn!(path = %dir.display(), error = %e, "cannot remove the broker's cgroup");
+            }
+        }
     }
 }
 

@@ -86,6 +86,63 @@ async fn broker_sigterm_ends_turns_as_broker_shutdown(mode: Mode) {
     assert!(!socket.exists(), "socket removed on shutdown");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_stop_removes_the_brokers_cgroups() {
+    let dir = tempdir();
+    let mut d = Daemon::spawn(Mode::Direct, dir.path(), &[]);
+    let client = d.ready().await;
+    // Direct mode shows the turn its host cgroup: <mount>/<broker's parent>/<turn>.
+    let t = Turn::start(client, start("cg", "cat /proc/self/cgroup"))
+        .await
+        .expect("turn");
+    t.close_stdin().await;
+    let out = t.collect().await;
+    out.assert_exited_ok();
+    let stdout = out.stdout();
+    let (mount, path) = if std::path::Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        let p = stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .expect("a v2 cgroup line");
+        ("/sys/fs/cgroup".to_string(), p.to_string())
+    } else {
+        let p = stdout
+            .lines()
+            .find(|l| {
+                l.split(':')
+                    .nth(1)
+                    .is_some_and(|c| c.split(',').any(|x| x == "pids"))
+            })
+            .and_then(|l| l.splitn(3, ':').nth(2))
+            .expect("a v1 pids line");
+        ("/sys/fs/cgroup/pids".to_string(), p.to_string())
+    };
+    let parent = std::path::Path::new(&mount).join(
+        std::path::Path::new(path.trim_start_matches('/'))
+            .parent()
+            .expect("the broker's parent cgroup"),
+    );
+    assert!(
+        parent
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("turnstile-")),
+        "{}",
+        parent.display()
+    );
+    assert!(
+        parent.is_dir(),
+        "{} exists while the broker runs",
+        parent.display()
+    );
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait().await.success());
+    assert!(
+        !parent.exists(),
+        "{} left after a clean stop",
+        parent.display()
+    );
+}
+
 async fn broker_sigkill_takes_its_jails_and_restart_cleans_up(mode: Mode) {
     let dir = tempdir();
     let mut d = Daemon::spawn(mode, dir.path(), &[]);
