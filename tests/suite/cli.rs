@@ -302,6 +302,7 @@ async fn run_says_the_broker_went_away_when_it_dies_mid_turn() {
     .expect("read");
     assert_eq!(first, "ready\n");
     d.signal(nix::sys::signal::Signal::SIGKILL);
+    let (state, socket) = (d.state.clone(), d.socket.clone());
     let _ = d.wait().await;
     let out = tokio::task::spawn_blocking(move || cli.wait_with_output())
         .await
@@ -313,6 +314,12 @@ async fn run_says_the_broker_went_away_when_it_dies_mid_turn() {
         stderr.contains("the broker went away during the turn"),
         "{stderr}"
     );
+    // A broker on the same state dir cleans what the killed one left
+    // (its cgroups), and stops cleanly.
+    let mut d2 = Daemon::spawn_at(Mode::Direct, &state, &socket, &[]);
+    let _ = d2.ready().await;
+    d2.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d2.wait().await.success());
 }
 
 /// `turnstile run` with no daemon: the broker runs in the CLI process.
