@@ -6,9 +6,20 @@ use std::process::ExitCode;
 use turnstile_broker::{Broker, server};
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
+    use tokio::signal::unix::{SignalKind, signal};
     let fail = |msg: String| {
         eprintln!("turnstile: {msg}");
         ExitCode::FAILURE
+    };
+    // The handlers go in first: a SIGTERM that arrives while the broker
+    // starts (or right after it listens) must stop it cleanly, not kill it
+    // with the default action before its shutdown is armed.
+    let (term, int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => return fail(format!("cannot handle signals: {e}")),
     };
     let config = match args.into_config() {
         Ok(c) => c,
@@ -33,15 +44,8 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
             Err(e) => return fail(format!("cannot listen on {addr}: {e}")),
         }
     }
-    let shutdown = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            std::future::pending::<()>().await;
-            return;
-        };
+    let shutdown = async move {
+        let (mut term, mut int) = (term, int);
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}

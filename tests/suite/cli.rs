@@ -319,7 +319,8 @@ async fn run_says_the_broker_went_away_when_it_dies_mid_turn() {
     let mut d2 = Daemon::spawn_at(Mode::Direct, &state, &socket, &[]);
     let _ = d2.ready().await;
     d2.signal(nix::sys::signal::Signal::SIGTERM);
-    assert!(d2.wait().await.success());
+    let status = d2.wait().await;
+    assert!(status.success(), "{status:?}");
 }
 
 /// `turnstile run` with no daemon: the broker runs in the CLI process.
