@@ -4,6 +4,7 @@
 
 use crate::cgroup::{CgroupLimits, TurnCgroup};
 use crate::config::{Limits, Mode};
+use crate::disk::{DiskLimit, Usage as DiskUsage};
 use crate::error::{BrokerError, InputError};
 use crate::session::{Lease, LeasePolicy, SessionMeta, SessionPaths, now_unix_ms};
 use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
@@ -56,6 +57,8 @@ pub struct TurnSpec {
     pub limits: Limits,
     pub lease: LeasePolicy,
     pub llm_env_vars: Vec<String>,
+    /// `RLIMIT_FSIZE` from the session's disk limit: what is left of it.
+    pub disk_file_cap: Option<u64>,
 }
 
 /// A fresh unique id (turns, spool files).
@@ -122,6 +125,18 @@ pub fn effective_limits(
             defaults.max_file_size_bytes,
             caps.max_file_size_bytes,
         )?,
+        disk_bytes: pick(
+            "disk_bytes",
+            req.disk_bytes,
+            defaults.disk_bytes,
+            caps.disk_bytes,
+        )?,
+        disk_inodes: pick(
+            "disk_inodes",
+            req.disk_inodes,
+            defaults.disk_inodes,
+            caps.disk_inodes,
+        )?,
     })
 }
 
@@ -163,7 +178,11 @@ impl TurnSpec {
             }
             _ => LeasePolicy::Reject,
         };
+        let disk_file_cap = broker
+            .disk
+            .file_size_cap(&start.session_id, disk_limit(&limits));
         Ok(TurnSpec {
+            disk_file_cap,
             session_id: start.session_id,
             turn_id,
             argv: start.argv,
@@ -173,6 +192,14 @@ impl TurnSpec {
             lease,
             llm_env_vars,
         })
+    }
+}
+
+/// The session disk limit within a turn's limits.
+pub fn disk_limit(limits: &Limits) -> DiskLimit {
+    DiskLimit {
+        bytes: limits.disk_bytes,
+        inodes: limits.disk_inodes,
     }
 }
 
@@ -278,7 +305,10 @@ pub fn build_payload(
         rlimits: turnstile_shim::Rlimits {
             cpu_seconds: l.cpu_time_ms.map(|ms| ms.div_ceil(1000).max(1)),
             open_files: l.max_open_files,
-            file_size_bytes: l.max_file_size_bytes,
+            file_size_bytes: match (l.max_file_size_bytes, spec.disk_file_cap) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             address_space_bytes: if no_cgroups { l.memory_bytes } else { None },
             processes: if no_cgroups { l.max_processes } else { None },
         },
@@ -505,6 +535,8 @@ struct Outcome {
     nsjail_log: String,
     /// stderr of the jail or shim when no agent ever ran.
     early_stderr: String,
+    /// The session's disk use that was over its limit.
+    disk_exceeded: Option<DiskUsage>,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<ShimMsg>> {
@@ -905,6 +937,18 @@ async fn supervise(
     if let Some(w) = &broker.warm {
         w.refill();
     }
+    // The session's disk use, measured from now on (never on the start
+    // path: the first walk of a big tree takes a while).
+    let limit = disk_limit(&spec.limits);
+    let disk_watch = (!limit.is_unlimited()).then(|| {
+        let turn = admitted.turn.clone();
+        broker.disk.watch(
+            &spec.session_id,
+            vec![paths.session.home.clone(), paths.session.work.clone()],
+            limit,
+            move || turn.stop(StopReason::DiskLimit),
+        )
+    });
 
     // Relay.
     use std::os::fd::AsFd;
@@ -963,10 +1007,15 @@ async fn supervise(
             reason = stop_reason(), if outcome.stopped.is_none() => {
                 info!(?reason, "ending the turn");
                 outcome.stopped = Some(reason);
-                // SIGTERM first: the shim forwards it, and the agent may save
-                // its state; everything is SIGKILLed after the grace.
-                kill_pid(shim_pid, Signal::SIGTERM);
-                kill_at = Some(tokio::time::Instant::now() + grace);
+                if reason == StopReason::DiskLimit {
+                    // A grace would be time to write more.
+                    kill_all(child_pid, prepared);
+                } else {
+                    // SIGTERM first: the shim forwards it, and the agent may
+                    // save its state; everything is SIGKILLed after the grace.
+                    kill_pid(shim_pid, Signal::SIGTERM);
+                    kill_at = Some(tokio::time::Instant::now() + grace);
+                }
             }
             _ = async { match kill_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 kill_all(child_pid, prepared);
@@ -1010,6 +1059,7 @@ async fn supervise(
         r.close();
     }
     counters.stdin = stdin_total.load(Ordering::Relaxed);
+    outcome.disk_exceeded = disk_watch.and_then(|w| w.exceeded());
     outcome.nsjail_log = log_text(log_rx).await;
     match start_record.await {
         Ok(Ok(())) => {}
@@ -1226,6 +1276,9 @@ async fn finish(
     if stats.fork_failures > 0 {
         limits_hit.push("processes".to_string());
     }
+    if outcome.disk_exceeded.is_some() || disk_file_cap_hit(&outcome, spec) {
+        limits_hit.push("disk".to_string());
+    }
     let (reason, message) = classify(&outcome, stats.oom_kills > 0, stats.fork_failures > 0, spec);
     let mut exited = pb::Exited {
         reason: reason as i32,
@@ -1279,6 +1332,7 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
             StopReason::Cancelled => Reason::Cancelled,
             StopReason::BrokerShutdown => Reason::BrokerShutdown,
             StopReason::ExecutorGone => Reason::Cancelled,
+            StopReason::DiskLimit => Reason::DiskLimit,
         };
         let msg = match stop {
             StopReason::TimedOut => format!(
@@ -1288,6 +1342,7 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
             StopReason::Cancelled => "turn cancelled".to_string(),
             StopReason::BrokerShutdown => "broker shutting down".to_string(),
             StopReason::ExecutorGone => "executor disconnected".to_string(),
+            StopReason::DiskLimit => disk_message(outcome.disk_exceeded, spec),
         };
         return (reason, msg);
     }
@@ -1314,6 +1369,14 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
         {
             (Reason::CpuLimit, "CPU-time limit reached".into())
         }
+        Some(AgentStatus::Signal(_)) if disk_file_cap_hit(outcome, spec) => (
+            Reason::DiskLimit,
+            format!(
+                "disk limit reached: a file hit the {} bytes left of the session's {} (SIGXFSZ)",
+                spec.disk_file_cap.unwrap_or(0),
+                disk_limit(&spec.limits).describe()
+            ),
+        ),
         Some(AgentStatus::Signal(s)) if s == Signal::SIGXFSZ as i32 => (
             Reason::FileSizeLimit,
             "file-size limit reached (SIGXFSZ)".into(),
@@ -1373,6 +1436,28 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
     }
 }
 
+/// Whether the agent died of SIGXFSZ at a file-size limit that came from
+/// the session's disk limit (what was left of it) rather than from
+/// `max_file_size_bytes`.
+fn disk_file_cap_hit(outcome: &Outcome, spec: &TurnSpec) -> bool {
+    let xfsz = matches!(outcome.agent, Some((AgentStatus::Signal(s), _)) if s == Signal::SIGXFSZ as i32);
+    match spec.disk_file_cap {
+        Some(cap) => xfsz && spec.limits.max_file_size_bytes.is_none_or(|m| cap < m),
+        None => false,
+    }
+}
+
+fn disk_message(usage: Option<DiskUsage>, spec: &TurnSpec) -> String {
+    let limit = disk_limit(&spec.limits).describe();
+    match usage {
+        Some(u) => format!(
+            "disk limit of {limit} reached: the session's home and work use at least {} bytes / {} inodes",
+            u.bytes, u.inodes
+        ),
+        None => format!("disk limit of {limit} reached"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1423,6 +1508,7 @@ mod tests {
             limits: Limits::unlimited(),
             lease: LeasePolicy::Reject,
             llm_env_vars: vec![],
+            disk_file_cap: None,
         }
     }
 
