@@ -7,6 +7,7 @@ mod harness;
 mod admission;
 mod cli;
 mod continuation;
+mod disk;
 mod isolation;
 mod lifecycle;
 mod limits;
