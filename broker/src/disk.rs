@@ -16,6 +16,11 @@
 //! period plus one walk; and `RLIMIT_FSIZE` is capped at the session's
 //! remaining budget, so no single file ever exceeds it.
 //!
+//! The reserve: below it, turns and imports are refused up front; below
+//! half of it (the floor), every running turn whose session grew since the
+//! turn began ends `disk_limit`, so the broker's own records always have
+//! room, whatever the sessions' limits add up to.
+//!
 //! Filesystem quotas (ext4 `prjquota`, xfs `pquota`) would make the limit
 //! bind in the kernel; [`detect`] reports whether the state dir's filesystem
 //! has them on, for `doctor`, but this broker does not use them yet.
@@ -272,7 +277,9 @@ impl Disk {
     }
 
     /// Watches a running turn's session: `on_exceeded` is called (once) when
-    /// the session is over `limit`. Stops when the returned watch is dropped.
+    /// the session is over `limit`, or when the state dir's free space is
+    /// below half the reserve and the session grew since the watch began.
+    /// Stops when the returned watch is dropped.
     pub fn watch(
         self: &Arc<Self>,
         session: &str,
@@ -285,34 +292,58 @@ impl Disk {
             let (disk, session, exceeded) = (self.clone(), session.to_string(), exceeded.clone());
             tokio::spawn(
                 async move {
+                    let floor = disk.reserve / 2;
+                    let mut first: Option<Usage> = None;
                     let mut warned = false;
                     loop {
-                        let began = Instant::now();
-                        let r = {
-                            let roots = roots.clone();
-                            tokio::task::spawn_blocking(move || walk(&roots, Some(limit))).await
-                        };
-                        let took = began.elapsed();
-                        match r {
-                            Ok(Ok(usage)) => {
-                                disk.record(&session, usage);
-                                if limit.exceeded_by(usage) {
-                                    let _ = exceeded.set(usage);
-                                    on_exceeded();
+                        let free = disk.free().ok();
+                        let below_floor = free.filter(|f| *f < floor);
+                        let mut took = Duration::ZERO;
+                        // Without a limit the tree is walked once, for the
+                        // baseline, and again only below the floor.
+                        if !limit.is_unlimited() || first.is_none() || below_floor.is_some() {
+                            let began = Instant::now();
+                            let r = {
+                                let roots = roots.clone();
+                                tokio::task::spawn_blocking(move || walk(&roots, Some(limit)))
+                                    .await
+                            };
+                            took = began.elapsed();
+                            debug!(took_us = took.as_micros() as u64, "session disk walk");
+                            match r {
+                                Ok(Ok(usage)) => {
+                                    disk.record(&session, usage);
+                                    let base = *first.get_or_insert(usage);
+                                    let hit = if limit.exceeded_by(usage) {
+                                        Some(Exceeded {
+                                            usage,
+                                            free_below_floor: None,
+                                        })
+                                    } else if below_floor.is_some() && usage.bytes > base.bytes {
+                                        Some(Exceeded {
+                                            usage,
+                                            free_below_floor: below_floor,
+                                        })
+                                    } else {
+                                        None
+                                    };
+                                    if let Some(hit) = hit {
+                                        let _ = exceeded.set(hit);
+                                        on_exceeded();
+                                        return;
+                                    }
+                                }
+                                Ok(Err(e)) if !warned => {
+                                    warned = true;
+                                    warn!(error = %e, "cannot measure the session's disk use");
+                                }
+                                Ok(Err(_)) => {}
+                                Err(e) => {
+                                    warn!(error = %e, "the disk walk did not finish");
                                     return;
                                 }
                             }
-                            Ok(Err(e)) if !warned => {
-                                warned = true;
-                                warn!(error = %e, "cannot measure the session's disk use");
-                            }
-                            Ok(Err(_)) => {}
-                            Err(e) => {
-                                warn!(error = %e, "the disk walk did not finish");
-                                return;
-                            }
                         }
-                        debug!(took_us = took.as_micros() as u64, "session disk walk");
                         tokio::time::sleep(period(took)).await;
                     }
                 }
@@ -323,6 +354,16 @@ impl Disk {
     }
 }
 
+/// Why a watch ended its turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exceeded {
+    /// The session's use when it was seen (at least this much).
+    pub usage: Usage,
+    /// Set when the cause was the state dir's free space, below half the
+    /// reserve, rather than the session's own limit.
+    pub free_below_floor: Option<u64>,
+}
+
 /// The pause after a walk that took `took`.
 pub fn period(took: Duration) -> Duration {
     (took * PERIOD_FACTOR).clamp(MIN_PERIOD, MAX_PERIOD)
@@ -331,13 +372,13 @@ pub fn period(took: Duration) -> Duration {
 /// A running turn's disk watch; dropping it stops the watch.
 #[derive(Debug)]
 pub struct Watch {
-    exceeded: Arc<OnceLock<Usage>>,
+    exceeded: Arc<OnceLock<Exceeded>>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Watch {
-    /// The usage that was over the limit, if the watch saw one.
-    pub fn exceeded(&self) -> Option<Usage> {
+    /// Why the watch ended the turn, if it did.
+    pub fn exceeded(&self) -> Option<Exceeded> {
         self.exceeded.get().copied()
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::cgroup::{CgroupLimits, TurnCgroup};
 use crate::config::{Limits, Mode};
-use crate::disk::{DiskLimit, Usage as DiskUsage};
+use crate::disk::{DiskLimit, Exceeded};
 use crate::error::{BrokerError, InputError};
 use crate::session::{Lease, LeasePolicy, SessionMeta, SessionPaths, now_unix_ms};
 use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
@@ -536,7 +536,7 @@ struct Outcome {
     /// stderr of the jail or shim when no agent ever ran.
     early_stderr: String,
     /// The session's disk use that was over its limit.
-    disk_exceeded: Option<DiskUsage>,
+    disk_exceeded: Option<Exceeded>,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<ShimMsg>> {
@@ -937,10 +937,11 @@ async fn supervise(
     if let Some(w) = &broker.warm {
         w.refill();
     }
-    // The session's disk use, measured from now on (never on the start
-    // path: the first walk of a big tree takes a while).
+    // The session's disk use and the state dir's free space, watched from
+    // now on (never on the start path: the first walk of a big tree takes a
+    // while).
     let limit = disk_limit(&spec.limits);
-    let disk_watch = (!limit.is_unlimited()).then(|| {
+    let disk_watch = (!limit.is_unlimited() || broker.disk.reserve() > 0).then(|| {
         let turn = admitted.turn.clone();
         broker.disk.watch(
             &spec.session_id,
@@ -1447,10 +1448,18 @@ fn disk_file_cap_hit(outcome: &Outcome, spec: &TurnSpec) -> bool {
     }
 }
 
-fn disk_message(usage: Option<DiskUsage>, spec: &TurnSpec) -> String {
+fn disk_message(exceeded: Option<Exceeded>, spec: &TurnSpec) -> String {
     let limit = disk_limit(&spec.limits).describe();
-    match usage {
-        Some(u) => format!(
+    match exceeded {
+        Some(Exceeded {
+            usage: u,
+            free_below_floor: Some(free),
+        }) => format!(
+            "the state dir is nearly full ({free} bytes free, below half the disk reserve) \
+             and this session grew during the turn, to {} bytes / {} inodes",
+            u.bytes, u.inodes
+        ),
+        Some(Exceeded { usage: u, .. }) => format!(
             "disk limit of {limit} reached: the session's home and work use at least {} bytes / {} inodes",
             u.bytes, u.inodes
         ),

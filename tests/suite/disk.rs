@@ -15,6 +15,7 @@ both_modes!(
     disk_limit_stops_the_writer_not_its_neighbour,
     disk_limit_on_a_small_tmpfs_state_dir,
     inode_limit_stops_the_writer,
+    a_nearly_full_state_dir_stops_the_growing_session,
 );
 
 /// A tmpfs mounted for one test, unmounted when dropped (also on failure).
@@ -243,6 +244,66 @@ async fn below_the_reserve_turns_and_imports_are_refused() {
     std::fs::remove_file(&filler).expect("rm filler");
     h.run(start("before", "echo again")).await.assert_exited_ok();
     assert_eq!(meta(&h.state(), "before").turn_count, 2);
+    h.stop().await;
+    drop(fs);
+}
+
+/// A session without a disk limit fills the state dir: below half the
+/// reserve its turn ends `disk_limit`, so the filesystem never fills up;
+/// below the reserve other turns are refused until space is freed.
+async fn a_nearly_full_state_dir_stops_the_growing_session(mode: Mode) {
+    let fs = Tmpfs::mount(96);
+    let state = fs.path.clone();
+    let h = Harness::start_with(mode, |cfg| {
+        cfg.state_dir = state;
+        cfg.disk_reserve_bytes = Some(32 * MIB);
+    })
+    .await;
+    h.run(start("bystander", "echo ok")).await.assert_exited_ok();
+    let o = h
+        .run(start(
+            "filler",
+            "i=0; while head -c 1048576 /dev/zero > f$i; do i=$((i+1)); done; echo refused at $i",
+        ))
+        .await;
+    assert_eq!(
+        o.reason(),
+        Reason::DiskLimit,
+        "{:?}\nstdout: {}\nstderr: {}",
+        o.exited,
+        o.stdout(),
+        o.stderr()
+    );
+    assert!(
+        o.exited().message.contains("nearly full"),
+        "{}",
+        o.exited().message
+    );
+    let free = nix::sys::statvfs::statvfs(&fs.path).expect("statvfs");
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    eprintln!("filler stopped with {free} bytes free of 96 MiB (floor 16 MiB)");
+    assert!(free > 0, "the state dir filled up");
+    assert_eq!(
+        meta(&h.state(), "filler").last_exit_reason.as_deref(),
+        Some("disk_limit")
+    );
+    assert_eq!(meta(&h.state(), "bystander").turn_count, 1);
+
+    let err = h
+        .turn(start("bystander", "echo never"))
+        .await
+        .expect_err("below the reserve");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+
+    let mut client = h.client().await;
+    client
+        .delete_session(pb::SessionRef {
+            session_id: "filler".into(),
+        })
+        .await
+        .expect("delete");
+    h.run(start("bystander", "echo again")).await.assert_exited_ok();
+    assert_eq!(meta(&h.state(), "bystander").turn_count, 2);
     h.stop().await;
     drop(fs);
 }
