@@ -207,7 +207,7 @@ impl Disk {
             Some(r) => r,
             None => {
                 let st = statvfs(dir)?;
-                let total = st.blocks() as u64 * st.fragment_size() as u64;
+                let total = st.blocks().saturating_mul(st.fragment_size());
                 (total / 100 * RESERVE_PERCENT).min(RESERVE_MAX)
             }
         };
@@ -230,7 +230,7 @@ impl Disk {
     /// Bytes free for unprivileged writers under the state dir.
     pub fn free(&self) -> Result<u64, DiskError> {
         let st = statvfs(&self.dir)?;
-        Ok(st.blocks_available() as u64 * st.fragment_size() as u64)
+        Ok(st.blocks_available().saturating_mul(st.fragment_size()))
     }
 
     /// Refuses (`ResourceExhausted`) when free space is below the reserve.
@@ -305,8 +305,7 @@ impl Disk {
                             let began = Instant::now();
                             let r = {
                                 let roots = roots.clone();
-                                tokio::task::spawn_blocking(move || walk(&roots, Some(limit)))
-                                    .await
+                                tokio::task::spawn_blocking(move || walk(&roots, Some(limit))).await
                             };
                             took = began.elapsed();
                             debug!(took_us = took.as_micros() as u64, "session disk walk");
@@ -389,6 +388,36 @@ impl Drop for Watch {
     }
 }
 
+/// Writes a record atomically: a temp file beside it (mode `mode`), fsync,
+/// rename over the record, fsync of the directory. A failure (a full disk)
+/// leaves the previous record as it was, and no temp file behind.
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
+    let written = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    // The rename is durable once the directory is.
+    std::fs::File::open(dir)?.sync_all()
+}
+
 fn statvfs(dir: &Path) -> Result<nix::sys::statvfs::Statvfs, DiskError> {
     nix::sys::statvfs::statvfs(dir).map_err(|source| DiskError::Statvfs {
         path: dir.to_path_buf(),
@@ -455,10 +484,7 @@ pub fn walk(roots: &[PathBuf], stop_over: Option<DiskLimit>) -> Result<Usage, Di
                 continue;
             };
             let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-            if kind != SFlag::S_IFDIR
-                && st.st_nlink > 1
-                && !linked.insert((st.st_dev, st.st_ino))
-            {
+            if kind != SFlag::S_IFDIR && st.st_nlink > 1 && !linked.insert((st.st_dev, st.st_ino)) {
                 continue;
             }
             usage.bytes += st.st_blocks as u64 * 512;
@@ -558,6 +584,31 @@ mod tests {
         .expect("walk");
         assert!(limit.exceeded_by(u));
         assert!(u.inodes < 51);
+    }
+
+    #[test]
+    fn write_atomic_replaces_whole_and_leaves_no_temp() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().expect("tempdir");
+        let rec = d.path().join("meta.json");
+        write_atomic(&rec, b"one", 0o600).expect("first");
+        write_atomic(&rec, b"two", 0o600).expect("second");
+        assert_eq!(std::fs::read(&rec).expect("read"), b"two");
+        let mode = std::fs::metadata(&rec).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        // A failed write (here: the record's place is a directory) keeps
+        // what was there and leaves no temp file.
+        let blocked = d.path().join("blocked");
+        std::fs::create_dir(blocked.join("")).expect("mkdir");
+        std::fs::write(blocked.join("x"), b"keep").expect("write");
+        assert!(write_atomic(&blocked, b"new", 0o600).is_err());
+        assert_eq!(std::fs::read(blocked.join("x")).expect("read"), b"keep");
+        let names: Vec<_> = std::fs::read_dir(d.path())
+            .expect("ls")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]

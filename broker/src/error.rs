@@ -75,7 +75,11 @@ pub enum BrokerError {
         "state dir {path} has {free} bytes free, below its reserve of {reserve} bytes \
          (disk_reserve_bytes): free space or delete sessions"
     )]
-    DiskReserve { path: PathBuf, free: u64, reserve: u64 },
+    DiskReserve {
+        path: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
 }

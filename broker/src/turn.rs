@@ -1441,7 +1441,8 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
 /// the session's disk limit (what was left of it) rather than from
 /// `max_file_size_bytes`.
 fn disk_file_cap_hit(outcome: &Outcome, spec: &TurnSpec) -> bool {
-    let xfsz = matches!(outcome.agent, Some((AgentStatus::Signal(s), _)) if s == Signal::SIGXFSZ as i32);
+    let xfsz =
+        matches!(outcome.agent, Some((AgentStatus::Signal(s), _)) if s == Signal::SIGXFSZ as i32);
     match spec.disk_file_cap {
         Some(cap) => xfsz && spec.limits.max_file_size_bytes.is_none_or(|m| cap < m),
         None => false,

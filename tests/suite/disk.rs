@@ -37,7 +37,11 @@ impl Tmpfs {
             .arg(&path)
             .status()
             .expect("run mount");
-        assert!(status.success(), "cannot mount a tmpfs at {}", path.display());
+        assert!(
+            status.success(),
+            "cannot mount a tmpfs at {}",
+            path.display()
+        );
         Tmpfs { _dir: dir, path }
     }
 }
@@ -242,7 +246,9 @@ async fn below_the_reserve_turns_and_imports_are_refused() {
 
     // Space back: turns run again, and the earlier record is intact.
     std::fs::remove_file(&filler).expect("rm filler");
-    h.run(start("before", "echo again")).await.assert_exited_ok();
+    h.run(start("before", "echo again"))
+        .await
+        .assert_exited_ok();
     assert_eq!(meta(&h.state(), "before").turn_count, 2);
     h.stop().await;
     drop(fs);
@@ -259,7 +265,9 @@ async fn a_nearly_full_state_dir_stops_the_growing_session(mode: Mode) {
         cfg.disk_reserve_bytes = Some(32 * MIB);
     })
     .await;
-    h.run(start("bystander", "echo ok")).await.assert_exited_ok();
+    h.run(start("bystander", "echo ok"))
+        .await
+        .assert_exited_ok();
     let o = h
         .run(start(
             "filler",
@@ -280,7 +288,7 @@ async fn a_nearly_full_state_dir_stops_the_growing_session(mode: Mode) {
         o.exited().message
     );
     let free = nix::sys::statvfs::statvfs(&fs.path).expect("statvfs");
-    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let free = free.blocks_available() * free.fragment_size();
     eprintln!("filler stopped with {free} bytes free of 96 MiB (floor 16 MiB)");
     assert!(free > 0, "the state dir filled up");
     assert_eq!(
@@ -302,8 +310,33 @@ async fn a_nearly_full_state_dir_stops_the_growing_session(mode: Mode) {
         })
         .await
         .expect("delete");
-    h.run(start("bystander", "echo again")).await.assert_exited_ok();
+    h.run(start("bystander", "echo again"))
+        .await
+        .assert_exited_ok();
     assert_eq!(meta(&h.state(), "bystander").turn_count, 2);
     h.stop().await;
+    drop(fs);
+}
+
+/// On a full filesystem an atomic write fails and the previous record
+/// stays whole (the helper every broker record is written with).
+#[test]
+fn a_full_disk_keeps_the_previous_record() {
+    use std::io::Write;
+    let fs = Tmpfs::mount(1);
+    let rec = fs.path.join("meta.json");
+    turnstile_broker::disk::write_atomic(&rec, b"{\"turn_count\":1}", 0o600).expect("first");
+    let mut filler = std::fs::File::create(fs.path.join("filler")).expect("filler");
+    let chunk = vec![0u8; 64 * 1024];
+    while filler.write_all(&chunk).is_ok() {}
+    let err = turnstile_broker::disk::write_atomic(&rec, &vec![b' '; 256 * 1024], 0o600)
+        .expect_err("no room");
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    assert_eq!(
+        std::fs::read(&rec).expect("read"),
+        b"{\"turn_count\":1}".to_vec()
+    );
+    assert_eq!(entries(&fs.path).len(), 2, "{:?}", entries(&fs.path));
+    drop(filler);
     drop(fs);
 }
