@@ -143,6 +143,7 @@ impl BrokerApi for Service {
         let r = request.into_inner();
         crate::validate::session_id(&r.source_session_id).map_err(BrokerError::from)?;
         crate::validate::session_id(&r.new_session_id).map_err(BrokerError::from)?;
+        self.broker.disk.check_reserve()?;
         self.broker
             .sessions
             .fork(&r.source_session_id, &r.new_session_id)

@@ -943,12 +943,15 @@ async fn supervise(
     let limit = disk_limit(&spec.limits);
     let disk_watch = (!limit.is_unlimited() || broker.disk.reserve() > 0).then(|| {
         let turn = admitted.turn.clone();
-        broker.disk.watch(
-            &spec.session_id,
-            vec![paths.session.home.clone(), paths.session.work.clone()],
-            limit,
-            move || turn.stop(StopReason::DiskLimit),
-        )
+        let mut roots = vec![paths.session.home.clone(), paths.session.work.clone()];
+        if broker.mode() == Mode::Direct {
+            // The agent's TMPDIR is on the state dir too (in nsjail mode
+            // /tmp is the jail's own tmpfs).
+            roots.push(PathBuf::from(&paths.tmp));
+        }
+        broker.disk.watch(&spec.session_id, roots, limit, move || {
+            turn.stop(StopReason::DiskLimit)
+        })
     });
 
     // Relay.
@@ -1622,5 +1625,38 @@ mod tests {
         for (i, (outcome, oom, fork, want)) in cases.into_iter().enumerate() {
             assert_eq!(classify(&outcome, oom, fork, &s).0, want, "case {i}");
         }
+    }
+
+    #[test]
+    fn disk_stops_and_disk_file_caps_read_disk_limit() {
+        let mut s = spec();
+        s.limits.disk_bytes = Some(1000);
+        s.limits.max_file_size_bytes = Some(5000);
+        s.disk_file_cap = Some(400);
+        let xfsz = Outcome {
+            agent: Some((AgentStatus::Signal(25), Usage::default())),
+            agent_started: true,
+            ..Default::default()
+        };
+        let (reason, msg) = classify(&xfsz, false, false, &s);
+        assert_eq!(reason, Reason::DiskLimit);
+        assert!(msg.contains("400 bytes left"), "{msg}");
+        // A file-size limit below what is left of the disk limit is its own.
+        s.limits.max_file_size_bytes = Some(100);
+        assert_eq!(classify(&xfsz, false, false, &s).0, Reason::FileSizeLimit);
+        let stopped = Outcome {
+            stopped: Some(StopReason::DiskLimit),
+            disk_exceeded: Some(Exceeded {
+                usage: crate::disk::Usage {
+                    bytes: 2000,
+                    inodes: 3,
+                },
+                free_below_floor: None,
+            }),
+            ..xfsz
+        };
+        let (reason, msg) = classify(&stopped, false, false, &s);
+        assert_eq!(reason, Reason::DiskLimit);
+        assert!(msg.contains("at least 2000 bytes"), "{msg}");
     }
 }

@@ -340,3 +340,28 @@ fn a_full_disk_keeps_the_previous_record() {
     drop(filler);
     drop(fs);
 }
+
+/// In direct mode the agent's TMPDIR is on the state dir: it counts
+/// toward the session's limit while the turn runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_mode_tmpdir_counts() {
+    let h = Harness::start(Mode::Direct).await;
+    let o = h
+        .run(limited(
+            "tmpdir",
+            "i=0; while head -c 1048576 /dev/zero > \"$TMPDIR/f$i\"; do i=$((i+1)); done; echo refused at $i",
+            pb::Limits {
+                disk_bytes: 8 * MIB,
+                ..Default::default()
+            },
+        ))
+        .await;
+    assert_eq!(
+        o.reason(),
+        Reason::DiskLimit,
+        "{:?} {}",
+        o.exited,
+        o.stderr()
+    );
+    h.stop().await;
+}
