@@ -12,7 +12,7 @@
 //! grace: a grace would be time to write more). The walk repeats every
 //! `max(MIN_PERIOD, PERIOD_FACTOR × the walk's own duration)`, at most
 //! `MAX_PERIOD`, so its CPU cost stays near 1/`PERIOD_FACTOR` of a core
-//! whatever the tree's size. The overshoot is what the agent writes in one
+//! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`. The overshoot is what the agent writes in one
 //! period plus one walk; and `RLIMIT_FSIZE` is capped at the session's
 //! remaining budget, so no single file ever exceeds it.
 //!
