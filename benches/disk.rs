@@ -104,10 +104,17 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
                 let mut total = Duration::ZERO;
                 for _ in 0..iters {
                     n += 1;
-                    let d = start_once(&mut on, true, n).await;
+                    // Alternating which goes first (a broker's spare refill
+                    // runs during the other's start).
+                    let (d, r) = if n % 2 == 0 {
+                        let d = start_once(&mut on, true, n).await;
+                        (d, start_once(&mut off, false, n).await)
+                    } else {
+                        let r = start_once(&mut off, false, n).await;
+                        (start_once(&mut on, true, n).await, r)
+                    };
                     total += d;
                     on_samples.lock().expect("samples").push(d);
-                    let r = start_once(&mut off, false, n).await;
                     off_samples.lock().expect("samples").push(r);
                 }
                 total
@@ -125,7 +132,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
 
     // `cargo bench` passes --bench; the smoke run takes one sample.
     let samples = if std::env::args().any(|a| a == "--bench") {
-        10
+        20
     } else {
         1
     };
@@ -137,9 +144,16 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
         });
         let (mut a, mut b) = (Vec::new(), Vec::new());
         rt.block_on(async {
-            for _ in 0..samples {
-                a.push(write_once(&mut on, &session, true).await);
-                b.push(write_once(&mut off, &session, false).await);
+            // Alternating which goes first, so the writeback one leaves
+            // behind weighs on both alike.
+            for i in 0..samples {
+                if i % 2 == 0 {
+                    a.push(write_once(&mut on, &session, true).await);
+                    b.push(write_once(&mut off, &session, false).await);
+                } else {
+                    b.push(write_once(&mut off, &session, false).await);
+                    a.push(write_once(&mut on, &session, true).await);
+                }
             }
         });
         report(
