@@ -86,8 +86,11 @@ async fn tree(s: &mut Served, session: &str, files: usize) {
 
 fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
     let name = mode.as_str();
+    // TURNSTILE_BENCH_DISK_AA=1: both brokers off, turn start only (the
+    // noise floor of the comparison).
+    let aa = std::env::var("TURNSTILE_BENCH_DISK_AA").as_deref() == Ok("1");
     let mut off = rt.block_on(served(mode, false));
-    let mut on = rt.block_on(served(mode, true));
+    let mut on = rt.block_on(served(mode, !aa));
     let (on_samples, off_samples) = (
         Arc::new(Mutex::new(Vec::new())),
         Arc::new(Mutex::new(Vec::new())),
@@ -107,11 +110,11 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
                     // Alternating which goes first (a broker's spare refill
                     // runs during the other's start).
                     let (d, r) = if n % 2 == 0 {
-                        let d = start_once(&mut on, true, n).await;
+                        let d = start_once(&mut on, !aa, n).await;
                         (d, start_once(&mut off, false, n).await)
                     } else {
                         let r = start_once(&mut off, false, n).await;
-                        (start_once(&mut on, true, n).await, r)
+                        (start_once(&mut on, !aa, n).await, r)
                     };
                     total += d;
                     on_samples.lock().expect("samples").push(d);
@@ -130,6 +133,11 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
         Some(("off", &b)),
     );
 
+    if aa {
+        on.stop();
+        off.stop();
+        return;
+    }
     // `cargo bench` passes --bench; the smoke run takes one sample.
     let samples = if std::env::args().any(|a| a == "--bench") {
         20
