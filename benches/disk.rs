@@ -77,7 +77,7 @@ async fn tree(s: &mut Served, session: &str, files: usize) {
     let work = s.broker.sessions.paths(session).work;
     for i in 0..files {
         let dir = work.join(format!("d{}", i / 100));
-        if i % 100 == 0 {
+        if i.is_multiple_of(100) {
             std::fs::create_dir(&dir).expect("mkdir");
         }
         std::fs::write(dir.join(format!("f{i}")), b"0123456789").expect("file");
@@ -109,7 +109,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
                     n += 1;
                     // Alternating which goes first (a broker's spare refill
                     // runs during the other's start).
-                    let (d, r) = if n % 2 == 0 {
+                    let (d, r) = if n.is_multiple_of(2) {
                         let d = start_once(&mut on, !aa, n).await;
                         (d, start_once(&mut off, false, n).await)
                     } else {
@@ -139,7 +139,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
         return;
     }
     // `cargo bench` passes --bench; the smoke run takes one sample.
-    let samples = if std::env::args().any(|a| a == "--bench") {
+    let samples: u32 = if std::env::args().any(|a| a == "--bench") {
         20
     } else {
         1
@@ -155,7 +155,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
             // Alternating which goes first, so the writeback one leaves
             // behind weighs on both alike.
             for i in 0..samples {
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     a.push(write_once(&mut on, &session, true).await);
                     b.push(write_once(&mut off, &session, false).await);
                 } else {
