@@ -12,9 +12,10 @@
 //! grace: a grace would be time to write more). The walk repeats every
 //! `max(MIN_PERIOD, PERIOD_FACTOR × the walk's own duration)`, at most
 //! `MAX_PERIOD`, so its CPU cost stays near 1/`PERIOD_FACTOR` of a core
-//! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`. The overshoot is what the agent writes in one
-//! period plus one walk; and `RLIMIT_FSIZE` is capped at the session's
-//! remaining budget, so no single file ever exceeds it.
+//! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`. The overshoot is
+//! what the agent writes in one period plus one walk; and `RLIMIT_FSIZE` is
+//! capped at the session's remaining budget, so no single file ever exceeds
+//! it.
 //!
 //! The reserve: below it, turns and imports are refused up front; below
 //! half of it (the floor), every running turn whose session grew since the

@@ -253,8 +253,7 @@ impl Broker {
         let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
         let sessions = Sessions::new(state.join("sessions"), owner)?;
         let disk = Arc::new(
-            disk::Disk::new(sessions.root(), config.disk_reserve_bytes)
-                .map_err(BrokerError::Disk)?,
+            disk::Disk::new(&state, config.disk_reserve_bytes).map_err(BrokerError::Disk)?,
         );
         info!(
             backend = disk.detected().backend,
