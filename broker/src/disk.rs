@@ -12,7 +12,8 @@
 //! grace: a grace would be time to write more). The walk repeats every
 //! `max(MIN_PERIOD, PERIOD_FACTOR × the walk's own duration)`, at most
 //! `MAX_PERIOD`, so its CPU cost stays near 1/`PERIOD_FACTOR` of a core
-//! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`. The overshoot is
+//! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`; a session growing
+//! toward its limit is walked more often (see [`Pace`]). The overshoot is
 //! what the agent writes in one period plus one walk; and `RLIMIT_FSIZE` is
 //! capped at the session's remaining budget, so no single file ever exceeds
 //! it.
@@ -295,11 +296,12 @@ impl Disk {
                 async move {
                     let floor = disk.reserve / 2;
                     let mut first: Option<Usage> = None;
+                    let mut pace = Pace::default();
                     let mut warned = false;
                     loop {
                         let free = disk.free().ok();
                         let below_floor = free.filter(|f| *f < floor);
-                        let mut took = Duration::ZERO;
+                        let mut pause = MIN_PERIOD;
                         // Without a limit the tree is walked once, for the
                         // baseline, and again only below the floor.
                         if !limit.is_unlimited() || first.is_none() || below_floor.is_some() {
@@ -308,10 +310,12 @@ impl Disk {
                                 let roots = roots.clone();
                                 tokio::task::spawn_blocking(move || walk(&roots, Some(limit))).await
                             };
-                            took = began.elapsed();
+                            let took = began.elapsed();
+                            pause = period(took);
                             debug!(took_us = took.as_micros() as u64, "session disk walk");
                             match r {
                                 Ok(Ok(usage)) => {
+                                    pause = pace.next(Instant::now(), usage, took, limit);
                                     disk.record(&session, usage);
                                     let base = *first.get_or_insert(usage);
                                     let hit = if limit.exceeded_by(usage) {
@@ -344,7 +348,7 @@ impl Disk {
                                 }
                             }
                         }
-                        tokio::time::sleep(period(took)).await;
+                        tokio::time::sleep(pause).await;
                     }
                 }
                 .in_current_span(),
@@ -362,6 +366,47 @@ pub struct Exceeded {
     /// Set when the cause was the state dir's free space, below half the
     /// reserve, rather than the session's own limit.
     pub free_below_floor: Option<u64>,
+}
+
+/// Shortest pause between walks of a session close to its limit.
+pub const NEAR_PERIOD: Duration = Duration::from_millis(2);
+
+/// Paces one watch's walks: [`period`] of the walk's cost, shortened while
+/// the session grows toward its limit to half the time it needs to reach
+/// it at the rate of the last two walks (at least [`NEAR_PERIOD`] and the
+/// walk's own duration). A fast writer is thus checked more often only as
+/// it nears its limit, which keeps the overshoot small without walking big
+/// trees often the rest of the time.
+#[derive(Debug, Default)]
+struct Pace {
+    last: Option<(Instant, Usage)>,
+}
+
+impl Pace {
+    fn next(&mut self, now: Instant, usage: Usage, took: Duration, limit: DiskLimit) -> Duration {
+        let mut pause = period(took);
+        let Some((then, before)) = self.last.replace((now, usage)) else {
+            return pause;
+        };
+        let dt = now.duration_since(then).as_secs_f64();
+        for (used, was, lim) in [
+            (usage.bytes, before.bytes, limit.bytes),
+            (usage.inodes, before.inodes, limit.inodes),
+        ] {
+            if let Some(lim) = lim
+                && used > was
+                && dt > 0.0
+            {
+                let rate = (used - was) as f64 / dt;
+                let left = lim.saturating_sub(used) as f64;
+                let near = Duration::from_secs_f64(left / rate / 2.0)
+                    .max(took)
+                    .max(NEAR_PERIOD);
+                pause = pause.min(near);
+            }
+        }
+        pause
+    }
 }
 
 /// The pause after a walk that took `took`.
@@ -610,6 +655,35 @@ mod tests {
             .map(|e| e.file_name())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
+    }
+
+    #[test]
+    fn pace_shortens_near_the_limit_only() {
+        let limit = DiskLimit {
+            bytes: Some(100 << 20),
+            inodes: None,
+        };
+        let t0 = Instant::now();
+        let took = Duration::from_micros(100);
+        let mut pace = Pace::default();
+        let u = |mib: u64| Usage {
+            bytes: mib << 20,
+            inodes: 1,
+        };
+        assert_eq!(pace.next(t0, u(0), took, limit), MIN_PERIOD);
+        // 10 MiB in 1 s: 90 MiB left is 9 s away; the period stands.
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(pace.next(t1, u(10), took, limit), MIN_PERIOD);
+        // 80 MiB in 20 ms (4 GiB/s): 10 MiB left is 2.5 ms away.
+        let t2 = t1 + Duration::from_millis(20);
+        assert_eq!(pace.next(t2, u(90), took, limit), NEAR_PERIOD);
+        // Not growing: the period again.
+        let t3 = t2 + Duration::from_millis(2);
+        assert_eq!(pace.next(t3, u(90), took, limit), MIN_PERIOD);
+        // Never shorter than the walk itself.
+        let slow = Duration::from_millis(50);
+        let t4 = t3 + Duration::from_millis(20);
+        assert_eq!(pace.next(t4, u(99), slow, limit), slow);
     }
 
     #[test]
