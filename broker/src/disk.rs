@@ -13,7 +13,7 @@
 //! `max(MIN_PERIOD, PERIOD_FACTOR × the walk's own duration)`, at most
 //! `MAX_PERIOD`, so its CPU cost stays near 1/`PERIOD_FACTOR` of a core
 //! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`; a session growing
-//! toward its limit is walked more often (see [`Pace`]). The overshoot is
+//! toward its limit is walked more often (see `Pace`). The overshoot is
 //! what the agent writes in one period plus one walk; and `RLIMIT_FSIZE` is
 //! capped at the session's remaining budget, so no single file ever exceeds
 //! it.
