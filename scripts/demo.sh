@@ -12,7 +12,7 @@ cd "$repo"
 
 nsjail=$(bash scripts/setup-nsjail.sh)
 shim=$(bash scripts/build-shim.sh --locked -q)
-cargo build --locked --release -q -p turnstile-broker
+cargo build --locked --release -q -p turnstile-cli
 turnstile="$repo/target/release/turnstile"
 
 work=$(mktemp -d /tmp/turnstile-demo.XXXXXX)

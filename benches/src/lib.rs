@@ -99,10 +99,10 @@ impl Served {
         let broker = Broker::new(cfg).expect("broker");
         let listener = server::bind_unix(&socket).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(server::run(broker.clone(), vec![listener], async {
+        tokio::spawn(server::serve(broker.clone(), vec![listener], async {
             let _ = stopped.await;
         }));
-        let channel = turnstile_broker::cli::connect_unix(socket)
+        let channel = turnstile_client::connect_unix(socket)
             .await
             .expect("connect");
         let client =

@@ -5,7 +5,7 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Every turn runs in an nsjail jail (production).
@@ -19,6 +19,17 @@ impl Mode {
         match self {
             Mode::Nsjail => "nsjail",
             Mode::Direct => "direct",
+        }
+    }
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "nsjail" => Ok(Mode::Nsjail),
+            "direct" => Ok(Mode::Direct),
+            _ => Err(format!("unknown mode {s:?}: want nsjail or direct")),
         }
     }
 }
@@ -304,6 +315,11 @@ pub enum ConfigError {
     },
     #[error("token file {0} is empty")]
     EmptyToken(PathBuf),
+    #[error(
+        "token file {path} can be read by others (mode {mode:o}): the token is a credential; \
+         make it owner-only (chmod 600 {path})"
+    )]
+    TokenNotPrivate { path: PathBuf, mode: u32 },
     #[error("default limit {name} = {value} is over its cap {cap}")]
     DefaultOverCap {
         name: &'static str,
@@ -386,10 +402,26 @@ impl Config {
         let Some(path) = &self.token_file else {
             return Ok(None);
         };
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Token {
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let err = |source| ConfigError::Token {
             path: path.clone(),
             source,
-        })?;
+        };
+        let file = std::fs::File::open(path).map_err(err)?;
+        // The descriptor's own mode, not the path's: what was opened is what
+        // is checked.
+        let mode = file.metadata().map_err(err)?.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::TokenNotPrivate {
+                path: path.clone(),
+                mode,
+            });
+        }
+        let mut text = String::new();
+        file.take(64 * 1024)
+            .read_to_string(&mut text)
+            .map_err(err)?;
         let token = text.trim().to_string();
         if token.is_empty() {
             return Err(ConfigError::EmptyToken(path.clone()));
@@ -410,6 +442,25 @@ pub fn parse_bundle_mount(spec: &str) -> Result<(PathBuf, PathBuf), ConfigError>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_token_file_others_can_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "sesame\n").expect("write");
+        let cfg = Config {
+            token_file: Some(path.clone()),
+            ..Config::default()
+        };
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+            let err = cfg.token().expect_err("readable by others");
+            assert!(err.to_string().contains("chmod 600"), "{err}");
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        assert_eq!(cfg.token().expect("private"), Some("sesame".to_string()));
+    }
 
     #[test]
     fn toml_with_every_section_parses() {

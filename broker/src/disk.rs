@@ -434,36 +434,6 @@ impl Drop for Watch {
     }
 }
 
-/// Writes a record atomically: a temp file beside it (mode `mode`), fsync,
-/// rename over the record, fsync of the directory. A failure (a full disk)
-/// leaves the previous record as it was, and no temp file behind.
-pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{:016x}", rand::random::<u64>()));
-    let written = (|| {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // The rename is durable once the directory is.
-    std::fs::File::open(dir)?.sync_all()
-}
-
 fn statvfs(dir: &Path) -> Result<nix::sys::statvfs::Statvfs, DiskError> {
     nix::sys::statvfs::statvfs(dir).map_err(|source| DiskError::Statvfs {
         path: dir.to_path_buf(),
@@ -630,31 +600,6 @@ mod tests {
         .expect("walk");
         assert!(limit.exceeded_by(u));
         assert!(u.inodes < 51);
-    }
-
-    #[test]
-    fn write_atomic_replaces_whole_and_leaves_no_temp() {
-        use std::os::unix::fs::PermissionsExt;
-        let d = tempfile::tempdir().expect("tempdir");
-        let rec = d.path().join("meta.json");
-        write_atomic(&rec, b"one", 0o600).expect("first");
-        write_atomic(&rec, b"two", 0o600).expect("second");
-        assert_eq!(std::fs::read(&rec).expect("read"), b"two");
-        let mode = std::fs::metadata(&rec).expect("stat").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        // A failed write (here: the record's place is a directory) keeps
-        // what was there and leaves no temp file.
-        let blocked = d.path().join("blocked");
-        std::fs::create_dir(blocked.join("")).expect("mkdir");
-        std::fs::write(blocked.join("x"), b"keep").expect("write");
-        assert!(write_atomic(&blocked, b"new", 0o600).is_err());
-        assert_eq!(std::fs::read(blocked.join("x")).expect("read"), b"keep");
-        let names: Vec<_> = std::fs::read_dir(d.path())
-            .expect("ls")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]

@@ -52,6 +52,8 @@ pub enum BrokerError {
     ShuttingDown,
     #[error("session {0} already exists")]
     SessionExists(String),
+    #[error("session {session} is damaged: {what}")]
+    Damaged { session: String, what: String },
     #[error("import refused: {0}")]
     Import(#[from] crate::archive::ImportError),
     #[error("{what} {path}: {source}")]
@@ -106,6 +108,7 @@ impl BrokerError {
             BrokerError::SessionNotFound(_) => Code::NotFound,
             BrokerError::ShuttingDown => Code::Unavailable,
             BrokerError::SessionExists(_) => Code::AlreadyExists,
+            BrokerError::Damaged { .. } => Code::FailedPrecondition,
             BrokerError::Import(
                 crate::archive::ImportError::TooLarge { .. }
                 | crate::archive::ImportError::TooManyEntries { .. },

@@ -18,7 +18,6 @@ pub const JAIL_SHIM: &str = "/turnstile/shim";
 pub const JAIL_ID: u32 = 1000;
 /// The descriptor nsjail writes its own log to (a pipe the broker reads).
 pub const LOG_FD: i32 = 5;
-
 /// Top-level fields the broker sets per turn.
 const PER_TURN_FIELDS: &[&str] = &[
     "exec_bin",

@@ -1,25 +1,23 @@
 //! Turnstile broker: one daemon per worker host that runs agent turns.
 //!
 //! [`Broker`] owns the state dir, the session leases, the per-turn cgroups
-//! and the set of running turns; [`server::run`] serves it over gRPC until a
+//! and the set of running turns; [`server::serve`] serves it over gRPC until a
 //! shutdown trigger fires. The binary `turnstile` only parses flags and calls
 //! into here, which is what lets tests run a real broker on a temp socket.
 
 pub mod archive;
 pub mod cgroup;
-pub mod cli;
 pub mod config;
 pub mod disk;
-pub mod doctor;
 pub mod error;
 pub mod jail;
 pub mod llm;
-pub mod run;
 pub mod server;
 pub mod service;
 pub mod session;
 pub mod spawn;
 pub mod sys;
+pub mod tree;
 pub mod turn;
 pub mod validate;
 pub mod warm;

@@ -5,13 +5,12 @@
 //! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
 //! Credentials are added on the executor side; nothing here parses HTTP.
 //!
-//! Flow control is per connection and direction (`turnstile_client::flow`):
+//! Flow control is per connection and direction (`turnstile_proto::flow`):
 //! a connection reads from the agent only within the executor's window, and
 //! buffers at most a window of the executor's bytes, granting it back as the
 //! agent's socket takes them. So one slow connection never stalls the turn
 //! stream (other connections, stdin, signals), and memory stays bounded.
 
-use crate::turn::EventTx;
 use bytes::{Bytes, BytesMut};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -21,11 +20,16 @@ use tokio::net::UnixListener;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
-use turnstile_client::flow::{self, Credit, Grants, Inbox};
+use turnstile_proto::flow::{self, Credit, Grants, Inbox};
 use turnstile_proto::v1 as pb;
 
 /// Read size from an agent connection (and largest `data` frame).
 const CHUNK: usize = 64 * 1024;
+
+/// Where the relay sends its events (the LLM frames towards the executor):
+/// the turn's event stream, which the relay is handed, not borrowed from
+/// the turn's types.
+pub type EventSink = mpsc::Sender<Result<pb::TurnEvent, tonic::Status>>;
 
 enum ToAgent {
     Data(Bytes),
@@ -58,7 +62,7 @@ pub struct Relay {
     /// Connections the broker reset: the executor's frames still in flight
     /// for them are dropped without a notice.
     gone: Arc<Mutex<HashSet<u64>>>,
-    events: EventTx,
+    events: EventSink,
     accept: tokio::task::AbortHandle,
 }
 
@@ -88,7 +92,7 @@ pub fn bind(
 
 impl Relay {
     /// Starts accepting the agent's connections (at most `max_conns` at once).
-    pub fn start(listener: UnixListener, events: EventTx, max_conns: usize) -> Relay {
+    pub fn start(listener: UnixListener, events: EventSink, max_conns: usize) -> Relay {
         let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
         let gone: Arc<Mutex<HashSet<u64>>> = Arc::default();
         let accept_gone = gone.clone();

@@ -130,7 +130,7 @@ impl Interceptor for TokenCheck {
 
 /// Serves until `shutdown` resolves, then stops accepting, ends every
 /// running turn with reason `broker_shutdown`, removes the socket and returns.
-pub async fn run(
+pub async fn serve(
     broker: Arc<Broker>,
     listeners: Vec<Listener>,
     shutdown: impl Future<Output = ()>,

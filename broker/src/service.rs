@@ -5,6 +5,7 @@
 use crate::Broker;
 use crate::error::BrokerError;
 use crate::turn::{self, TurnPaths, TurnSpec};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +13,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::info;
+use tracing::{info, warn};
 use turnstile_proto::v1 as pb;
 use turnstile_proto::v1::broker_server::Broker as BrokerApi;
 
@@ -169,8 +170,15 @@ impl BrokerApi for Service {
                 tx: tx.clone(),
                 buf: Vec::with_capacity(ChunkWriter::CHUNK),
             };
-            if let Err(e) = crate::archive::export(&dir, &mut w) {
-                let _ = tx.blocking_send(Err(Status::internal(format!("export failed: {e}"))));
+            match crate::archive::export(&dir, &mut w) {
+                Ok(skipped) => {
+                    for s in skipped {
+                        warn!(session.id = %id, skipped = %s, "export: entry left out");
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.blocking_send(Err(Status::internal(format!("export failed: {e}"))));
+                }
             }
             // The lease is held until the whole archive is out.
             drop(lease);
@@ -194,15 +202,27 @@ impl BrokerApi for Service {
         broker.disk.check_reserve()?;
         let lease = broker.sessions.new_session_lease(&id).await?;
         // Spool to a file first: extraction is blocking, and a truncated
-        // upload must not leave a half session.
+        // upload must not leave a half session. The spool is owner-only and
+        // goes with this request, however it ends (a client that goes away
+        // drops this future, and the guard with it).
         let spool_dir = broker.config.state_dir.join("imports");
-        std::fs::create_dir_all(&spool_dir)
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&spool_dir)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
             .map_err(|e| BrokerError::io("cannot create", &spool_dir, e))?;
-        let spool = spool_dir.join(format!("{}.tar", crate::turn::new_turn_id()));
+        let spool = Spool(spool_dir.join(format!("{}.tar", crate::turn::new_turn_id())));
         let result = async {
-            let mut f = tokio::fs::File::create(&spool)
-                .await
-                .map_err(|e| BrokerError::io("cannot create", &spool, e))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&spool.0)
+                .map_err(|e| BrokerError::io("cannot create", &spool.0, e))?;
+            let mut f = tokio::fs::File::from_std(f);
             // Content cap plus generous room for tar headers.
             let raw_cap = broker
                 .config
@@ -212,7 +232,7 @@ impl BrokerApi for Service {
             let mut total = first.data.len() as u64;
             f.write_all(&first.data)
                 .await
-                .map_err(|e| BrokerError::io("cannot write", &spool, e))?;
+                .map_err(|e| BrokerError::io("cannot write", &spool.0, e))?;
             while let Some(msg) = stream.message().await? {
                 total += msg.data.len() as u64;
                 if total > raw_cap {
@@ -223,18 +243,18 @@ impl BrokerApi for Service {
                 }
                 f.write_all(&msg.data)
                     .await
-                    .map_err(|e| BrokerError::io("cannot write", &spool, e))?;
+                    .map_err(|e| BrokerError::io("cannot write", &spool.0, e))?;
             }
             f.flush()
                 .await
-                .map_err(|e| BrokerError::io("cannot write", &spool, e))?;
+                .map_err(|e| BrokerError::io("cannot write", &spool.0, e))?;
             drop(f);
             let caps = crate::archive::ImportCaps {
                 max_bytes: broker.config.import_max_bytes,
                 max_entries: broker.config.import_max_entries,
             };
             let b = broker.clone();
-            let path = spool.clone();
+            let path = spool.0.clone();
             let meta = tokio::task::spawn_blocking(move || {
                 let file = std::fs::File::open(&path)
                     .map_err(|e| BrokerError::io("cannot open", &path, e))?;
@@ -246,7 +266,7 @@ impl BrokerApi for Service {
             Ok::<_, Status>(meta)
         }
         .await;
-        let _ = std::fs::remove_file(&spool);
+        drop(spool);
         result?;
         info!(session.id = %id, "session imported");
         self.info(&id)
@@ -273,6 +293,15 @@ impl BrokerApi for Service {
         self.broker.disk.forget(&id);
         info!(session.id = %id, "session deleted");
         Ok(Response::new(pb::DeleteSessionReply {}))
+    }
+}
+
+/// An import's spool file, removed when dropped.
+struct Spool(std::path::PathBuf);
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -365,7 +394,7 @@ impl Service {
             last_turn_start_unix_ms: meta.last_turn_start_unix_ms.unwrap_or(0),
             last_turn_end_unix_ms: meta.last_turn_end_unix_ms.unwrap_or(0),
             last_exit_reason: meta.last_exit_reason.unwrap_or_default(),
-            disk_usage_bytes: crate::session::disk_usage(&self.broker.sessions.paths(id).dir),
+            disk_usage_bytes: self.broker.sessions.usage(id).map(|u| u.bytes).unwrap_or(0),
             running_turn_id: running,
         })
     }

@@ -3,9 +3,12 @@
 //! here and nowhere else.
 
 use crate::error::BrokerError;
+use crate::tree;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::ffi::OsStr;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -81,9 +84,20 @@ pub enum LeasePolicy {
 #[derive(Debug)]
 pub struct Sessions {
     root: PathBuf,
+    /// The sessions dir, opened once: every session is reached from here by
+    /// descriptor, never by a path the kernel would resolve through links.
+    root_fd: OwnedFd,
     /// Owner of new home and work dirs (the jail's host uid/gid), if any.
     owner: Option<(u32, u32)>,
     leases: Arc<Mutex<HashMap<String, Arc<Slot>>>>,
+}
+
+/// A session's home and work, opened as the real directories they are
+/// (never through a link): what a turn mounts.
+#[derive(Debug)]
+pub struct SessionDirs {
+    pub home: OwnedFd,
+    pub work: OwnedFd,
 }
 
 pub fn now_unix_ms() -> u64 {
@@ -101,13 +115,39 @@ fn mkdir(path: &Path, mode: u32) -> Result<(), BrokerError> {
     }
 }
 
+/// `mkdirat`, where an existing entry is fine (checked when opened).
+fn mkdir_at(dir: impl AsFd, name: &str, mode: u32) -> std::io::Result<()> {
+    match rustix::fs::mkdirat(dir, name, rustix::fs::Mode::from_raw_mode(mode)) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn damaged(id: &str, what: String) -> BrokerError {
+    BrokerError::Damaged {
+        session: id.to_string(),
+        what,
+    }
+}
+
+/// Opens `home` or `work` of a session dir: it must be a real directory.
+fn open_part(id: &str, dir: impl AsFd, part: &str) -> Result<OwnedFd, BrokerError> {
+    tree::open_dir(dir, OsStr::new(part)).map_err(|e| match e.raw_os_error() {
+        Some(libc::ELOOP | libc::ENOTDIR) => damaged(id, format!("{part} is not a directory")),
+        _ => damaged(id, format!("cannot open {part}: {e}")),
+    })
+}
+
 impl Sessions {
     pub fn new(root: PathBuf, owner: Option<(u32, u32)>) -> Result<Self, BrokerError> {
         // Traversable, not listable: nsjail binds a session's home and work
         // from inside the jail's user namespace.
         mkdir(&root, 0o711)?;
+        let root_fd =
+            tree::open_dir_path(&root).map_err(|e| BrokerError::io("cannot open", &root, e))?;
         Ok(Sessions {
             root,
+            root_fd,
             owner,
             leases: Arc::default(),
         })
@@ -122,6 +162,20 @@ impl Sessions {
             meta: dir.join("meta.json"),
             dir,
         }
+    }
+
+    /// Opens session `id`'s directory; `None` if there is no such session.
+    fn open(&self, id: &str) -> Result<Option<OwnedFd>, BrokerError> {
+        match tree::open_dir(&self.root_fd, OsStr::new(id)) {
+            Ok(fd) => Ok(Some(fd)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(damaged(id, format!("its directory cannot be opened: {e}"))),
+        }
+    }
+
+    fn open_existing(&self, id: &str) -> Result<OwnedFd, BrokerError> {
+        self.open(id)?
+            .ok_or_else(|| BrokerError::SessionNotFound(id.to_string()))
     }
 
     /// Takes the session's lease according to `policy`.
@@ -166,65 +220,121 @@ impl Sessions {
         })
     }
 
-    /// Creates the session's directories if new and returns its metadata.
-    /// Never follows links inside home or work: those belong to the agent.
-    pub fn ensure(&self, lease: &Lease) -> Result<(SessionPaths, SessionMeta), BrokerError> {
-        let paths = self.paths(lease.session_id());
-        mkdir(&paths.dir, 0o711)?;
-        for d in [&paths.home, &paths.work] {
-            if std::fs::symlink_metadata(d).is_err() {
-                mkdir(d, 0o700)?;
-                if let Some((uid, gid)) = self.owner {
-                    std::os::unix::fs::lchown(d, Some(uid), Some(gid))
-                        .map_err(|e| BrokerError::io("cannot chown", d, e))?;
+    /// Creates the session's directories if new and returns its metadata
+    /// and its home and work, opened. Home and work must be real
+    /// directories and `meta.json` a regular file of bounded size: a session
+    /// where they are not is refused as damaged, never followed.
+    pub fn ensure(
+        &self,
+        lease: &Lease,
+    ) -> Result<(SessionPaths, SessionMeta, SessionDirs), BrokerError> {
+        let id = lease.session_id();
+        let paths = self.paths(id);
+        mkdir_at(&self.root_fd, id, 0o711)
+            .map_err(|e| BrokerError::io("cannot create", &paths.dir, e))?;
+        let dir = self.open_existing(id)?;
+        let mut parts = Vec::with_capacity(2);
+        for part in ["home", "work"] {
+            let fd = match tree::open_dir(&dir, OsStr::new(part)) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    mkdir_at(&dir, part, 0o700)
+                        .map_err(|e| BrokerError::io("cannot create", paths.dir.join(part), e))?;
+                    let fd = open_part(id, &dir, part)?;
+                    if let Some((uid, gid)) = self.owner {
+                        rustix::fs::fchown(
+                            &fd,
+                            Some(rustix::fs::Uid::from_raw(uid)),
+                            Some(rustix::fs::Gid::from_raw(gid)),
+                        )
+                        .map_err(|e| {
+                            BrokerError::io("cannot chown", paths.dir.join(part), e.into())
+                        })?;
+                    }
+                    fd
                 }
-            }
+                _ => open_part(id, &dir, part)?,
+            };
+            parts.push(fd);
         }
-        let meta = match std::fs::read(&paths.meta) {
-            Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|_| SessionMeta {
-                session_id: lease.session_id().to_string(),
-                created_unix_ms: now_unix_ms(),
-                ..SessionMeta::default()
-            }),
-            Err(_) => SessionMeta {
-                session_id: lease.session_id().to_string(),
-                created_unix_ms: now_unix_ms(),
-                ..SessionMeta::default()
-            },
-        };
-        Ok((paths, meta))
+        let meta = read_meta(id, &dir)?.unwrap_or_else(|| SessionMeta {
+            session_id: id.to_string(),
+            created_unix_ms: now_unix_ms(),
+            ..SessionMeta::default()
+        });
+        let work = parts.pop();
+        let home = parts.pop();
+        match (home, work) {
+            (Some(home), Some(work)) => Ok((paths, meta, SessionDirs { home, work })),
+            _ => Err(damaged(id, "home or work missing".into())),
+        }
     }
 
-    /// Writes metadata atomically (temp file, then rename).
+    /// Writes metadata atomically (temp file, fsync, rename, fsync of the
+    /// dir): a full disk leaves the previous record whole.
     pub fn write_meta(&self, paths: &SessionPaths, meta: &SessionMeta) -> Result<(), BrokerError> {
-        let tmp = paths.dir.join(".meta.json.tmp");
         let bytes = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other);
         bytes
             .and_then(|b| {
-                std::fs::write(&tmp, b)?;
-                std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-                std::fs::rename(&tmp, &paths.meta)
+                let dir = tree::open_dir_path(&paths.dir)?;
+                tree::write_atomic(&dir, OsStr::new("meta.json"), &b, 0o600)
             })
             .map_err(|e| BrokerError::io("cannot write", &paths.meta, e))
     }
+
+    /// Real disk use of a session's home and work (allocated bytes, inodes).
+    pub fn usage(&self, id: &str) -> Option<tree::Usage> {
+        let dir = self.open(id).ok()??;
+        let mut total = tree::Usage::default();
+        for part in ["home", "work"] {
+            if let Ok(fd) = tree::open_dir(&dir, OsStr::new(part)) {
+                total = total + tree::usage(&fd).unwrap_or_default();
+            }
+        }
+        Some(total)
+    }
 }
 
-/// Bytes used by everything under `path`, without following links.
-pub fn disk_usage(path: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let Ok(meta) = std::fs::symlink_metadata(&p) else {
-            continue;
-        };
-        total += meta.len();
-        if meta.is_dir()
-            && let Ok(rd) = std::fs::read_dir(&p)
-        {
-            stack.extend(rd.flatten().map(|e| e.path()));
+/// Checks that the paths nsjail will mount are the directories `ensure`
+/// opened. nsjail mounts by path: it enters its new mount namespace first,
+/// where a descriptor opened in ours cannot be bind-mounted (`EINVAL`).
+/// Every parent on the path is the broker's own (root-owned, never mounted
+/// into a jail), so only home and work themselves could have changed: each
+/// must still be that same real directory, not a link.
+pub fn check_mount_sources(paths: &SessionPaths, dirs: &SessionDirs) -> Result<(), BrokerError> {
+    use std::os::unix::fs::MetadataExt;
+    let id = paths
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    for (part, path, fd) in [
+        ("home", &paths.home, &dirs.home),
+        ("work", &paths.work, &dirs.work),
+    ] {
+        let m =
+            std::fs::symlink_metadata(path).map_err(|e| BrokerError::io("cannot stat", path, e))?;
+        let st =
+            rustix::fs::fstat(fd).map_err(|e| BrokerError::io("cannot stat", path, e.into()))?;
+        if !m.is_dir() || (m.dev(), m.ino()) != (tree::num(st.st_dev), tree::num(st.st_ino)) {
+            return Err(damaged(
+                &id,
+                format!("{part} changed before the jail started"),
+            ));
         }
     }
-    total
+    Ok(())
+}
+
+/// Reads and parses a session dir's `meta.json` (capped, never through a
+/// link); `None` if there is none.
+fn read_meta(id: &str, dir: impl AsFd) -> Result<Option<SessionMeta>, BrokerError> {
+    match tree::read_capped(dir, OsStr::new("meta.json"), crate::archive::META_CAP) {
+        Ok(Some(bytes)) => serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| damaged(id, format!("meta.json is not valid metadata: {e}"))),
+        Ok(None) => Ok(None),
+        Err(e) => Err(damaged(id, format!("meta.json {e}"))),
+    }
 }
 
 /// A unique hidden name in the sessions dir for a staging tree (ids never
@@ -234,67 +344,130 @@ fn staging_name(kind: &str, id: &str) -> String {
     format!(".{kind}-{id}-{:016x}", rand::rng().random::<u64>())
 }
 
+/// A staging tree under the sessions dir, removed unless published.
+struct Staging<'a> {
+    sessions: &'a Sessions,
+    name: String,
+    fd: OwnedFd,
+    published: bool,
+}
+
+impl<'a> Staging<'a> {
+    fn new(sessions: &'a Sessions, kind: &str, id: &str) -> Result<Self, BrokerError> {
+        let name = staging_name(kind, id);
+        let path = sessions.root.join(&name);
+        rustix::fs::mkdirat(
+            &sessions.root_fd,
+            name.as_str(),
+            rustix::fs::Mode::from_raw_mode(0o700),
+        )
+        .map_err(|e| BrokerError::io("cannot create", &path, e.into()))?;
+        let fd = tree::open_dir(&sessions.root_fd, OsStr::new(&name))
+            .map_err(|e| BrokerError::io("cannot open", &path, e))?;
+        Ok(Staging {
+            sessions,
+            name,
+            fd,
+            published: false,
+        })
+    }
+
+    fn path(&self) -> PathBuf {
+        self.sessions.root.join(&self.name)
+    }
+
+    /// Moves the complete tree into place as session `id`, atomically and
+    /// only if no session `id` exists (`renameat2(RENAME_NOREPLACE)`).
+    fn publish(mut self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
+        // Both must be real directories: whatever the tree came from.
+        for part in ["home", "work"] {
+            match tree::open_dir(&self.fd, OsStr::new(part)) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    mkdir_at(&self.fd, part, 0o700)
+                        .map_err(|e| BrokerError::io("cannot create", self.path().join(part), e))?;
+                    let fd = open_part(id, &self.fd, part)?;
+                    if let Some((uid, gid)) = self.sessions.owner {
+                        rustix::fs::fchown(
+                            &fd,
+                            Some(rustix::fs::Uid::from_raw(uid)),
+                            Some(rustix::fs::Gid::from_raw(gid)),
+                        )
+                        .map_err(|e| BrokerError::io("cannot chown", self.path(), e.into()))?;
+                    }
+                }
+                Err(_) => return Err(damaged(id, format!("{part} is not a directory"))),
+            }
+        }
+        rustix::fs::fchmod(&self.fd, rustix::fs::Mode::from_raw_mode(0o711))
+            .map_err(|e| BrokerError::io("cannot chmod", self.path(), e.into()))?;
+        let bytes = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other);
+        bytes
+            .and_then(|b| tree::write_atomic(&self.fd, OsStr::new("meta.json"), &b, 0o600))
+            .map_err(|e| BrokerError::io("cannot write", self.path().join("meta.json"), e))?;
+        let root = &self.sessions.root_fd;
+        match rustix::fs::renameat_with(
+            root,
+            self.name.as_str(),
+            root,
+            id,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                self.published = true;
+                let _ = rustix::fs::fsync(root);
+                Ok(())
+            }
+            Err(rustix::io::Errno::EXIST) => Err(BrokerError::SessionExists(id.to_string())),
+            Err(e) => Err(BrokerError::io(
+                "cannot publish",
+                self.sessions.root.join(id),
+                e.into(),
+            )),
+        }
+    }
+}
+
+impl Drop for Staging<'_> {
+    fn drop(&mut self) {
+        if !self.published {
+            // remove_dir_all walks by descriptor and never follows a link.
+            let _ = std::fs::remove_dir_all(self.path());
+        }
+    }
+}
+
 impl Sessions {
     /// The root of all sessions.
     pub fn root(&self) -> &Path {
         &self.root
     }
 
-    /// Moves a complete staging tree into place as session `id`; refused if
-    /// the id exists. The staging tree is removed on failure.
-    fn publish(&self, staging: &Path, id: &str, meta: SessionMeta) -> Result<(), BrokerError> {
-        let result = (|| {
-            let paths = SessionPaths {
-                dir: staging.to_path_buf(),
-                home: staging.join("home"),
-                work: staging.join("work"),
-                meta: staging.join("meta.json"),
-            };
-            for d in [&paths.home, &paths.work] {
-                if std::fs::symlink_metadata(d).is_err() {
-                    mkdir(d, 0o700)?;
-                }
-            }
-            if let Some((uid, gid)) = self.owner {
-                for d in [&paths.home, &paths.work] {
-                    crate::archive::chown_tree(d, uid, gid)
-                        .map_err(|e| BrokerError::io("cannot chown", d, e))?;
-                }
-            }
-            std::fs::set_permissions(staging, std::fs::Permissions::from_mode(0o711))
-                .map_err(|e| BrokerError::io("cannot chmod", staging, e))?;
-            self.write_meta(&paths, &meta)?;
-            let dest = self.paths(id).dir;
-            if dest.exists() {
-                return Err(BrokerError::SessionExists(id.to_string()));
-            }
-            // rename(2) of a directory is atomic: the session appears whole.
-            std::fs::rename(staging, &dest).map_err(|e| BrokerError::io("cannot publish", &dest, e))
-        })();
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(staging);
-        }
-        result
-    }
-
-    /// Copies `src` to a new session `dst` (see `ForkSession`).
+    /// Copies `src` to a new session `dst` (see `ForkSession`): holes stay
+    /// holes, hard links stay links, extents are shared where the
+    /// filesystem can (reflink). The copy runs on the blocking pool.
     pub async fn fork(&self, src: &str, dst: &str) -> Result<SessionMeta, BrokerError> {
         let lease = self.lease(src, "(fork)", LeasePolicy::Reject).await?;
         let _dst_lease = self.lease(dst, "(fork)", LeasePolicy::Reject).await?;
-        let from = self.paths(src).dir;
-        if !from.is_dir() {
-            return Err(BrokerError::SessionNotFound(src.to_string()));
-        }
-        if self.paths(dst).dir.exists() {
+        let from = self.open_existing(src)?;
+        if self.open(dst)?.is_some() {
             return Err(BrokerError::SessionExists(dst.to_string()));
         }
-        let staging = self.root.join(staging_name("fork", dst));
-        mkdir(&staging, 0o700)?;
-        for part in ["home", "work"] {
-            if let Err(e) = crate::archive::copy_tree(&from.join(part), &staging.join(part)) {
-                let _ = std::fs::remove_dir_all(&staging);
-                return Err(BrokerError::io("cannot copy", from.join(part), e));
-            }
+        let staging = Staging::new(self, "fork", dst)?;
+        let to = staging
+            .fd
+            .try_clone()
+            .map_err(|e| BrokerError::io("cannot open", staging.path(), e))?;
+        // Both must be real directories before anything is copied.
+        open_part(src, &from, "home")?;
+        open_part(src, &from, "work")?;
+        let src_dir = self.paths(src).dir;
+        let copied = tokio::task::spawn_blocking(move || tree::copy(&from, &to, &["home", "work"]))
+            .await
+            .map_err(|e| BrokerError::io("cannot copy", &src_dir, std::io::Error::other(e)))?
+            .map_err(|e| BrokerError::io("cannot copy", &src_dir, e))?;
+        for s in copied {
+            tracing::warn!(session.id = %src, skipped = %s, "fork: entry not copied");
         }
         let meta = SessionMeta {
             session_id: dst.to_string(),
@@ -302,18 +475,15 @@ impl Sessions {
             forked_from: Some(src.to_string()),
             ..SessionMeta::default()
         };
-        self.publish(&staging, dst, meta.clone())?;
+        staging.publish(dst, &meta)?;
         drop(lease);
         Ok(meta)
     }
 
-    /// Writes session `id` as a tar to `w` while holding its lease.
-    pub async fn export_lease(&self, id: &str) -> Result<(Lease, PathBuf), BrokerError> {
+    /// Takes session `id`'s lease for an export and opens its directory.
+    pub async fn export_lease(&self, id: &str) -> Result<(Lease, OwnedFd), BrokerError> {
         let lease = self.lease(id, "(export)", LeasePolicy::Reject).await?;
-        let dir = self.paths(id).dir;
-        if !dir.is_dir() {
-            return Err(BrokerError::SessionNotFound(id.to_string()));
-        }
+        let dir = self.open_existing(id)?;
         Ok((lease, dir))
     }
 
@@ -325,33 +495,29 @@ impl Sessions {
         caps: crate::archive::ImportCaps,
     ) -> Result<SessionMeta, BrokerError> {
         let id = lease.session_id();
-        if self.paths(id).dir.exists() {
+        if self.open(id)?.is_some() {
             return Err(BrokerError::SessionExists(id.to_string()));
         }
-        let staging = self.root.join(staging_name("import", id));
-        mkdir(&staging, 0o700)?;
-        if let Err(e) = crate::archive::import(r, &staging, caps) {
-            let _ = std::fs::remove_dir_all(&staging);
-            return Err(e.into());
-        }
+        let staging = Staging::new(self, "import", id)?;
+        let imported = crate::archive::import(r, &staging.fd, caps, self.owner)?;
         // The archive's metadata is the session's history; its id is ours.
-        let mut meta: SessionMeta = std::fs::read(staging.join("meta.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_default();
+        let mut meta: SessionMeta = match imported.meta {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| crate::archive::ImportError::BadMeta(e.to_string()))?,
+            None => SessionMeta::default(),
+        };
         meta.session_id = id.to_string();
         if meta.created_unix_ms == 0 {
             meta.created_unix_ms = now_unix_ms();
         }
-        let _ = std::fs::remove_file(staging.join("meta.json"));
-        self.publish(&staging, id, meta.clone())?;
+        staging.publish(id, &meta)?;
         Ok(meta)
     }
 
     /// Takes the lease of a session that does not exist yet (for import).
     pub async fn new_session_lease(&self, id: &str) -> Result<Lease, BrokerError> {
         let lease = self.lease(id, "(import)", LeasePolicy::Reject).await?;
-        if self.paths(id).dir.exists() {
+        if self.open(id)?.is_some() {
             return Err(BrokerError::SessionExists(id.to_string()));
         }
         Ok(lease)
@@ -391,20 +557,22 @@ impl Sessions {
             .collect()
     }
 
-    /// A session's metadata, if the session exists.
+    /// A session's metadata, if the session exists. Unreadable metadata is
+    /// reported (logged) and shown as empty, so one damaged session never
+    /// hides the others from a listing.
     pub fn meta(&self, id: &str) -> Option<SessionMeta> {
-        let paths = self.paths(id);
-        if !paths.dir.is_dir() {
-            return None;
-        }
-        let meta = std::fs::read(&paths.meta)
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or_else(|| SessionMeta {
-                session_id: id.to_string(),
-                ..SessionMeta::default()
-            });
-        Some(meta)
+        let dir = self.open(id).ok()??;
+        let meta = match read_meta(id, &dir) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(session.id = %id, error = %e, "session metadata unreadable");
+                None
+            }
+        };
+        Some(meta.unwrap_or_else(|| SessionMeta {
+            session_id: id.to_string(),
+            ..SessionMeta::default()
+        }))
     }
 
     /// Ids of every session, sorted.
@@ -412,7 +580,8 @@ impl Sessions {
         let mut ids: Vec<String> = std::fs::read_dir(&self.root)
             .map(|rd| {
                 rd.flatten()
-                    .filter(|e| e.path().is_dir())
+                    // The entry's own type: a link is never a session.
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
                     .filter_map(|e| e.file_name().into_string().ok())
                     .filter(|id| crate::validate::session_id(id).is_ok())
                     .collect()
@@ -426,12 +595,15 @@ impl Sessions {
     /// taken for the deletion, so no turn can start meanwhile).
     pub async fn delete(&self, id: &str) -> Result<(), BrokerError> {
         let lease = self.lease(id, "(delete)", LeasePolicy::Reject).await?;
+        self.open_existing(id)?;
         let dir = self.paths(id).dir;
-        if !dir.is_dir() {
-            return Err(BrokerError::SessionNotFound(id.to_string()));
-        }
-        // remove_dir_all never follows the agent's symlinks.
-        std::fs::remove_dir_all(&dir).map_err(|e| BrokerError::io("cannot delete", &dir, e))?;
+        // remove_dir_all walks by descriptor and never follows the agent's
+        // links; it runs on the blocking pool.
+        let path = dir.clone();
+        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path))
+            .await
+            .map_err(|e| BrokerError::io("cannot delete", &dir, std::io::Error::other(e)))?
+            .map_err(|e| BrokerError::io("cannot delete", &dir, e))?;
         drop(lease);
         Ok(())
     }
@@ -563,11 +735,11 @@ mod tests {
             .lease("a", "t0", LeasePolicy::Reject)
             .await
             .expect("lease");
-        let (paths, mut meta) = s.ensure(&lease).expect("ensure");
+        let (paths, mut meta, _) = s.ensure(&lease).expect("ensure");
         assert!(paths.home.is_dir() && paths.work.is_dir());
         meta.turn_count = 3;
         s.write_meta(&paths, &meta).expect("write");
-        let (paths2, meta2) = s.ensure(&lease).expect("ensure again");
+        let (paths2, meta2, _) = s.ensure(&lease).expect("ensure again");
         assert_eq!(paths2.home, paths.home);
         assert_eq!(meta2, meta);
     }

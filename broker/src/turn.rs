@@ -43,7 +43,8 @@ pub const DEFAULT_LLM_ENV: &str = "ANTHROPIC_BASE_URL";
 /// (held by a process that escaped the turn) before the relay gives up.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
 
-pub type EventTx = mpsc::Sender<Result<pb::TurnEvent, tonic::Status>>;
+/// The turn's events towards the executor (the LLM relay sends on it too).
+pub type EventTx = crate::llm::EventSink;
 
 /// A validated `Start`.
 #[derive(Debug, Clone)]
@@ -340,6 +341,9 @@ struct Prepared {
     llm: Option<std::os::unix::net::UnixListener>,
     /// A ready launcher in `cgroup`, taken for the spawn.
     launcher: Option<Launcher>,
+    /// The session's home and work, opened as real directories: nsjail
+    /// must mount exactly these (checked right before the spawn).
+    dirs: Option<crate::session::SessionDirs>,
 }
 
 fn prepare(
@@ -349,7 +353,7 @@ fn prepare(
     paths: TurnPaths,
     payload: &[u8],
 ) -> Result<Prepared, BrokerError> {
-    let (_, meta) = broker.sessions.ensure(lease)?;
+    let (_, meta, dirs) = broker.sessions.ensure(lease)?;
     // The turn dir: a ready one (with its llm.sock bound, and tmp/ in direct
     // mode) renamed to the turn's name, or a new one.
     let spare = take_spare(broker, &spec.turn_id, cgroup_limits(&spec.limits)).and_then(|s| {
@@ -369,9 +373,14 @@ fn prepare(
             .map_err(|e| BrokerError::io("cannot create", &paths.turn_dir, e))?;
     }
     // From here on a failure must not leave the turn dir behind.
-    populate(broker, spec, paths.clone(), meta, payload, spare).inspect_err(|_| {
-        let _ = std::fs::remove_dir_all(&paths.turn_dir);
-    })
+    populate(broker, spec, paths.clone(), meta, payload, spare)
+        .map(|p| Prepared {
+            dirs: Some(dirs),
+            ..p
+        })
+        .inspect_err(|_| {
+            let _ = std::fs::remove_dir_all(&paths.turn_dir);
+        })
 }
 
 fn populate(
@@ -440,6 +449,7 @@ fn prepared(
         cgroup,
         llm: Some(llm),
         launcher,
+        dirs: None,
     }
 }
 
@@ -1201,6 +1211,9 @@ async fn spawn(
             })?;
             setup.fds.push((w, jail::LOG_FD));
             log_reader = Some(r);
+            if let Some(dirs) = &prepared.dirs {
+                crate::session::check_mount_sources(&paths.session, dirs)?;
+            }
             (
                 bin,
                 vec!["--config".into(), paths.jail_config.clone().into()],
@@ -1259,6 +1272,7 @@ async fn finish(
         cgroup,
         llm: _,
         launcher: _,
+        dirs: _,
     } = prepared;
     // A turn that failed before `Started` still took a spare.
     if let Some(w) = &broker.warm {

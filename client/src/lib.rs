@@ -32,13 +32,15 @@
 //!
 //! The crate depends on the API (`turnstile-proto`), never on the broker.
 
-pub mod flow;
+pub use turnstile_proto::flow;
 mod forward;
+mod input;
 mod relay;
 mod turn;
 
 pub use forward::{CredentialHeader, ForwarderConfig, ForwarderError, LlmForwarder};
-pub use turn::{Turn, TurnGone, TurnInput};
+pub use input::{TurnGone, TurnInput};
+pub use turn::Turn;
 pub use turnstile_proto::v1 as pb;
 
 use std::path::PathBuf;

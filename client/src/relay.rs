@@ -12,8 +12,8 @@
 
 use crate::flow::{self, Credit, Grants, Inbox};
 use crate::forward::LlmForwarder;
+use crate::input::TurnInput;
 use crate::pb;
-use crate::turn::TurnInput;
 use bytes::{Bytes, BytesMut};
 use std::collections::HashMap;
 use tokio::io::{AsyncWriteExt, DuplexStream};

@@ -1,5 +1,8 @@
-//! The Turnstile gRPC API, generated from `proto/turnstile/v1/turnstile.proto`.
-//! The wire format lives only here.
+//! The Turnstile gRPC API, generated from `proto/turnstile/v1/turnstile.proto`,
+//! and the rules both ends of a turn stream must agree on (the LLM relay's
+//! per-connection flow control, [`flow`]). The wire format lives only here.
+
+pub mod flow;
 
 #[allow(clippy::all, missing_docs)]
 pub mod v1 {

@@ -186,6 +186,95 @@ async fn sessions_subcommands_manage_sessions() {
     assert!(d.wait().await.success());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_exports_and_imports_leave_nothing_behind() {
+    let dir = tempdir();
+    let mut d = Daemon::spawn(Mode::Direct, dir.path(), &[]);
+    let _ = d.ready().await;
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir(&out_dir).expect("mkdir");
+    let missing = out_dir.join("missing.tar");
+    let empty = out_dir.join("empty.tar");
+    let zeros = out_dir.join("zeros.tar");
+    std::fs::write(&empty, b"").expect("write");
+    std::fs::write(&zeros, vec![0u8; 10240]).expect("write");
+    let s = d.socket.clone();
+    let args: Vec<Vec<String>> = vec![
+        vec![
+            "export".into(),
+            "missing".into(),
+            missing.display().to_string(),
+        ],
+        vec![
+            "import".into(),
+            "from-empty".into(),
+            empty.display().to_string(),
+        ],
+        vec![
+            "import".into(),
+            "from-zeros".into(),
+            zeros.display().to_string(),
+        ],
+    ];
+    let results = tokio::task::spawn_blocking(move || {
+        args.iter()
+            .map(|a| sessions_cli(&s, &a.iter().map(String::as_str).collect::<Vec<_>>()))
+            .collect::<Vec<_>>()
+    })
+    .await
+    .expect("join");
+    let (code, _, err) = &results[0];
+    assert_eq!(*code, 1);
+    assert!(err.contains("session missing not found"), "{err}");
+    assert_eq!(
+        entries(&out_dir),
+        ["empty.tar", "zeros.tar"],
+        "no partial export file"
+    );
+    for (code, _, err) in &results[1..] {
+        assert_eq!(*code, 1);
+        assert!(err.contains("not a session archive"), "{err}");
+    }
+    assert!(entries(&d.state.join("sessions")).is_empty());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait().await.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_ls_into_a_closed_pipe_ends_quietly() {
+    let dir = tempdir();
+    let mut d = Daemon::spawn(Mode::Direct, dir.path(), &[]);
+    let client = d.ready().await;
+    let t = Turn::start(client, start("listed", "true"))
+        .await
+        .expect("turn");
+    t.close_stdin().await;
+    t.collect().await.assert_exited_ok();
+    // stdout is a pipe whose reader is already gone (`| head` that quit):
+    // every write fails with EPIPE.
+    let (r, w) = nix::unistd::pipe().expect("pipe");
+    drop(r);
+    let socket = d.socket.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_turnstile"))
+            .arg("sessions")
+            .arg("--socket")
+            .arg(&socket)
+            .arg("ls")
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::piped())
+            .output()
+            .expect("turnstile sessions ls")
+    })
+    .await
+    .expect("join");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(d.wait().await.success());
+}
+
 /// `turnstile run` with no daemon: the broker runs in the CLI process.
 fn embedded(state: &std::path::Path, mode: Mode, extra: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_turnstile"));

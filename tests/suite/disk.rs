@@ -325,15 +325,22 @@ async fn a_nearly_full_state_dir_stops_the_growing_session(mode: Mode) {
 #[test]
 fn a_full_disk_keeps_the_previous_record() {
     use std::io::Write;
+    let write = |dir: &Path, bytes: &[u8]| {
+        let dir = turnstile_broker::tree::open_dir_path(dir).expect("open");
+        turnstile_broker::tree::write_atomic(&dir, std::ffi::OsStr::new("meta.json"), bytes, 0o600)
+    };
     let fs = Tmpfs::mount(1);
     let rec = fs.path.join("meta.json");
-    turnstile_broker::disk::write_atomic(&rec, b"{\"turn_count\":1}", 0o600).expect("first");
+    write(&fs.path, b"{\"turn_count\":1}").expect("first");
     let mut filler = std::fs::File::create(fs.path.join("filler")).expect("filler");
     let chunk = vec![0u8; 64 * 1024];
     while filler.write_all(&chunk).is_ok() {}
-    let err = turnstile_broker::disk::write_atomic(&rec, &vec![b' '; 256 * 1024], 0o600)
-        .expect_err("no room");
-    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let err = write(&fs.path, &vec![b' '; 256 * 1024]).expect_err("no room");
+    assert_eq!(
+        err.raw_os_error(),
+        Some(nix::errno::Errno::ENOSPC as i32),
+        "{err}"
+    );
     assert_eq!(
         std::fs::read(&rec).expect("read"),
         b"{\"turn_count\":1}".to_vec()

@@ -116,7 +116,7 @@ impl Harness {
         let broker = Broker::new(cfg).expect("broker starts");
         let listener = server::bind_unix(&socket).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(broker.clone(), vec![listener], async {
+        let server = tokio::spawn(server::serve(broker.clone(), vec![listener], async {
             let _ = stopped.await;
         }));
         Harness {
@@ -159,7 +159,7 @@ impl Harness {
 }
 
 pub async fn client(socket: &Path) -> BrokerClient<Channel> {
-    let channel = turnstile_broker::cli::connect_unix(socket.to_path_buf())
+    let channel = turnstile_client::connect_unix(socket.to_path_buf())
         .await
         .expect("connect");
     BrokerClient::new(channel).max_decoding_message_size(64 << 20)

