@@ -204,6 +204,24 @@ async fn inode_limit_stops_the_writer(mode: Mode) {
     h.stop().await;
 }
 
+/// Runs a turn; a refusal names the free space the test saw.
+async fn run_or_say_why(h: &Harness, dir: &Path, start: pb::Start) -> Outcome {
+    match h.turn(start).await {
+        Ok(t) => {
+            t.close_stdin().await;
+            t.collect().await
+        }
+        Err(status) => {
+            let st = nix::sys::statvfs::statvfs(dir).expect("statvfs");
+            panic!(
+                "turn refused with {} bytes free under {}: {status:?}",
+                st.blocks_available() * st.fragment_size(),
+                dir.display()
+            )
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn below_the_reserve_turns_and_imports_are_refused() {
     let fs = Tmpfs::mount(64);
@@ -213,7 +231,9 @@ async fn below_the_reserve_turns_and_imports_are_refused() {
         cfg.disk_reserve_bytes = Some(32 * MIB);
     })
     .await;
-    h.run(start("before", "echo ok")).await.assert_exited_ok();
+    run_or_say_why(&h, &fs.path, start("before", "echo ok"))
+        .await
+        .assert_exited_ok();
 
     // Something else fills the filesystem to below the reserve.
     let filler = fs.path.join("filler");
@@ -246,7 +266,7 @@ async fn below_the_reserve_turns_and_imports_are_refused() {
 
     // Space back: turns run again, and the earlier record is intact.
     std::fs::remove_file(&filler).expect("rm filler");
-    h.run(start("before", "echo again"))
+    run_or_say_why(&h, &fs.path, start("before", "echo again"))
         .await
         .assert_exited_ok();
     assert_eq!(meta(&h.state(), "before").turn_count, 2);
