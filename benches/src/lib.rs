@@ -53,6 +53,11 @@ pub struct Served {
 
 impl Served {
     pub async fn start(mode: Mode) -> Served {
+        Served::start_with(mode, |_| {}).await
+    }
+
+    /// A broker whose config `tweak` adjusts first.
+    pub async fn start_with(mode: Mode, tweak: impl FnOnce(&mut Config)) -> Served {
         use std::os::unix::fs::PermissionsExt;
         assert!(
             nix::unistd::geteuid().is_root(),
@@ -62,7 +67,7 @@ impl Served {
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
             .expect("chmod");
         let socket = dir.path().join("b.sock");
-        let cfg = Config {
+        let mut cfg = Config {
             state_dir: dir.path().join("state"),
             socket: Some(socket.clone()),
             mode,
@@ -90,6 +95,7 @@ impl Served {
                 .unwrap_or(Config::default().warm_spares),
             ..Config::default()
         };
+        tweak(&mut cfg);
         let broker = Broker::new(cfg).expect("broker");
         let listener = server::bind_unix(&socket).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
@@ -119,12 +125,25 @@ impl Served {
         mpsc::Sender<pb::TurnRequest>,
         tonic::Streaming<pb::TurnEvent>,
     ) {
-        let (tx, rx) = mpsc::channel(4);
         let start = pb::Start {
             session_id: session.to_string(),
             argv: argv.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         };
+        self.start_turn_with(start).await
+    }
+
+    /// Starts a turn from a whole `Start`; returns the time to `Started`
+    /// and the open turn.
+    pub async fn start_turn_with(
+        &mut self,
+        start: pb::Start,
+    ) -> (
+        Duration,
+        mpsc::Sender<pb::TurnRequest>,
+        tonic::Streaming<pb::TurnEvent>,
+    ) {
+        let (tx, rx) = mpsc::channel(4);
         let t0 = Instant::now();
         tx.send(pb::TurnRequest {
             kind: Some(pb::turn_request::Kind::Start(start)),

@@ -58,6 +58,10 @@ pub struct Limits {
     pub max_processes: Option<u64>,
     pub max_open_files: Option<u64>,
     pub max_file_size_bytes: Option<u64>,
+    /// Disk use of the session (home + work): bytes of allocated blocks.
+    pub disk_bytes: Option<u64>,
+    /// Disk use of the session (home + work): inodes.
+    pub disk_inodes: Option<u64>,
 }
 
 impl Limits {
@@ -69,6 +73,8 @@ impl Limits {
             max_processes: Some(512),
             max_open_files: Some(4096),
             max_file_size_bytes: Some(8 << 30),
+            disk_bytes: Some(10 << 30),
+            disk_inodes: Some(1_000_000),
         }
     }
 
@@ -80,6 +86,8 @@ impl Limits {
             max_processes: Some(4096),
             max_open_files: Some(65536),
             max_file_size_bytes: None,
+            disk_bytes: Some(100 << 30),
+            disk_inodes: Some(10_000_000),
         }
     }
 
@@ -91,10 +99,12 @@ impl Limits {
             max_processes: None,
             max_open_files: None,
             max_file_size_bytes: None,
+            disk_bytes: None,
+            disk_inodes: None,
         }
     }
 
-    pub fn entries(&self) -> [(&'static str, Option<u64>); 6] {
+    pub fn entries(&self) -> [(&'static str, Option<u64>); 8] {
         [
             ("wall_time_ms", self.wall_time_ms),
             ("memory_bytes", self.memory_bytes),
@@ -102,6 +112,8 @@ impl Limits {
             ("max_processes", self.max_processes),
             ("max_open_files", self.max_open_files),
             ("max_file_size_bytes", self.max_file_size_bytes),
+            ("disk_bytes", self.disk_bytes),
+            ("disk_inodes", self.disk_inodes),
         ]
     }
 }
@@ -170,6 +182,10 @@ pub struct Config {
     /// grace period (~10 ms), which a ready launcher has already paid. 0
     /// turns them off; each costs one idle process (~1 MiB) and one cgroup.
     pub warm_spares: usize,
+    /// Free space kept under the state dir: below it, turns and imports are
+    /// refused up front. `None` picks 5 % of the filesystem, at most 1 GiB;
+    /// 0 turns the check off.
+    pub disk_reserve_bytes: Option<u64>,
 }
 
 impl Default for Config {
@@ -201,6 +217,7 @@ impl Default for Config {
             session_ttl_ms: None,
             gc_interval_ms: 10 * 60 * 1000,
             warm_spares: 2,
+            disk_reserve_bytes: None,
         }
     }
 }
@@ -507,6 +524,34 @@ mod tests {
             cfg.validate(),
             Err(ConfigError::DefaultOverCap {
                 name: "memory_bytes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn disk_limits_and_reserve_parse() {
+        let cfg: Config = toml::from_str(
+            r#"
+            disk_reserve_bytes = 0
+            [default_limits]
+            disk_bytes = 1000
+            [max_limits]
+            disk_bytes = 2000
+            disk_inodes = 10
+            "#,
+        )
+        .expect("parse");
+        assert_eq!(cfg.disk_reserve_bytes, Some(0));
+        assert_eq!(cfg.default_limits.disk_bytes, Some(1000));
+        assert_eq!(cfg.max_limits.disk_inodes, Some(10));
+        cfg.validate().expect("valid");
+        let mut cfg = cfg;
+        cfg.default_limits.disk_bytes = Some(3000);
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::DefaultOverCap {
+                name: "disk_bytes",
                 ..
             })
         ));

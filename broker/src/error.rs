@@ -77,6 +77,17 @@ pub enum BrokerError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("cgroup: {0}")]
     Cgroup(#[source] std::io::Error),
+    #[error(
+        "state dir {path} has {free} bytes free, below its reserve of {reserve} bytes \
+         (disk_reserve_bytes): free space or delete sessions"
+    )]
+    DiskReserve {
+        path: PathBuf,
+        free: u64,
+        reserve: u64,
+    },
+    #[error(transparent)]
+    Disk(#[from] crate::disk::DiskError),
 }
 
 impl BrokerError {
@@ -93,7 +104,9 @@ impl BrokerError {
             BrokerError::Input(_) | BrokerError::NotStart(_) | BrokerError::NoStart => {
                 Code::InvalidArgument
             }
-            BrokerError::PayloadTooLarge { .. } => Code::ResourceExhausted,
+            BrokerError::PayloadTooLarge { .. } | BrokerError::DiskReserve { .. } => {
+                Code::ResourceExhausted
+            }
             BrokerError::Busy { .. } => Code::FailedPrecondition,
             BrokerError::BusyAfterWait { .. } => Code::DeadlineExceeded,
             BrokerError::SessionNotFound(_) => Code::NotFound,
@@ -109,7 +122,8 @@ impl BrokerError {
             BrokerError::Io { .. }
             | BrokerError::Spawn { .. }
             | BrokerError::Encode(_)
-            | BrokerError::Cgroup(_) => Code::Internal,
+            | BrokerError::Cgroup(_)
+            | BrokerError::Disk(_) => Code::Internal,
         }
     }
 }

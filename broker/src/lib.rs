@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod cgroup;
 pub mod config;
+pub mod disk;
 pub mod error;
 pub mod jail;
 pub mod llm;
@@ -41,6 +42,8 @@ pub enum StopReason {
     Cancelled,
     BrokerShutdown,
     ExecutorGone,
+    /// The session went over its disk limit (see [`disk`]).
+    DiskLimit,
 }
 
 /// A running turn as the broker tracks it.
@@ -117,6 +120,8 @@ pub struct Broker {
     /// The resolved nsjail binary and profile text (nsjail mode only).
     pub nsjail: Option<(PathBuf, String)>,
     pub cgroups: Option<Cgroups>,
+    /// Session disk limits and the state dir's free-space reserve.
+    pub disk: Arc<disk::Disk>,
     /// Ready launchers in ready cgroups (with cgroups on); see [`warm`].
     pub warm: Option<warm::WarmPool>,
     /// Host uid/gid of the agent in nsjail mode.
@@ -256,6 +261,15 @@ impl Broker {
         }
         let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
         let sessions = Sessions::new(state.join("sessions"), owner)?;
+        let disk = Arc::new(
+            disk::Disk::new(&state, config.disk_reserve_bytes).map_err(BrokerError::Disk)?,
+        );
+        info!(
+            backend = disk.detected().backend,
+            reserve_bytes = disk.reserve(),
+            why = %disk.detected().why,
+            "session disk limits"
+        );
         sessions.clean_staging();
         let _ = std::fs::remove_dir_all(state.join("imports"));
         info!(
@@ -299,6 +313,7 @@ impl Broker {
             turns_dir,
             nsjail,
             cgroups,
+            disk,
             warm,
             outside_ids,
             admission: Mutex::default(),

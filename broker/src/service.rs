@@ -61,6 +61,9 @@ impl BrokerApi for Service {
         let spec = TurnSpec::from_start(start, broker).map_err(BrokerError::from)?;
         let paths = TurnPaths::new(broker, &spec);
         let payload = turn::build_payload(broker, &spec, &paths)?;
+        // Below the reserve a turn would fail on a full disk, and take the
+        // broker's records with it: refused before anything is written.
+        broker.disk.check_reserve()?;
         let lease = broker
             .sessions
             .lease(&spec.session_id, &spec.turn_id, spec.lease)
@@ -134,6 +137,7 @@ impl BrokerApi for Service {
         let r = request.into_inner();
         crate::validate::session_id(&r.source_session_id).map_err(BrokerError::from)?;
         crate::validate::session_id(&r.new_session_id).map_err(BrokerError::from)?;
+        self.broker.disk.check_reserve()?;
         self.broker
             .sessions
             .fork(&r.source_session_id, &r.new_session_id)
@@ -186,6 +190,7 @@ impl BrokerApi for Service {
         let id = first.session_id.clone();
         crate::validate::session_id(&id).map_err(BrokerError::from)?;
         let broker = &self.broker;
+        broker.disk.check_reserve()?;
         let lease = broker.sessions.new_session_lease(&id).await?;
         // Spool to a file first: extraction is blocking, and a truncated
         // upload must not leave a half session. The spool is owner-only and
@@ -274,6 +279,7 @@ impl BrokerApi for Service {
         let id = request.into_inner().session_id;
         crate::validate::session_id(&id).map_err(BrokerError::from)?;
         self.broker.sessions.delete(&id).await?;
+        self.broker.disk.forget(&id);
         info!(session.id = %id, "session deleted");
         Ok(Response::new(pb::DeleteSessionReply {}))
     }
@@ -342,6 +348,7 @@ impl Service {
             }
             match broker.sessions.delete(&id).await {
                 Ok(()) => {
+                    broker.disk.forget(&id);
                     info!(session.id = %id, ttl_ms = ttl, "garbage-collected an idle session");
                     out.push(id);
                 }

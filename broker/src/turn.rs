@@ -4,6 +4,7 @@
 
 use crate::cgroup::{CgroupLimits, TurnCgroup};
 use crate::config::{Limits, Mode};
+use crate::disk::{DiskLimit, Exceeded};
 use crate::error::{BrokerError, InputError};
 use crate::session::{Lease, LeasePolicy, SessionMeta, SessionPaths, now_unix_ms};
 use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
@@ -57,6 +58,8 @@ pub struct TurnSpec {
     pub limits: Limits,
     pub lease: LeasePolicy,
     pub llm_env_vars: Vec<String>,
+    /// `RLIMIT_FSIZE` from the session's disk limit: what is left of it.
+    pub disk_file_cap: Option<u64>,
 }
 
 /// A fresh unique id (turns, spool files).
@@ -123,6 +126,18 @@ pub fn effective_limits(
             defaults.max_file_size_bytes,
             caps.max_file_size_bytes,
         )?,
+        disk_bytes: pick(
+            "disk_bytes",
+            req.disk_bytes,
+            defaults.disk_bytes,
+            caps.disk_bytes,
+        )?,
+        disk_inodes: pick(
+            "disk_inodes",
+            req.disk_inodes,
+            defaults.disk_inodes,
+            caps.disk_inodes,
+        )?,
     })
 }
 
@@ -164,7 +179,11 @@ impl TurnSpec {
             }
             _ => LeasePolicy::Reject,
         };
+        let disk_file_cap = broker
+            .disk
+            .file_size_cap(&start.session_id, disk_limit(&limits));
         Ok(TurnSpec {
+            disk_file_cap,
             session_id: start.session_id,
             turn_id,
             argv: start.argv,
@@ -174,6 +193,14 @@ impl TurnSpec {
             lease,
             llm_env_vars,
         })
+    }
+}
+
+/// The session disk limit within a turn's limits.
+pub fn disk_limit(limits: &Limits) -> DiskLimit {
+    DiskLimit {
+        bytes: limits.disk_bytes,
+        inodes: limits.disk_inodes,
     }
 }
 
@@ -279,7 +306,10 @@ pub fn build_payload(
         rlimits: turnstile_shim::Rlimits {
             cpu_seconds: l.cpu_time_ms.map(|ms| ms.div_ceil(1000).max(1)),
             open_files: l.max_open_files,
-            file_size_bytes: l.max_file_size_bytes,
+            file_size_bytes: match (l.max_file_size_bytes, spec.disk_file_cap) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             address_space_bytes: if no_cgroups { l.memory_bytes } else { None },
             processes: if no_cgroups { l.max_processes } else { None },
         },
@@ -515,6 +545,8 @@ struct Outcome {
     nsjail_log: String,
     /// stderr of the jail or shim when no agent ever ran.
     early_stderr: String,
+    /// The session's disk use that was over its limit.
+    disk_exceeded: Option<Exceeded>,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<ShimMsg>> {
@@ -915,6 +947,22 @@ async fn supervise(
     if let Some(w) = &broker.warm {
         w.refill();
     }
+    // The session's disk use and the state dir's free space, watched from
+    // now on (never on the start path: the first walk of a big tree takes a
+    // while).
+    let limit = disk_limit(&spec.limits);
+    let disk_watch = (!limit.is_unlimited() || broker.disk.reserve() > 0).then(|| {
+        let turn = admitted.turn.clone();
+        let mut roots = vec![paths.session.home.clone(), paths.session.work.clone()];
+        if broker.mode() == Mode::Direct {
+            // The agent's TMPDIR is on the state dir too (in nsjail mode
+            // /tmp is the jail's own tmpfs).
+            roots.push(PathBuf::from(&paths.tmp));
+        }
+        broker.disk.watch(&spec.session_id, roots, limit, move || {
+            turn.stop(StopReason::DiskLimit)
+        })
+    });
 
     // Relay.
     use std::os::fd::AsFd;
@@ -973,10 +1021,15 @@ async fn supervise(
             reason = stop_reason(), if outcome.stopped.is_none() => {
                 info!(?reason, "ending the turn");
                 outcome.stopped = Some(reason);
-                // SIGTERM first: the shim forwards it, and the agent may save
-                // its state; everything is SIGKILLed after the grace.
-                kill_pid(shim_pid, Signal::SIGTERM);
-                kill_at = Some(tokio::time::Instant::now() + grace);
+                if reason == StopReason::DiskLimit {
+                    // A grace would be time to write more.
+                    kill_all(child_pid, prepared);
+                } else {
+                    // SIGTERM first: the shim forwards it, and the agent may
+                    // save its state; everything is SIGKILLed after the grace.
+                    kill_pid(shim_pid, Signal::SIGTERM);
+                    kill_at = Some(tokio::time::Instant::now() + grace);
+                }
             }
             _ = async { match kill_at { Some(t) => tokio::time::sleep_until(t).await, None => std::future::pending().await } } => {
                 kill_all(child_pid, prepared);
@@ -1020,6 +1073,7 @@ async fn supervise(
         r.close();
     }
     counters.stdin = stdin_total.load(Ordering::Relaxed);
+    outcome.disk_exceeded = disk_watch.and_then(|w| w.exceeded());
     outcome.nsjail_log = log_text(log_rx).await;
     match start_record.await {
         Ok(Ok(())) => {}
@@ -1240,6 +1294,9 @@ async fn finish(
     if stats.fork_failures > 0 {
         limits_hit.push("processes".to_string());
     }
+    if outcome.disk_exceeded.is_some() || disk_file_cap_hit(&outcome, spec) {
+        limits_hit.push("disk".to_string());
+    }
     let (reason, message) = classify(&outcome, stats.oom_kills > 0, stats.fork_failures > 0, spec);
     let mut exited = pb::Exited {
         reason: reason as i32,
@@ -1293,6 +1350,7 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
             StopReason::Cancelled => Reason::Cancelled,
             StopReason::BrokerShutdown => Reason::BrokerShutdown,
             StopReason::ExecutorGone => Reason::Cancelled,
+            StopReason::DiskLimit => Reason::DiskLimit,
         };
         let msg = match stop {
             StopReason::TimedOut => format!(
@@ -1302,6 +1360,7 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
             StopReason::Cancelled => "turn cancelled".to_string(),
             StopReason::BrokerShutdown => "broker shutting down".to_string(),
             StopReason::ExecutorGone => "executor disconnected".to_string(),
+            StopReason::DiskLimit => disk_message(outcome.disk_exceeded, spec),
         };
         return (reason, msg);
     }
@@ -1328,6 +1387,14 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
         {
             (Reason::CpuLimit, "CPU-time limit reached".into())
         }
+        Some(AgentStatus::Signal(_)) if disk_file_cap_hit(outcome, spec) => (
+            Reason::DiskLimit,
+            format!(
+                "disk limit reached: a file hit the {} bytes left of the session's {} (SIGXFSZ)",
+                spec.disk_file_cap.unwrap_or(0),
+                disk_limit(&spec.limits).describe()
+            ),
+        ),
         Some(AgentStatus::Signal(s)) if s == Signal::SIGXFSZ as i32 => (
             Reason::FileSizeLimit,
             "file-size limit reached (SIGXFSZ)".into(),
@@ -1387,6 +1454,37 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
     }
 }
 
+/// Whether the agent died of SIGXFSZ at a file-size limit that came from
+/// the session's disk limit (what was left of it) rather than from
+/// `max_file_size_bytes`.
+fn disk_file_cap_hit(outcome: &Outcome, spec: &TurnSpec) -> bool {
+    let xfsz =
+        matches!(outcome.agent, Some((AgentStatus::Signal(s), _)) if s == Signal::SIGXFSZ as i32);
+    match spec.disk_file_cap {
+        Some(cap) => xfsz && spec.limits.max_file_size_bytes.is_none_or(|m| cap < m),
+        None => false,
+    }
+}
+
+fn disk_message(exceeded: Option<Exceeded>, spec: &TurnSpec) -> String {
+    let limit = disk_limit(&spec.limits).describe();
+    match exceeded {
+        Some(Exceeded {
+            usage: u,
+            free_below_floor: Some(free),
+        }) => format!(
+            "the state dir is nearly full ({free} bytes free, below half the disk reserve) \
+             and this session grew during the turn, to {} bytes / {} inodes",
+            u.bytes, u.inodes
+        ),
+        Some(Exceeded { usage: u, .. }) => format!(
+            "disk limit of {limit} reached: the session's home and work use at least {} bytes / {} inodes",
+            u.bytes, u.inodes
+        ),
+        None => format!("disk limit of {limit} reached"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1437,6 +1535,7 @@ mod tests {
             limits: Limits::unlimited(),
             lease: LeasePolicy::Reject,
             llm_env_vars: vec![],
+            disk_file_cap: None,
         }
     }
 
@@ -1540,5 +1639,38 @@ mod tests {
         for (i, (outcome, oom, fork, want)) in cases.into_iter().enumerate() {
             assert_eq!(classify(&outcome, oom, fork, &s).0, want, "case {i}");
         }
+    }
+
+    #[test]
+    fn disk_stops_and_disk_file_caps_read_disk_limit() {
+        let mut s = spec();
+        s.limits.disk_bytes = Some(1000);
+        s.limits.max_file_size_bytes = Some(5000);
+        s.disk_file_cap = Some(400);
+        let xfsz = Outcome {
+            agent: Some((AgentStatus::Signal(25), Usage::default())),
+            agent_started: true,
+            ..Default::default()
+        };
+        let (reason, msg) = classify(&xfsz, false, false, &s);
+        assert_eq!(reason, Reason::DiskLimit);
+        assert!(msg.contains("400 bytes left"), "{msg}");
+        // A file-size limit below what is left of the disk limit is its own.
+        s.limits.max_file_size_bytes = Some(100);
+        assert_eq!(classify(&xfsz, false, false, &s).0, Reason::FileSizeLimit);
+        let stopped = Outcome {
+            stopped: Some(StopReason::DiskLimit),
+            disk_exceeded: Some(Exceeded {
+                usage: crate::disk::Usage {
+                    bytes: 2000,
+                    inodes: 3,
+                },
+                free_below_floor: None,
+            }),
+            ..xfsz
+        };
+        let (reason, msg) = classify(&stopped, false, false, &s);
+        assert_eq!(reason, Reason::DiskLimit);
+        assert!(msg.contains("at least 2000 bytes"), "{msg}");
     }
 }

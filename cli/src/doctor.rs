@@ -277,6 +277,7 @@ pub async fn checks(input: &DoctorInput) -> Vec<Check> {
         }
     }
     checks.push(state_dir_check(&input.state_dir));
+    checks.push(disk_check(&input.state_dir));
     if let Some(sock) = &input.socket {
         checks.push(socket_check(sock).await);
     }
@@ -320,6 +321,44 @@ fn state_dir_check(dir: &Path) -> Check {
             }
         }
     }
+}
+
+/// Which disk-limit backend applies to sessions under the state dir (or
+/// its nearest existing ancestor), and the free space against the default
+/// reserve. Informational: every backend works; they differ in how hard the
+/// limit binds.
+fn disk_check(dir: &Path) -> Check {
+    let Some(existing) = dir.ancestors().find(|d| d.exists()) else {
+        return fail(
+            "disk limits",
+            format!("no existing directory above {}", dir.display()),
+            "create the state dir",
+        );
+    };
+    let detected = turnstile_broker::disk::detect(existing);
+    let reserve = turnstile_broker::disk::Disk::new(existing, None)
+        .and_then(|d| Ok((d.reserve(), d.free()?)));
+    let (ok, space) = match reserve {
+        Ok((reserve, free)) => (
+            free >= reserve,
+            format!("{free} bytes free, default reserve {reserve} bytes"),
+        ),
+        Err(e) => (false, e.to_string()),
+    };
+    let mut c = if ok {
+        pass(
+            "disk limits",
+            format!("{}: {}; {space}", detected.backend, detected.why),
+        )
+    } else {
+        fail(
+            "disk limits",
+            format!("{}: {}; {space}", detected.backend, detected.why),
+            "free space under the state dir: below the reserve turns and imports are refused",
+        )
+    };
+    c.required = false;
+    c
 }
 
 async fn socket_check(sock: &Path) -> Check {
@@ -405,6 +444,14 @@ mod tests {
         let sh = std::fs::read("/bin/sh").expect("/bin/sh");
         assert_eq!(is_static_elf(&sh), Ok(false));
         assert_eq!(is_static_elf(b"#!/bin/sh\n"), Err("not an ELF file"));
+    }
+
+    #[test]
+    fn disk_check_names_the_backend() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = disk_check(&dir.path().join("not/yet"));
+        assert!(c.detail.starts_with("accounting: "), "{}", c.detail);
+        assert!(!c.required);
     }
 
     #[test]

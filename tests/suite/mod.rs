@@ -7,6 +7,7 @@ mod harness;
 mod admission;
 mod cli;
 mod continuation;
+mod disk;
 mod hardening;
 mod isolation;
 mod lifecycle;
