@@ -6,7 +6,8 @@
 //! the agent, forwards signals to it, reaps every child, kills whatever the
 //! agent left behind and reports how the agent ended. Its exit code is the
 //! agent's, or one of `exit_code::*` when it failed before the agent ran.
-//! All syscalls live in [`sys`].
+//! Its syscalls live in [`sys`] and, for the spawn and what a launcher
+//! shares with it, in `turnstile-sys`.
 
 mod bridge;
 mod launch;
@@ -22,6 +23,7 @@ use turnstile_shim::{
     AgentStatus, DEFAULT_MAX_PAYLOAD, FailureClass, GO, INIT_FD, InitPayload, Mode, SelfCheck,
     ShimMsg, Usage, exit_code, read_capped, write_frame,
 };
+use turnstile_sys::{ChildStep, SpawnError};
 
 const USAGE: &str = "usage: turnstile-shim --max-payload BYTES";
 /// Longest message put in a `Failed` frame (the broker caps frames).
@@ -251,28 +253,33 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<usize, String>
     }
 }
 
-fn spawn_error(e: sys::SpawnError, plan: &sys::ExecPlan, payload: &InitPayload) -> ShimError {
-    use sys::{SpawnError, Step};
+fn spawn_error(e: SpawnError, plan: &sys::ExecPlan, payload: &InitPayload) -> ShimError {
     match e {
-        SpawnError::Fork(e) => ShimError::Setup("cannot fork the agent", e),
-        SpawnError::Garbled => ShimError::Setup("cannot start the agent", Errno::EIO),
+        SpawnError::Clone(e) => ShimError::Setup("cannot fork the agent", e),
         SpawnError::Child { step, errno } => match step {
-            Step::Exec => ShimError::Exec {
+            ChildStep::Exec => ShimError::Exec {
                 argv0: payload.argv.first().cloned().unwrap_or_default(),
                 errno,
             },
-            Step::Chdir => ShimError::Cwd {
+            ChildStep::Chdir => ShimError::Cwd {
                 cwd: payload.cwd.clone(),
                 errno,
             },
-            Step::Rlimit(i) => ShimError::Limit {
+            ChildStep::Rlimit(i) => ShimError::Limit {
                 name: plan.rlimit_name(i),
                 errno,
             },
-            Step::Signals => ShimError::Setup("cannot reset the agent's signals", errno),
-            Step::ProcessGroup => ShimError::Setup("cannot give the agent its own group", errno),
-            Step::ParentDeathSignal => {
+            ChildStep::Signals => ShimError::Setup("cannot reset the agent's signals", errno),
+            ChildStep::ProcessGroup => {
+                ShimError::Setup("cannot give the agent its own group", errno)
+            }
+            ChildStep::ParentDeathSignal => {
                 ShimError::Setup("cannot set the agent's parent-death signal", errno)
+            }
+            // Steps the shim's plan does not take (or, for a shim gone
+            // mid-spawn, that nobody will read).
+            step @ (ChildStep::ParentGone | ChildStep::Cgroup | ChildStep::Descriptors) => {
+                ShimError::Setup(step.describe(), errno)
             }
         },
     }
