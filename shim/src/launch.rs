@@ -8,7 +8,7 @@
 use crate::sys;
 use nix::errno::Errno;
 use std::ffi::CString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use turnstile_shim::launch::{self, Failure, Step};
 
@@ -60,10 +60,11 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
         }
     };
     let mut buf = vec![0u8; launch::MAX_REQUEST];
-    let received = sys::recv_with_fds(sock, &mut buf, launch::MAX_FDS).map_err(|e| Failure {
-        step: Step::Request,
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
-    })?;
+    let received = turnstile_sys::fd::recv_with_fds(sock.as_fd(), &mut buf, launch::MAX_FDS)
+        .map_err(|e| Failure {
+            step: Step::Request,
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })?;
     let Some((n, fds)) = received else {
         return Ok(None);
     };

@@ -6,9 +6,10 @@
 //! the agent, forwards signals to it, reaps every child, kills whatever the
 //! agent left behind and reports how the agent ended. Its exit code is the
 //! agent's, or one of `exit_code::*` when it failed before the agent ran.
-//! Its syscalls live in [`sys`] and, for the spawn and what a launcher
-//! shares with it, in `turnstile-sys`.
+//! The agent's exec plan is [`agent`]; the shim's own syscalls live in
+//! [`sys`], the spawn and what a launcher shares with it in `turnstile-sys`.
 
+mod agent;
 mod bridge;
 mod launch;
 mod sys;
@@ -83,7 +84,7 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     //    once: it is the payload's last validation, and everything the child
     //    needs must be allocated before the fork anyway.
     let payload = read_payload(max_payload)?;
-    let mut plan = sys::ExecPlan::new(&payload).map_err(ShimError::Payload)?;
+    let mut plan = agent::ExecPlan::new(&payload).map_err(ShimError::Payload)?;
 
     // 4. Self-check, then the broker's go. The agent never starts before the
     //    broker has seen the isolation from inside and agreed: fail closed.
@@ -113,9 +114,9 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     }
 
     // 6. The agent. Limits, process group and parent-death signal are set in
-    //    the child (see `sys::spawn`), so the shim itself is never bound by
+    //    the child (see `agent::spawn`), so the shim itself is never bound by
     //    the agent's limits.
-    let agent = sys::spawn(&plan).map_err(|e| spawn_error(e, &plan, &payload))?;
+    let agent = agent::spawn(&plan).map_err(|e| spawn_error(e, &plan, &payload))?;
     let _ = control.send(&ShimMsg::AgentStarted { pid: agent });
 
     // 7. Wait for the agent, reaping everything else on the way.
@@ -253,7 +254,7 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<usize, String>
     }
 }
 
-fn spawn_error(e: SpawnError, plan: &sys::ExecPlan, payload: &InitPayload) -> ShimError {
+fn spawn_error(e: SpawnError, plan: &agent::ExecPlan, payload: &InitPayload) -> ShimError {
     match e {
         SpawnError::Clone(e) => ShimError::Setup("cannot fork the agent", e),
         SpawnError::Child { step, errno } => match step {

@@ -1,8 +1,8 @@
-//! The shim's syscalls as PID 1 of a jail: its signals, its inherited
-//! descriptors, the self-check, reaping and killing what is left, the
-//! launcher's request socket; and the agent's [`ExecPlan`], which
-//! [`spawn`] hands to the one vfork-style spawn of `turnstile-sys` (where
-//! the clone, the child's steps and descriptor placement live).
+//! The shim's own syscalls, as PID 1 of a jail: its signals, its inherited
+//! descriptors, the self-check, the bridge's poll, reaping and killing what
+//! is left, the launcher's request socket. The agent's spawn and what the
+//! launcher shares with it (descriptor placement, signal reset, exec) live
+//! in `turnstile-sys`, with the rest of the project's `unsafe`.
 //!
 //! Each helper's doc says whether it may run in a child between its clone
 //! and `execve` ("child-safe") or only in the shim itself ("shim only").
@@ -12,18 +12,15 @@
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, FdFlag, fcntl};
-use nix::sys::resource::Resource;
 use nix::sys::signal::{self, SaFlags, SigAction, SigHandler, SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{Id, WaitPidFlag, waitid};
 use nix::unistd::{self, Pid};
-use std::ffi::CString;
 use std::fs::File;
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use turnstile_shim::{AgentStatus, CONTROL_FD, INIT_FD, InitPayload, Usage};
-use turnstile_sys::{ChildPlan, Rlimit, SpawnError};
+use turnstile_shim::{AgentStatus, CONTROL_FD, INIT_FD, Usage};
 
 /// The signals the shim takes synchronously in its wait loop.
 const HANDLED: [Signal; 5] = [
@@ -166,197 +163,6 @@ pub fn hostname() -> String {
     unistd::gethostname()
         .map(|h| h.to_string_lossy().into_owned())
         .unwrap_or_default()
-}
-
-// ------------------------------------------------------------------ spawn --
-
-/// Everything the child touches between its clone and `execve`, built
-/// before: the child must not allocate (it shares the shim's memory, and
-/// another thread may hold the malloc lock), so strings are C strings ready
-/// to pass.
-#[derive(Debug)]
-pub struct ExecPlan {
-    argv: Vec<CString>,
-    envp: Vec<CString>,
-    /// Paths to try with `execve`, in order (`execvpe` over the agent's PATH).
-    candidates: Vec<CString>,
-    cwd: CString,
-    rlimits: Vec<Rlimit>,
-    /// Direct mode: own process group, parent-death signal.
-    direct: bool,
-}
-
-impl ExecPlan {
-    /// Checks that every string can become a C string and lays out argv,
-    /// the environment (exactly the payload's, in order) and the PATH
-    /// candidates for `argv[0]`.
-    pub fn new(payload: &InitPayload) -> Result<Self, String> {
-        let cstr = |what: &str, s: &str| {
-            CString::new(s).map_err(|_| format!("init payload {what} contains a NUL byte"))
-        };
-        let argv = payload
-            .argv
-            .iter()
-            .map(|a| cstr("argv", a))
-            .collect::<Result<Vec<_>, _>>()?;
-        let envp = env_entries(&payload.env)?
-            .iter()
-            .map(|e| cstr("env", e))
-            .collect::<Result<Vec<_>, _>>()?;
-        // The bridge's variables are set later (`set_env`), once its port is
-        // known; their names are checked now, before the self-check.
-        if let Some(llm) = &payload.llm {
-            for key in &llm.env_vars {
-                check_env_key(key)?;
-                cstr("llm env var", key)?;
-            }
-        }
-        let argv0 = payload.argv.first().map(String::as_str).unwrap_or_default();
-        let path = payload
-            .env
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.as_str());
-        let candidates = exec_candidates(argv0, path)
-            .iter()
-            .map(|c| cstr("argv[0]", c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let r = &payload.rlimits;
-        let rlimits = [
-            (Resource::RLIMIT_CPU, r.cpu_seconds),
-            (Resource::RLIMIT_NOFILE, r.open_files),
-            (Resource::RLIMIT_FSIZE, r.file_size_bytes),
-            (Resource::RLIMIT_AS, r.address_space_bytes),
-            (Resource::RLIMIT_NPROC, r.processes),
-        ]
-        .into_iter()
-        .filter_map(|(resource, v)| v.map(|v| rlimit(resource, v)))
-        .collect();
-        Ok(ExecPlan {
-            argv,
-            envp,
-            candidates,
-            cwd: cstr("cwd", &payload.cwd)?,
-            rlimits,
-            direct: payload.mode == turnstile_shim::Mode::Direct,
-        })
-    }
-
-    /// Sets `key=value` in the agent's environment: replaces the first entry
-    /// with that key in place (dropping any later duplicate), or appends it.
-    /// Shim only, before the clone. The PATH candidates for `argv[0]` stay
-    /// the ones computed from the payload's PATH.
-    pub fn set_env(&mut self, key: &str, value: &str) -> Result<(), String> {
-        check_env_key(key)?;
-        let entry = CString::new(format!("{key}={value}"))
-            .map_err(|_| format!("environment entry {key} contains a NUL byte"))?;
-        let mut entry = Some(entry);
-        let prefix = format!("{key}=");
-        self.envp.retain_mut(|e| {
-            if !e.as_bytes().starts_with(prefix.as_bytes()) {
-                return true;
-            }
-            match entry.take() {
-                Some(new) => {
-                    *e = new;
-                    true
-                }
-                None => false,
-            }
-        });
-        if let Some(new) = entry {
-            self.envp.push(new);
-        }
-        Ok(())
-    }
-
-    /// The name of the `i`th limit applied, for error messages.
-    pub fn rlimit_name(&self, i: usize) -> &'static str {
-        match self.rlimits.get(i).map(|limit| limit.resource) {
-            Some(Resource::RLIMIT_CPU) => "cpu",
-            Some(Resource::RLIMIT_NOFILE) => "open files",
-            Some(Resource::RLIMIT_FSIZE) => "file size",
-            Some(Resource::RLIMIT_AS) => "address space",
-            Some(Resource::RLIMIT_NPROC) => "processes",
-            _ => "resource",
-        }
-    }
-}
-
-/// `KEY=VALUE` strings of the agent's environment; refuses keys that would
-/// make the environment ambiguous.
-pub fn env_entries(env: &[(String, String)]) -> Result<Vec<String>, String> {
-    env.iter()
-        .map(|(k, v)| check_env_key(k).map(|()| format!("{k}={v}")))
-        .collect()
-}
-
-/// An environment key must be non-empty and free of `=`.
-fn check_env_key(k: &str) -> Result<(), String> {
-    if k.is_empty() || k.contains('=') {
-        Err(format!("init payload has an invalid env key {k:?}"))
-    } else {
-        Ok(())
-    }
-}
-
-/// The paths `execvpe` would try for `name`: the name itself if it has a
-/// slash, else each PATH entry joined with it (glibc's default PATH when the
-/// agent has none; an empty entry is the working directory).
-pub fn exec_candidates(name: &str, path: Option<&str>) -> Vec<String> {
-    if name.contains('/') {
-        return vec![name.to_string()];
-    }
-    path.unwrap_or("/bin:/usr/bin")
-        .split(':')
-        .map(|dir| {
-            if dir.is_empty() {
-                name.to_string()
-            } else {
-                format!("{dir}/{name}")
-            }
-        })
-        .collect()
-}
-
-/// A limit for the agent. CPU: the kernel sends SIGXCPU at the soft limit
-/// and SIGKILL at the hard one; with both equal SIGKILL wins and the cause
-/// is lost. One second of headroom lets SIGXCPU arrive first (and an agent
-/// that traps it a moment to save its state).
-fn rlimit(resource: Resource, value: u64) -> Rlimit {
-    let hard = if resource == Resource::RLIMIT_CPU {
-        value.saturating_add(1)
-    } else {
-        value
-    };
-    Rlimit {
-        resource,
-        soft: value,
-        hard,
-    }
-}
-
-/// Shim only, and from the main thread: the agent's parent-death signal
-/// (direct mode) fires when the thread that cloned it exits. Starts the
-/// agent with the shim's own stdio and returns its pid once it has
-/// executed; a child that failed has been reaped. The steps and their
-/// order are [`turnstile_sys::spawn`]'s: signals reset; in direct mode the
-/// parent-death signal, then a check that the shim is still there, and a
-/// process group of its own, so that one `killpg` reaches every descendant
-/// that does not leave it; the limits, after everything they could
-/// disturb; the working directory; `execve` over the PATH candidates.
-pub fn spawn(plan: &ExecPlan) -> Result<i32, SpawnError> {
-    turnstile_sys::spawn(&ChildPlan {
-        programs: &plan.candidates,
-        argv: &plan.argv,
-        envp: &plan.envp,
-        parent_death_signal: plan.direct,
-        cgroup_procs: &[],
-        process_group: plan.direct,
-        fds: &[],
-        rlimits: &plan.rlimits,
-        cwd: &plan.cwd,
-    })
 }
 
 // ----------------------------------------------------------------- bridge --
@@ -516,84 +322,11 @@ static LAUNCH_TAKEN: AtomicBool = AtomicBool::new(false);
 /// may take its number.
 pub fn take_launch_fd() -> io::Result<OwnedFd> {
     let fd = adopt(turnstile_shim::LAUNCH_FD, &LAUNCH_TAKEN)?;
-    let high = fcntl(&fd, FcntlArg::F_DUPFD_CLOEXEC(100))?;
-    drop(fd);
-    // SAFETY: F_DUPFD_CLOEXEC just returned this new descriptor; nothing else
-    // owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(high) })
+    Ok(turnstile_sys::fd::copy_high(fd.as_fd())?)
 }
-
-/// Launcher only. One `SOCK_SEQPACKET` message and its descriptors (received
-/// close-on-exec). `Ok(None)` at EOF; an error if the message or its control
-/// data was cut short.
-pub fn recv_with_fds(
-    sock: &OwnedFd,
-    buf: &mut [u8],
-    max_fds: usize,
-) -> io::Result<Option<(usize, Vec<OwnedFd>)>> {
-    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
-    use std::os::fd::AsRawFd;
-    let mut cmsg = nix::cmsg_space!([RawFd; turnstile_shim::launch::MAX_FDS]);
-    let mut iov = [io::IoSliceMut::new(buf)];
-    let msg = loop {
-        match recvmsg::<()>(
-            sock.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        ) {
-            Err(Errno::EINTR) => continue,
-            other => break other?,
-        }
-    };
-    let mut fds = Vec::new();
-    for c in msg.cmsgs()? {
-        if let ControlMessageOwned::ScmRights(raw) = c {
-            for fd in raw {
-                // SAFETY: SCM_RIGHTS installed these descriptors in this
-                // process just now; each is wrapped exactly once.
-                fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
-            }
-        }
-    }
-    let cut = msg
-        .flags
-        .intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC);
-    let n = msg.bytes;
-    if cut || fds.len() > max_fds {
-        return Err(io::Error::from_raw_os_error(libc::EMSGSIZE));
-    }
-    if n == 0 && fds.is_empty() {
-        return Ok(None);
-    }
-    Ok(Some((n, fds)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn candidates_follow_execvp() {
-        assert_eq!(exec_candidates("/bin/sh", Some("/x")), ["/bin/sh"]);
-        assert_eq!(exec_candidates("./a", None), ["./a"]);
-        assert_eq!(
-            exec_candidates("claude", Some("/opt/bin::/usr/bin")),
-            ["/opt/bin/claude", "claude", "/usr/bin/claude"]
-        );
-        assert_eq!(exec_candidates("sh", None), ["/bin/sh", "/usr/bin/sh"]);
-    }
-
-    #[test]
-    fn env_entries_keep_order_and_refuse_bad_keys() {
-        let env = vec![
-            ("PATH".to_string(), "/bin".to_string()),
-            ("A".to_string(), "x=y".to_string()),
-        ];
-        assert_eq!(env_entries(&env).expect("valid"), ["PATH=/bin", "A=x=y"]);
-        assert!(env_entries(&[("A=B".into(), "c".into())]).is_err());
-        assert!(env_entries(&[(String::new(), "c".into())]).is_err());
-    }
 
     #[test]
     fn children_and_stat_parse() {
@@ -602,70 +335,5 @@ mod tests {
         assert_eq!(parse_stat_ppid("77 (a) b (c)) S 42 77 77 0 -1"), Some(42));
         assert_eq!(parse_stat_ppid("77 (sleep) S 1 2 3"), Some(1));
         assert_eq!(parse_stat_ppid("garbage"), None);
-    }
-
-    /// A direct-mode payload running `sh` in `/` with `env`.
-    fn test_payload(env: Vec<(String, String)>) -> InitPayload {
-        InitPayload {
-            version: turnstile_shim::PROTOCOL_VERSION,
-            mode: turnstile_shim::Mode::Direct,
-            session_id: "s".into(),
-            turn_id: "t".into(),
-            argv: vec!["sh".into()],
-            env,
-            cwd: "/".into(),
-            rlimits: turnstile_shim::Rlimits::default(),
-            llm: None,
-        }
-    }
-
-    #[test]
-    fn set_env_replaces_in_place_or_appends() {
-        let mut payload = test_payload(vec![
-            ("A".into(), "1".into()),
-            ("URL".into(), "old".into()),
-            ("URLX".into(), "keep".into()),
-            ("URL".into(), "dup".into()),
-        ]);
-        payload.llm = Some(turnstile_shim::LlmBridge {
-            port: 0,
-            socket_path: "/s".into(),
-            env_vars: vec!["URL".into(), "NEW".into()],
-        });
-        let mut plan = ExecPlan::new(&payload).expect("valid plan");
-        plan.set_env("URL", "http://127.0.0.1:9").expect("set");
-        plan.set_env("NEW", "http://127.0.0.1:9").expect("set");
-        let env: Vec<_> = plan
-            .envp
-            .iter()
-            .map(|e| e.to_str().expect("utf-8"))
-            .collect();
-        assert_eq!(
-            env,
-            [
-                "A=1",
-                "URL=http://127.0.0.1:9",
-                "URLX=keep",
-                "NEW=http://127.0.0.1:9"
-            ]
-        );
-        assert!(plan.set_env("A=B", "x").is_err());
-        for bad in ["", "A=B", "A\0B"] {
-            if let Some(llm) = payload.llm.as_mut() {
-                llm.env_vars = vec![bad.into()];
-            }
-            assert!(ExecPlan::new(&payload).is_err(), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn plan_refuses_nul_bytes() {
-        let mut payload = test_payload(vec![("PATH".into(), "/usr/bin:/bin".into())]);
-        payload.rlimits.file_size_bytes = Some(10);
-        let plan = ExecPlan::new(&payload).expect("valid plan");
-        assert_eq!(plan.candidates.len(), 2);
-        assert_eq!(plan.rlimit_name(0), "file size");
-        payload.argv.push("a\0b".into());
-        assert!(ExecPlan::new(&payload).is_err());
     }
 }
