@@ -106,10 +106,7 @@ pub fn spawn(
         SpawnError::Child {
             step: ChildStep::Exec,
             errno,
-        } => errno_error(
-            &format!("{} {}", ChildStep::Exec.describe(), program.display()),
-            errno,
-        ),
+        } => exec_error(program, errno),
         SpawnError::Child { step, errno } => errno_error(step.describe(), errno),
         SpawnError::Clone(errno) => errno_error("cannot clone", errno),
     })?;
@@ -342,13 +339,11 @@ impl Child {
         let Some(f) = turnstile_shim::launch::Failure::decode(&report[..n]) else {
             return Some(io::Error::other("garbled launcher report"));
         };
-        let what = match f.step {
-            turnstile_shim::launch::Step::Exec => {
-                format!("{} {}", ChildStep::Exec.describe(), program.display())
-            }
-            step => format!("launcher failed at {step:?}"),
-        };
-        Some(errno_error(&what, Errno::from_raw(f.errno)))
+        let errno = Errno::from_raw(f.errno);
+        Some(match f.step {
+            turnstile_shim::launch::Step::Exec => exec_error(program, errno),
+            step => errno_error(&format!("launcher failed at {step:?}"), errno),
+        })
     }
 
     /// Reaps the child if it has exited; `None` while it runs.
@@ -414,6 +409,13 @@ fn errno_error(what: &str, errno: Errno) -> io::Error {
         io::Error::from(errno).kind(),
         format!("{what}: {}", errno.desc()),
     )
+}
+
+/// "cannot execute `program`: `strerror(errno)`", whether the spawn or a
+/// launcher tried.
+fn exec_error(program: &Path, errno: Errno) -> io::Error {
+    let what = format!("{} {}", ChildStep::Exec.describe(), program.display());
+    errno_error(&what, errno)
 }
 
 /// Reaps `pid` if it has exited; `None` if it is still running.

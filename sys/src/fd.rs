@@ -25,6 +25,21 @@ pub fn copy_high(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(copy) })
 }
 
+/// Child-safe. Copies of `fds` at high numbers, at most [`MAX_FDS`]
+/// (EINVAL otherwise); no allocation.
+fn copies_high<'a>(
+    fds: impl ExactSizeIterator<Item = BorrowedFd<'a>>,
+) -> Result<[Option<OwnedFd>; MAX_FDS], Errno> {
+    if fds.len() > MAX_FDS {
+        return Err(Errno::EINVAL);
+    }
+    let mut copies: [Option<OwnedFd>; MAX_FDS] = Default::default();
+    for (slot, fd) in copies.iter_mut().zip(fds) {
+        *slot = Some(copy_high(fd)?);
+    }
+    Ok(copies)
+}
+
 /// Child-safe. `dup2(copy, target)` for each pair: `target` then refers to
 /// the copy's file, with close-on-exec cleared (whatever was at `target` is
 /// closed).
@@ -39,18 +54,12 @@ fn put_all(copies: &[Option<OwnedFd>], targets: impl Iterator<Item = RawFd>) -> 
     Ok(())
 }
 
-/// Child-safe (no allocation). Puts each source at its target, through
-/// copies at high numbers first so that one target never overwrites a later
-/// source; the targets come out without close-on-exec. At most
-/// [`MAX_FDS`] pairs (EINVAL otherwise).
+/// Child-safe. Puts each source at its target, through copies at high
+/// numbers first so that one target never overwrites a later source; the
+/// targets come out without close-on-exec. At most [`MAX_FDS`] pairs
+/// (EINVAL otherwise).
 pub fn place(pairs: &[(BorrowedFd<'_>, RawFd)]) -> Result<(), Errno> {
-    if pairs.len() > MAX_FDS {
-        return Err(Errno::EINVAL);
-    }
-    let mut copies: [Option<OwnedFd>; MAX_FDS] = Default::default();
-    for (slot, (src, _)) in copies.iter_mut().zip(pairs) {
-        *slot = Some(copy_high(*src)?);
-    }
+    let copies = copies_high(pairs.iter().map(|p| p.0))?;
     put_all(&copies, pairs.iter().map(|p| p.1))
 }
 
@@ -59,13 +68,7 @@ pub fn place(pairs: &[(BorrowedFd<'_>, RawFd)]) -> Result<(), Errno> {
 /// number, and closing it afterwards would close the target), so only the
 /// targets stay open. For a process that may go on without an exec.
 pub fn place_owned(fds: Vec<OwnedFd>, targets: &[RawFd]) -> Result<(), Errno> {
-    if fds.len() > MAX_FDS {
-        return Err(Errno::EINVAL);
-    }
-    let mut copies: [Option<OwnedFd>; MAX_FDS] = Default::default();
-    for (slot, fd) in copies.iter_mut().zip(&fds) {
-        *slot = Some(copy_high(fd.as_fd())?);
-    }
+    let copies = copies_high(fds.iter().map(|f| f.as_fd()))?;
     drop(fds);
     put_all(&copies, targets.iter().copied())
 }

@@ -568,6 +568,35 @@ mod tests {
     }
 
     #[test]
+    fn the_child_joins_by_writing_0_to_each_procs_file() {
+        // Stand-ins for `cgroup.procs`: what the child writes is what the
+        // kernel would read; a descriptor that refuses writes fails the step.
+        let dir = std::env::temp_dir().join(format!("turnstile-sys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let path = dir.join("procs");
+        let procs = std::fs::File::create(&path).expect("create");
+        let programs = [c("/bin/true")];
+        let argv = [c("true")];
+        let joined = [procs.as_fd()];
+        let mut p = plan(&programs, &argv);
+        p.cgroup_procs = &joined;
+        let pid = spawn(&p).expect("spawn");
+        assert_eq!(exit_code(pid), Some(0));
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), "0");
+        let read_only = std::fs::File::open(&path).expect("open");
+        let refused = [read_only.as_fd()];
+        p.cgroup_procs = &refused;
+        assert_eq!(
+            spawn(&p),
+            Err(SpawnError::Child {
+                step: ChildStep::Cgroup,
+                errno: Errno::EBADF
+            })
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn the_exit_code_of_the_program_is_its_own() {
         let (code, out) = sh("echo hi; exit 3", |_| {});
         assert_eq!((code, out.as_str()), (Some(3), "hi\n"));

@@ -78,4 +78,16 @@ mod tests {
         slice[CHILD_STACK - 1] = 2;
         assert_eq!((slice[0], slice[CHILD_STACK - 1]), (1, 2));
     }
+
+    #[test]
+    fn a_guard_page_lies_below_the_stack() {
+        let mut stack = ChildStack::new().expect("mmap");
+        let low = stack.as_mut_slice().as_ptr() as usize;
+        let guard = format!("{:x}-{:x} ---p", low - GUARD, low);
+        let maps = std::fs::read_to_string("/proc/self/maps").expect("maps");
+        assert!(
+            maps.lines().any(|l| l.starts_with(&guard)),
+            "no {guard} in\n{maps}"
+        );
+    }
 }
