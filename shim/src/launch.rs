@@ -8,7 +8,7 @@
 use crate::sys;
 use nix::errno::Errno;
 use std::ffi::CString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use turnstile_shim::launch::{self, Failure, Step};
 
@@ -60,10 +60,11 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
         }
     };
     let mut buf = vec![0u8; launch::MAX_REQUEST];
-    let received = sys::recv_with_fds(sock, &mut buf, launch::MAX_FDS).map_err(|e| Failure {
-        step: Step::Request,
-        errno: e.raw_os_error().unwrap_or(libc::EIO),
-    })?;
+    let received = turnstile_sys::fd::recv_with_fds(sock.as_fd(), &mut buf, launch::MAX_FDS)
+        .map_err(|e| Failure {
+            step: Step::Request,
+            errno: e.raw_os_error().unwrap_or(libc::EIO),
+        })?;
     let Some((n, fds)) = received else {
         return Ok(None);
     };
@@ -74,7 +75,7 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
         .map(CString::new)
         .collect::<Result<_, _>>()
         .map_err(|_| fail(Step::Request)(Errno::EINVAL))?;
-    sys::place_fds(fds, &targets).map_err(fail(Step::Descriptors))?;
+    turnstile_sys::fd::place_owned(fds, &targets).map_err(fail(Step::Descriptors))?;
     let program = std::path::Path::new(std::ffi::OsStr::from_bytes(argv[0].as_bytes()));
     if this_binary.is_some()
         && identity(program) == this_binary
@@ -86,6 +87,9 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
     {
         return Ok(Some(max_payload));
     }
-    sys::reset_signals_for_exec().map_err(fail(Step::Signals))?;
-    Err(fail(Step::Exec)(sys::exec(&argv)))
+    // Default dispositions and an empty mask for the program (the Rust
+    // runtime ignores SIGPIPE, which exec keeps): the routine a spawned
+    // child runs too.
+    turnstile_sys::signals::reset_for_exec().map_err(fail(Step::Signals))?;
+    Err(fail(Step::Exec)(turnstile_sys::spawn::exec_in_place(&argv)))
 }

@@ -6,8 +6,10 @@
 //! the agent, forwards signals to it, reaps every child, kills whatever the
 //! agent left behind and reports how the agent ended. Its exit code is the
 //! agent's, or one of `exit_code::*` when it failed before the agent ran.
-//! All syscalls live in [`sys`].
+//! The agent's exec plan is [`agent`]; the shim's own syscalls live in
+//! [`sys`], the spawn and what a launcher shares with it in `turnstile-sys`.
 
+mod agent;
 mod bridge;
 mod launch;
 mod sys;
@@ -22,6 +24,7 @@ use turnstile_shim::{
     AgentStatus, DEFAULT_MAX_PAYLOAD, FailureClass, GO, INIT_FD, InitPayload, Mode, SelfCheck,
     ShimMsg, Usage, exit_code, read_capped, write_frame,
 };
+use turnstile_sys::{ChildStep, SpawnError};
 
 const USAGE: &str = "usage: turnstile-shim --max-payload BYTES";
 /// Longest message put in a `Failed` frame (the broker caps frames).
@@ -81,7 +84,7 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     //    once: it is the payload's last validation, and everything the child
     //    needs must be allocated before the fork anyway.
     let payload = read_payload(max_payload)?;
-    let mut plan = sys::ExecPlan::new(&payload).map_err(ShimError::Payload)?;
+    let mut plan = agent::ExecPlan::new(&payload).map_err(ShimError::Payload)?;
 
     // 4. Self-check, then the broker's go. The agent never starts before the
     //    broker has seen the isolation from inside and agreed: fail closed.
@@ -111,9 +114,9 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     }
 
     // 6. The agent. Limits, process group and parent-death signal are set in
-    //    the child (see `sys::spawn`), so the shim itself is never bound by
+    //    the child (see `agent::spawn`), so the shim itself is never bound by
     //    the agent's limits.
-    let agent = sys::spawn(&plan).map_err(|e| spawn_error(e, &plan, &payload))?;
+    let agent = agent::spawn(&plan).map_err(|e| spawn_error(e, &plan, &payload))?;
     let _ = control.send(&ShimMsg::AgentStarted { pid: agent });
 
     // 7. Wait for the agent, reaping everything else on the way.
@@ -251,28 +254,33 @@ fn parse_args(args: impl IntoIterator<Item = OsString>) -> Result<usize, String>
     }
 }
 
-fn spawn_error(e: sys::SpawnError, plan: &sys::ExecPlan, payload: &InitPayload) -> ShimError {
-    use sys::{SpawnError, Step};
+fn spawn_error(e: SpawnError, plan: &agent::ExecPlan, payload: &InitPayload) -> ShimError {
     match e {
-        SpawnError::Fork(e) => ShimError::Setup("cannot fork the agent", e),
-        SpawnError::Garbled => ShimError::Setup("cannot start the agent", Errno::EIO),
+        SpawnError::Clone(e) => ShimError::Setup("cannot fork the agent", e),
         SpawnError::Child { step, errno } => match step {
-            Step::Exec => ShimError::Exec {
+            ChildStep::Exec => ShimError::Exec {
                 argv0: payload.argv.first().cloned().unwrap_or_default(),
                 errno,
             },
-            Step::Chdir => ShimError::Cwd {
+            ChildStep::Chdir => ShimError::Cwd {
                 cwd: payload.cwd.clone(),
                 errno,
             },
-            Step::Rlimit(i) => ShimError::Limit {
+            ChildStep::Rlimit(i) => ShimError::Limit {
                 name: plan.rlimit_name(i),
                 errno,
             },
-            Step::Signals => ShimError::Setup("cannot reset the agent's signals", errno),
-            Step::ProcessGroup => ShimError::Setup("cannot give the agent its own group", errno),
-            Step::ParentDeathSignal => {
+            ChildStep::Signals => ShimError::Setup("cannot reset the agent's signals", errno),
+            ChildStep::ProcessGroup => {
+                ShimError::Setup("cannot give the agent its own group", errno)
+            }
+            ChildStep::ParentDeathSignal => {
                 ShimError::Setup("cannot set the agent's parent-death signal", errno)
+            }
+            // Steps the shim's plan does not take (or, for a shim gone
+            // mid-spawn, that nobody will read).
+            step @ (ChildStep::ParentGone | ChildStep::Cgroup | ChildStep::Descriptors) => {
+                ShimError::Setup(step.describe(), errno)
             }
         },
     }
