@@ -73,6 +73,10 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     // Subreaper before any child exists, so that no orphan of the agent can
     // ever be re-parented past the shim (implicit when the shim is PID 1).
     sys::set_child_subreaper().map_err(|e| ShimError::Setup("cannot become a subreaper", e))?;
+    // Out of the agent's reach before the control socket is even taken:
+    // no /proc/1/fd, no /proc/1/mem, no pidfd_getfd for a process of the
+    // same uid that is not dumpable.
+    sys::make_undumpable().map_err(|e| ShimError::Setup("cannot make the shim non-dumpable", e))?;
 
     // 2. The control socket before the payload, so that a bad payload can
     //    still be reported on it. It is made close-on-exec here, long before

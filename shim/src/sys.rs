@@ -79,6 +79,15 @@ pub fn set_child_subreaper() -> nix::Result<()> {
     nix::sys::prctl::set_child_subreaper(true)
 }
 
+/// Shim only. Makes the shim non-dumpable. The agent runs as the same uid,
+/// and the kernel's ptrace access checks would otherwise let it open
+/// `/proc/1/fd/*` (the control socket, the payload), read `/proc/1/mem`, or
+/// copy a descriptor with `pidfd_getfd`. The agent's own exec makes it
+/// dumpable again for itself.
+pub fn make_undumpable() -> nix::Result<()> {
+    nix::sys::prctl::set_dumpable(false)
+}
+
 // ------------------------------------------------------------ descriptors --
 
 static INIT_TAKEN: AtomicBool = AtomicBool::new(false);

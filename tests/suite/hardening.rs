@@ -28,7 +28,9 @@ print("pidfd_getfd", sc(438, pidfd, 4, 0) if pidfd >= 0 else -1)
 async fn the_jail_denies_namespaces_io_uring_and_descriptor_theft() {
     let h = Harness::start(Mode::Nsjail).await;
     let script = format!(
-        "python3 -c '{}'; unshare -U true 2>/dev/null; echo unshare_cmd=$?",
+        "python3 -c '{}'; unshare -U true 2>/dev/null; echo unshare_cmd=$?; \
+         ls /proc/1/fd >/dev/null 2>&1; echo shim_fds=$?; \
+         head -c1 /proc/1/mem >/dev/null 2>&1; echo shim_mem=$?",
         PROBE.replace('\'', "\"")
     );
     let out = h.run(start("probe", &script)).await;
@@ -49,6 +51,10 @@ async fn the_jail_denies_namespaces_io_uring_and_descriptor_theft() {
         );
     }
     assert!(stdout.contains("unshare_cmd=1"), "{stdout}");
+    // The shim (PID 1) is not dumpable: its descriptors and memory are out
+    // of the agent's reach.
+    assert!(stdout.contains("shim_fds=2"), "{stdout}");
+    assert!(stdout.contains("shim_mem=1"), "{stdout}");
     h.stop().await;
 }
 
