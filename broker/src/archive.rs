@@ -863,6 +863,28 @@ mod tests {
     }
 
     #[test]
+    fn a_write_that_fails_keeps_its_cause() {
+        // A name over NAME_MAX: the kernel refuses the create, and the
+        // error says why (not "duplicate entry").
+        let long = format!("home/{}", "n".repeat(300));
+        let archive = tar_with(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(1);
+            b.append_data(&mut h, &long, &b"x"[..]).expect("append");
+        });
+        let (_d, r) = import_into(&archive);
+        let err = r.expect_err("name too long");
+        assert!(matches!(err, ImportError::Io { .. }), "{err:?}");
+        assert!(err.to_string().contains("cannot write"), "{err}");
+        let cause = std::error::Error::source(&err)
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(cause.contains("too long"), "{cause}");
+    }
+
+    #[test]
     fn setuid_bits_are_dropped() {
         let archive = tar_with(|b| {
             let mut h = raw_header("home/suid", tar::EntryType::Regular, 1);
