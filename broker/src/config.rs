@@ -124,6 +124,102 @@ impl Default for Limits {
     }
 }
 
+/// The largest value a limit may take, whoever sets it: beyond it the
+/// kernel's types (rlimits are signed, pid counts end at 2^22) or the
+/// broker's time arithmetic would overflow.
+pub fn limit_max(name: &str) -> u64 {
+    match name {
+        "wall_time_ms" | "cpu_time_ms" => 366 * 24 * 60 * 60 * 1000,
+        "max_processes" => 1 << 22,
+        "max_open_files" => 1 << 30,
+        _ => i64::MAX as u64,
+    }
+}
+
+impl Limits {
+    /// The first limit over its [`limit_max`], if any.
+    pub fn out_of_range(&self) -> Option<(&'static str, u64, u64)> {
+        self.entries().into_iter().find_map(|(name, v)| {
+            let max = limit_max(name);
+            v.filter(|v| *v > max).map(|v| (name, v, max))
+        })
+    }
+}
+
+/// One limit as the config file writes it: a number, or `"unlimited"`.
+struct LimitValue(Option<u64>);
+
+impl<'de> Deserialize<'de> for LimitValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = LimitValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a positive number or \"unlimited\"")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<LimitValue, E> {
+                if v == 0 {
+                    return Err(E::custom(
+                        "0 is not a limit: leave the field out for the default, or write \"unlimited\"",
+                    ));
+                }
+                Ok(LimitValue(Some(v)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<LimitValue, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is negative")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<LimitValue, E> {
+                match v {
+                    "unlimited" => Ok(LimitValue(None)),
+                    _ => Err(E::custom(format!("{v:?}: want a number or \"unlimited\""))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// A `[default_limits]` or `[max_limits]` table: only what it names.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitsTable {
+    wall_time_ms: Option<LimitValue>,
+    memory_bytes: Option<LimitValue>,
+    cpu_time_ms: Option<LimitValue>,
+    max_processes: Option<LimitValue>,
+    max_open_files: Option<LimitValue>,
+    max_file_size_bytes: Option<LimitValue>,
+    disk_bytes: Option<LimitValue>,
+    disk_inodes: Option<LimitValue>,
+}
+
+impl LimitsTable {
+    /// `base` with what the table names: a field left out keeps its default.
+    fn over(self, base: Limits) -> Limits {
+        let pick = |v: Option<LimitValue>, d: Option<u64>| v.map(|v| v.0).unwrap_or(d);
+        Limits {
+            wall_time_ms: pick(self.wall_time_ms, base.wall_time_ms),
+            memory_bytes: pick(self.memory_bytes, base.memory_bytes),
+            cpu_time_ms: pick(self.cpu_time_ms, base.cpu_time_ms),
+            max_processes: pick(self.max_processes, base.max_processes),
+            max_open_files: pick(self.max_open_files, base.max_open_files),
+            max_file_size_bytes: pick(self.max_file_size_bytes, base.max_file_size_bytes),
+            disk_bytes: pick(self.disk_bytes, base.disk_bytes),
+            disk_inodes: pick(self.disk_inodes, base.disk_inodes),
+        }
+    }
+}
+
+fn per_turn_limits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+    LimitsTable::deserialize(d).map(|t| t.over(Limits::default_per_turn()))
+}
+
+fn cap_limits<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Limits, D::Error> {
+    LimitsTable::deserialize(d).map(|t| t.over(Limits::default_caps()))
+}
+
 /// Everything `turnstile serve` needs. Field names are the TOML keys.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -157,9 +253,12 @@ pub struct Config {
     /// How long SIGTERM/SIGINT of the broker waits for turns to end.
     pub shutdown_grace_ms: u64,
     pub cgroups: CgroupPolicy,
-    /// Limits a turn gets when its `Start` leaves one at 0.
+    /// Limits a turn gets when its `Start` leaves one at 0. In the file, a
+    /// field left out keeps its default; `"unlimited"` lifts it.
+    #[serde(deserialize_with = "per_turn_limits")]
     pub default_limits: Limits,
-    /// Highest limits a `Start` may ask for.
+    /// Highest limits a `Start` may ask for (same rules).
+    #[serde(deserialize_with = "cap_limits")]
     pub max_limits: Limits,
     /// `PATH` of the agent unless `Start.env` sets it.
     pub agent_path: String,
@@ -379,6 +478,11 @@ impl Config {
         if self.max_message_bytes == 0 {
             return Err(ConfigError::Zero("max_message_bytes"));
         }
+        for limits in [&self.default_limits, &self.max_limits] {
+            if let Some((name, value, max)) = limits.out_of_range() {
+                return Err(ConfigError::OverMax { name, value, max });
+            }
+        }
         for ((name, value), (_, cap)) in self
             .default_limits
             .entries()
@@ -444,6 +548,46 @@ mod tests {
     use super::*;
 
     #[test]
+    fn partial_limit_tables_keep_their_defaults_and_bad_values_are_refused() {
+        let cfg: Config = toml::from_str(
+            "[max_limits]\nmemory_bytes = 1000000000\n[default_limits]\ncpu_time_ms = \"unlimited\"\n",
+        )
+        .expect("parses");
+        // The 24 h wall-time cap is not dropped by a table that names
+        // another field.
+        assert_eq!(
+            cfg.max_limits.wall_time_ms,
+            Limits::default_caps().wall_time_ms
+        );
+        assert_eq!(cfg.max_limits.memory_bytes, Some(1_000_000_000));
+        assert_eq!(cfg.default_limits.cpu_time_ms, None);
+        assert_eq!(
+            cfg.default_limits.max_processes,
+            Limits::default_per_turn().max_processes
+        );
+        for bad in [
+            "[max_limits]\nwall_time_ms = 0\n",
+            "[max_limits]\nwall_time_ms = -5\n",
+            "[max_limits]\nwall_time_ms = \"forever\"\n",
+            "[max_limits]\nwal_time_ms = 5\n",
+        ] {
+            assert!(toml::from_str::<Config>(bad).is_err(), "{bad}");
+        }
+        // In range for TOML, out of range for the kernel.
+        let cfg: Config = toml::from_str(
+            "[max_limits]\nwall_time_ms = \"unlimited\"\nmax_processes = 9223372036854775807\n",
+        )
+        .expect("parses");
+        assert!(matches!(
+            cfg.validate(),
+            Err(ConfigError::OverMax {
+                name: "max_processes",
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn a_token_file_others_can_read_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
@@ -481,7 +625,11 @@ mod tests {
         .expect("parse");
         assert_eq!(cfg.mode, Mode::Direct);
         assert_eq!(cfg.default_limits.wall_time_ms, Some(1000));
-        assert_eq!(cfg.default_limits.memory_bytes, None);
+        // Left out: the default, not unlimited.
+        assert_eq!(
+            cfg.default_limits.memory_bytes,
+            Limits::default_per_turn().memory_bytes
+        );
         assert_eq!(cfg.socket_path(), PathBuf::from("/srv/ts/broker.sock"));
         cfg.validate().expect("valid");
     }
@@ -536,6 +684,7 @@ mod tests {
             disk_reserve_bytes = 0
             [default_limits]
             disk_bytes = 1000
+            disk_inodes = 5
             [max_limits]
             disk_bytes = 2000
             disk_inodes = 10

@@ -24,6 +24,12 @@ pub enum InputError {
     Cwd(String),
     #[error("invalid llm env var {0:?}: want [A-Za-z_][A-Za-z0-9_]{{0,255}}")]
     LlmEnvVar(String),
+    #[error("limit {name} = {value} is out of range: at most {max}")]
+    OverMax {
+        name: &'static str,
+        value: u64,
+        max: u64,
+    },
     #[error("limit {name} = {value} is over the broker's cap {cap}")]
     OverCap {
         name: &'static str,

@@ -80,6 +80,16 @@ pub fn effective_limits(
         if asked == 0 {
             return Ok(default);
         }
+        // Whatever the broker's caps (even none), never past what the
+        // kernel's types and the broker's arithmetic hold.
+        let max = crate::config::limit_max(name);
+        if asked > max {
+            return Err(InputError::OverMax {
+                name,
+                value: asked,
+                max,
+            });
+        }
         match cap {
             Some(cap) if asked > cap => Err(InputError::OverCap {
                 name,

@@ -6,6 +6,10 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use turnstile_broker::config::{Config, ConfigError, Mode};
 
+/// The longest `--timeout` or `--wait`: a year, so that milliseconds
+/// never overflow.
+const MAX_SECONDS: u64 = 366 * 24 * 60 * 60;
+
 /// `--mode`: the broker's own names for its modes.
 fn parse_mode(s: &str) -> Result<Mode, String> {
     s.parse()
@@ -188,14 +192,15 @@ pub struct RunArgs {
     /// Environment for the agent, K=V (repeatable).
     #[arg(long = "env", value_parser = parse_env)]
     pub env: Vec<(String, String)>,
-    /// Wall-time limit in seconds.
-    #[arg(long)]
+    /// Wall-time limit in seconds (at most a year).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=MAX_SECONDS))]
     pub timeout: Option<u64>,
     /// Working directory relative to the session's work dir.
     #[arg(long, default_value = "")]
     pub cwd: String,
-    /// Wait up to this many seconds for a busy session instead of failing.
-    #[arg(long)]
+    /// Wait up to this many seconds for a busy session instead of failing
+    /// (at most a year).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS))]
     pub wait: Option<u64>,
     /// Embedded broker: run the turn under nsjail instead of directly.
     #[arg(long)]
@@ -265,4 +270,28 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_and_waits_beyond_a_year_are_refused() {
+        let run = |extra: &[&str]| {
+            let mut argv = vec!["turnstile", "run", "--socket", "/s"];
+            argv.extend_from_slice(extra);
+            argv.extend_from_slice(&["--", "true"]);
+            Cli::try_parse_from(argv)
+        };
+        assert!(run(&["--timeout", "60"]).is_ok());
+        assert!(run(&["--wait", "0"]).is_ok());
+        for bad in [
+            ["--timeout", "18446744073709551615"],
+            ["--timeout", "0"],
+            ["--wait", "18446744073709551615"],
+        ] {
+            assert!(run(&bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -17,7 +17,48 @@ both_modes!(
     waiting_lease_runs_after_the_busy_turn,
     a_waiting_lease_gives_up_at_its_deadline,
     a_running_turn_id_cannot_be_reused_in_another_session,
+    limits_past_what_the_kernel_holds_are_refused,
 );
+
+async fn limits_past_what_the_kernel_holds_are_refused(mode: Mode) {
+    // The broker's caps lifted: only the kernel's range is left.
+    let h = Harness::start_with(mode, |c| {
+        c.max_limits = turnstile_broker::config::Limits::unlimited();
+    })
+    .await;
+    for (name, limits) in [
+        (
+            "wall_time_ms",
+            pb::Limits {
+                wall_time_ms: u64::MAX,
+                ..Default::default()
+            },
+        ),
+        (
+            "max_processes",
+            pb::Limits {
+                max_processes: u64::MAX,
+                ..Default::default()
+            },
+        ),
+    ] {
+        let s = pb::Start {
+            limits: Some(limits),
+            ..start("huge", "true")
+        };
+        let err = h.turn(s).await.expect_err(name);
+        assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+        assert!(
+            err.message().contains(name) && err.message().contains("out of range"),
+            "{}",
+            err.message()
+        );
+    }
+    assert!(!h.state().join("sessions/huge").exists(), "nothing on disk");
+    // The broker goes on.
+    h.run(start("huge", "true")).await.assert_exited_ok();
+    h.stop().await;
+}
 
 async fn a_running_turn_id_cannot_be_reused_in_another_session(mode: Mode) {
     let h = Harness::start(mode).await;
