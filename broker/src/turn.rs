@@ -557,6 +557,9 @@ struct Outcome {
     early_stderr: String,
     /// The session's disk use that was over its limit.
     disk_exceeded: Option<Exceeded>,
+    /// What was wrong with the shim's control socket before the agent
+    /// started (an undecodable or out-of-order frame, a read error).
+    control_error: Option<String>,
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Option<ShimMsg>> {
@@ -849,24 +852,26 @@ async fn supervise(
         0
     };
     let handshake = async {
-        let hello = match read_frame(&mut ctl).await {
-            Ok(Some(ShimMsg::Hello(check))) => check,
-            Ok(Some(ShimMsg::Failed { class, message })) => return Err(Some((class, message))),
-            Ok(_) | Err(_) => return Err(None),
-        };
-        Ok(hello)
+        match read_frame(&mut ctl).await {
+            Ok(Some(ShimMsg::Hello(check))) => Ok(check),
+            Ok(Some(ShimMsg::Failed { class, message })) => Err((Some((class, message)), None)),
+            Ok(Some(other)) => Err((None, Some(format!("{other:?} before Hello")))),
+            Ok(None) => Err((None, None)),
+            Err(e) => Err((None, Some(e.to_string()))),
+        }
     };
     let hello = tokio::select! {
         h = handshake => h,
         reason = stop_reason() => {
             outcome.stopped = Some(reason);
-            Err(None)
+            Err((None, None))
         }
     };
     let hello: SelfCheck = match hello {
         Ok(h) => h,
-        Err(failed) => {
+        Err((failed, control)) => {
             outcome.failed = failed;
+            outcome.control_error = control;
             end_child(broker, &mut child, child_pid, prepared, &mut outcome).await;
             collect_rest(&mut ctl, &mut outcome).await;
             outcome.nsjail_log = log_text(log_rx).await;
@@ -889,15 +894,17 @@ async fn supervise(
         return outcome;
     }
     let started = tokio::select! {
-        f = read_frame(&mut ctl) => f.ok().flatten(),
-        reason = stop_reason() => { outcome.stopped = Some(reason); None }
+        f = read_frame(&mut ctl) => f,
+        reason = stop_reason() => { outcome.stopped = Some(reason); Ok(None) }
     };
     match started {
-        Some(ShimMsg::AgentStarted { .. }) => outcome.agent_started = true,
-        Some(ShimMsg::Failed { class, message }) => {
+        Ok(Some(ShimMsg::AgentStarted { .. })) => outcome.agent_started = true,
+        Ok(Some(ShimMsg::Failed { class, message })) => {
             outcome.failed = Some((class, message));
         }
-        _ => {}
+        Ok(Some(other)) => outcome.control_error = Some(format!("{other:?} after GO")),
+        Ok(None) => {}
+        Err(e) => outcome.control_error = Some(e.to_string()),
     }
     if !outcome.agent_started {
         end_child(broker, &mut child, child_pid, prepared, &mut outcome).await;
@@ -1446,6 +1453,9 @@ fn classify(outcome: &Outcome, oom: bool, fork_failed: bool, spec: &TurnSpec) ->
                         .unwrap_or_else(|| "no status".into())
                 ),
             };
+            if let Some(e) = &outcome.control_error {
+                msg = format!("the shim's control socket broke the protocol ({e}); {msg}");
+            }
             if !outcome.nsjail_log.is_empty() {
                 msg.push_str(": nsjail: ");
                 msg.push_str(&outcome.nsjail_log);
@@ -1547,6 +1557,20 @@ mod tests {
             llm_env_vars: vec![],
             disk_file_cap: None,
         }
+    }
+
+    #[test]
+    fn a_broken_control_socket_is_named_not_hidden() {
+        let outcome = Outcome {
+            control_error: Some("control frame over cap".into()),
+            ..Default::default()
+        };
+        let (reason, msg) = classify(&outcome, false, false, &spec());
+        assert_eq!(reason, Reason::SpawnFailed);
+        assert!(
+            msg.contains("the shim's control socket broke the protocol (control frame over cap)"),
+            "{msg}"
+        );
     }
 
     #[test]
