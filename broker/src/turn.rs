@@ -789,7 +789,7 @@ async fn supervise(
     let mut outcome = Outcome::default();
     let paths = &prepared.paths;
     let spawned = spawn(broker, prepared, launcher).await;
-    let llm_listener = prepared.llm.as_ref().and_then(|l| l.try_clone().ok());
+    let llm_listener = prepared.llm.as_ref().map(|l| l.try_clone());
     let (mut child, ctl, log_rx) = match spawned {
         Ok(s) => s,
         Err(e) => {
@@ -1002,15 +1002,26 @@ async fn supervise(
     if let Some(w) = child.stdin.take() {
         tokio::spawn(stdin_writer(w, stdin_rx).in_current_span());
     }
-    let relay = llm_listener
-        .and_then(|l| tokio::net::UnixListener::from_std(l).ok())
-        .map(|l| {
-            Arc::new(crate::llm::Relay::start(
-                l,
-                tx.clone(),
-                broker.config.llm_max_connections,
-            ))
-        });
+    let listener = match llm_listener.map(|l| l.and_then(tokio::net::UnixListener::from_std)) {
+        Some(Ok(l)) => Some(l),
+        Some(Err(e)) => {
+            // The agent's LLM connections will fail: say so, never drop
+            // the relay silently.
+            warn!(error = %e, "the LLM relay cannot listen for this turn");
+            let message = format!("the LLM relay is unavailable for this turn: {e}");
+            let notice = pb::turn_event::Kind::Notice(pb::Notice { message });
+            let _ = tx.send(Ok(pb::TurnEvent { kind: Some(notice) })).await;
+            None
+        }
+        None => None,
+    };
+    let relay = listener.map(|l| {
+        Arc::new(crate::llm::Relay::start(
+            l,
+            tx.clone(),
+            broker.config.llm_max_connections,
+        ))
+    });
     let sig_tx = admitted.turn.signals.clone();
     let mut sig_rx = match admitted.take_signals() {
         Some(rx) => rx,
