@@ -27,7 +27,6 @@
 //! bind in the kernel; [`detect`] reports whether the state dir's filesystem
 //! has them on, for `doctor`, but this broker does not use them yet.
 
-use crate::error::BrokerError;
 use nix::dir::Dir;
 use nix::fcntl::{AtFlags, OFlag};
 use nix::sys::stat::{Mode, SFlag};
@@ -103,6 +102,15 @@ pub enum DiskError {
         path: PathBuf,
         #[source]
         source: nix::errno::Errno,
+    },
+    #[error(
+        "state dir {path} has {free} bytes free, below its reserve of {reserve} bytes \
+         (disk_reserve_bytes): free space or delete sessions"
+    )]
+    BelowReserve {
+        path: PathBuf,
+        free: u64,
+        reserve: u64,
     },
 }
 
@@ -236,13 +244,13 @@ impl Disk {
     }
 
     /// Refuses (`ResourceExhausted`) when free space is below the reserve.
-    pub fn check_reserve(&self) -> Result<(), BrokerError> {
+    pub fn check_reserve(&self) -> Result<(), DiskError> {
         if self.reserve == 0 {
             return Ok(());
         }
-        let free = self.free().map_err(BrokerError::Disk)?;
+        let free = self.free()?;
         if free < self.reserve {
-            return Err(BrokerError::DiskReserve {
+            return Err(DiskError::BelowReserve {
                 path: self.dir.clone(),
                 free,
                 reserve: self.reserve,
@@ -642,9 +650,14 @@ mod tests {
     fn reserve_is_checked_against_free_space() {
         let d = tempfile::tempdir().expect("tempdir");
         let disk = Disk::new(d.path(), Some(u64::MAX)).expect("disk");
-        let err = disk.check_reserve().expect_err("nothing has u64::MAX free");
-        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        let err = crate::error::BrokerError::from(
+            disk.check_reserve().expect_err("nothing has u64::MAX free"),
+        );
         assert!(err.to_string().contains("reserve"), "{err}");
+        assert_eq!(
+            tonic::Status::from(err).code(),
+            tonic::Code::ResourceExhausted
+        );
         let disk = Disk::new(d.path(), Some(0)).expect("disk");
         disk.check_reserve().expect("0 turns the check off");
         let auto = Disk::new(d.path(), None).expect("disk");

@@ -83,15 +83,6 @@ pub enum BrokerError {
     Encode(#[from] rmp_serde::encode::Error),
     #[error("cgroup: {0}")]
     Cgroup(#[source] std::io::Error),
-    #[error(
-        "state dir {path} has {free} bytes free, below its reserve of {reserve} bytes \
-         (disk_reserve_bytes): free space or delete sessions"
-    )]
-    DiskReserve {
-        path: PathBuf,
-        free: u64,
-        reserve: u64,
-    },
     #[error(transparent)]
     Disk(#[from] crate::disk::DiskError),
 }
@@ -110,7 +101,8 @@ impl BrokerError {
             BrokerError::Input(_) | BrokerError::NotStart(_) | BrokerError::NoStart => {
                 Code::InvalidArgument
             }
-            BrokerError::PayloadTooLarge { .. } | BrokerError::DiskReserve { .. } => {
+            BrokerError::PayloadTooLarge { .. }
+            | BrokerError::Disk(crate::disk::DiskError::BelowReserve { .. }) => {
                 Code::ResourceExhausted
             }
             BrokerError::Busy { .. } => Code::FailedPrecondition,

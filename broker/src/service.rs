@@ -63,7 +63,7 @@ impl BrokerApi for Service {
         let payload = turn::build_payload(broker, &spec, &paths)?;
         // Below the reserve a turn would fail on a full disk, and take the
         // broker's records with it: refused before anything is written.
-        broker.disk.check_reserve()?;
+        broker.disk.check_reserve().map_err(BrokerError::from)?;
         let lease = broker
             .sessions
             .lease(&spec.session_id, &spec.turn_id, spec.lease)
@@ -137,7 +137,10 @@ impl BrokerApi for Service {
         let r = request.into_inner();
         crate::validate::session_id(&r.source_session_id).map_err(BrokerError::from)?;
         crate::validate::session_id(&r.new_session_id).map_err(BrokerError::from)?;
-        self.broker.disk.check_reserve()?;
+        self.broker
+            .disk
+            .check_reserve()
+            .map_err(BrokerError::from)?;
         self.broker
             .sessions
             .fork(&r.source_session_id, &r.new_session_id)
@@ -190,7 +193,7 @@ impl BrokerApi for Service {
         let id = first.session_id.clone();
         crate::validate::session_id(&id).map_err(BrokerError::from)?;
         let broker = &self.broker;
-        broker.disk.check_reserve()?;
+        broker.disk.check_reserve().map_err(BrokerError::from)?;
         let lease = broker.sessions.new_session_lease(&id).await?;
         // Spool to a file first: extraction is blocking, and a truncated
         // upload must not leave a half session. The spool is owner-only and
