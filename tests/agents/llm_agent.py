@@ -118,10 +118,22 @@ status, _, data = request("POST", "/v1/echo", b"hol")
 say("hol", ra.status, status, data.decode())
 a.close()
 
-# Nothing but the bridge is reachable from the jail.
+# Nothing but the bridge is reachable from the jail: the host's loopback
+# listener (the upstream) is not, on any loopback address, and the jail has
+# no interface but lo and no route out. Only loopback addresses are tried.
 if mode == "nsjail":
-    for addr in (("127.0.0.1", upstream_port), ("10.0.0.1", 80), ("1.1.1.1", 443)):
-        s = socket.socket()
+    with open("/proc/net/dev") as f:
+        ifaces = sorted(l.split(":")[0].strip() for l in f.read().splitlines()[2:] if ":" in l)
+    say("ifaces", ",".join(ifaces))
+    with open("/proc/net/route") as f:
+        routes = [l.split()[0] for l in f.read().splitlines()[1:] if l.strip()]
+    say("routes", ",".join(routes) or "none")
+    for family, addr in (
+        (socket.AF_INET, ("127.0.0.1", upstream_port)),
+        (socket.AF_INET, ("127.0.0.2", upstream_port)),
+        (socket.AF_INET6, ("::1", upstream_port)),
+    ):
+        s = socket.socket(family)
         s.settimeout(5)
         try:
             s.connect(addr)

@@ -177,6 +177,14 @@ async fn an_agent_talks_http_through_the_relay(mode: Mode) {
             assert!(l.contains(" refused "), "reachable from the jail: {l}");
         }
         assert_eq!(out.lines().filter(|l| l.starts_with("reach ")).count(), 3);
+        // Proven by interfaces and routes, never by trying outside addresses.
+        assert!(out.lines().any(|l| l == "ifaces lo"), "{out}");
+        assert!(
+            out.lines().any(|l| l == "routes none"
+                || l.split_once(' ')
+                    .is_some_and(|(k, v)| k == "routes" && v.split(',').all(|i| i == "lo"))),
+            "{out}"
+        );
     }
     h.stop().await;
 }
