@@ -130,6 +130,37 @@ fn damaged(id: &str, what: String) -> BrokerError {
     }
 }
 
+/// Opens `home` or `work` of a session dir, making it (owned by `owner`)
+/// when missing; an existing one must be a real directory. `shown` is the
+/// session dir's path, for messages.
+fn part_dir(
+    id: &str,
+    dir: impl AsFd,
+    part: &str,
+    owner: Option<(u32, u32)>,
+    shown: &Path,
+) -> Result<OwnedFd, BrokerError> {
+    let dir = dir.as_fd();
+    match tree::open_dir(dir, OsStr::new(part)) {
+        Ok(fd) => Ok(fd),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            mkdir_at(dir, part, 0o700)
+                .map_err(|e| BrokerError::io("cannot create", shown.join(part), e))?;
+            let fd = open_part(id, dir, part)?;
+            if let Some((uid, gid)) = owner {
+                rustix::fs::fchown(
+                    &fd,
+                    Some(rustix::fs::Uid::from_raw(uid)),
+                    Some(rustix::fs::Gid::from_raw(gid)),
+                )
+                .map_err(|e| BrokerError::io("cannot chown", shown.join(part), e.into()))?;
+            }
+            Ok(fd)
+        }
+        Err(_) => open_part(id, dir, part),
+    }
+}
+
 /// Opens `home` or `work` of a session dir: it must be a real directory.
 fn open_part(id: &str, dir: impl AsFd, part: &str) -> Result<OwnedFd, BrokerError> {
     tree::open_dir(dir, OsStr::new(part)).map_err(|e| match e.raw_os_error() {
@@ -233,40 +264,14 @@ impl Sessions {
         mkdir_at(&self.root_fd, id, 0o711)
             .map_err(|e| BrokerError::io("cannot create", &paths.dir, e))?;
         let dir = self.open_existing(id)?;
-        let mut parts = Vec::with_capacity(2);
-        for part in ["home", "work"] {
-            let fd = match tree::open_dir(&dir, OsStr::new(part)) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    mkdir_at(&dir, part, 0o700)
-                        .map_err(|e| BrokerError::io("cannot create", paths.dir.join(part), e))?;
-                    let fd = open_part(id, &dir, part)?;
-                    if let Some((uid, gid)) = self.owner {
-                        rustix::fs::fchown(
-                            &fd,
-                            Some(rustix::fs::Uid::from_raw(uid)),
-                            Some(rustix::fs::Gid::from_raw(gid)),
-                        )
-                        .map_err(|e| {
-                            BrokerError::io("cannot chown", paths.dir.join(part), e.into())
-                        })?;
-                    }
-                    fd
-                }
-                _ => open_part(id, &dir, part)?,
-            };
-            parts.push(fd);
-        }
+        let home = part_dir(id, &dir, "home", self.owner, &paths.dir)?;
+        let work = part_dir(id, &dir, "work", self.owner, &paths.dir)?;
         let meta = read_meta(id, &dir)?.unwrap_or_else(|| SessionMeta {
             session_id: id.to_string(),
             created_unix_ms: now_unix_ms(),
             ..SessionMeta::default()
         });
-        let work = parts.pop();
-        let home = parts.pop();
-        match (home, work) {
-            (Some(home), Some(work)) => Ok((paths, meta, SessionDirs { home, work })),
-            _ => Err(damaged(id, "home or work missing".into())),
-        }
+        Ok((paths, meta, SessionDirs { home, work }))
     }
 
     /// Writes metadata atomically (temp file, fsync, rename, fsync of the
@@ -381,23 +386,7 @@ impl<'a> Staging<'a> {
     fn publish(mut self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
         // Both must be real directories: whatever the tree came from.
         for part in ["home", "work"] {
-            match tree::open_dir(&self.fd, OsStr::new(part)) {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    mkdir_at(&self.fd, part, 0o700)
-                        .map_err(|e| BrokerError::io("cannot create", self.path().join(part), e))?;
-                    let fd = open_part(id, &self.fd, part)?;
-                    if let Some((uid, gid)) = self.sessions.owner {
-                        rustix::fs::fchown(
-                            &fd,
-                            Some(rustix::fs::Uid::from_raw(uid)),
-                            Some(rustix::fs::Gid::from_raw(gid)),
-                        )
-                        .map_err(|e| BrokerError::io("cannot chown", self.path(), e.into()))?;
-                    }
-                }
-                Err(_) => return Err(damaged(id, format!("{part} is not a directory"))),
-            }
+            part_dir(id, &self.fd, part, self.sessions.owner, &self.path())?;
         }
         rustix::fs::fchmod(&self.fd, rustix::fs::Mode::from_raw_mode(0o711))
             .map_err(|e| BrokerError::io("cannot chmod", self.path(), e.into()))?;

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
 /// The deepest a session tree may be (directories below home or work).
@@ -625,11 +625,6 @@ pub fn describe(t: FileType) -> &'static str {
         FileType::BlockDevice => "block device",
         FileType::Unknown => "unknown file type",
     }
-}
-
-/// The bytes of a name, for archive paths.
-pub fn name_bytes(name: &OsStr) -> &[u8] {
-    name.as_bytes()
 }
 
 #[cfg(test)]
