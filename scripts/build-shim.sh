@@ -14,7 +14,7 @@ readonly TARGET=x86_64-unknown-linux-gnu
 readonly PROFILE=shim # [profile.shim] in the workspace Cargo.toml
 
 repo=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")/.." && pwd)
-bin="$repo/target/$TARGET/$PROFILE/turnstile-shim"
+bin="${CARGO_TARGET_DIR:-$repo/target}/$TARGET/$PROFILE/turnstile-shim"
 
 die() {
     printf 'build-shim: error: %s\n' "$*" >&2
