@@ -1,4 +1,6 @@
-//! Cost of session disk limits (the accounting backend, broker/src/disk.rs).
+//! Cost of session disk limits (broker/src/disk.rs, broker/src/volume.rs):
+//! the backend `auto` picks on this host (`image` as root with loop devices)
+//! against a broker with limits and the reserve off.
 //!
 //! - Turn start, `Start` sent → `Started` received, with a disk limit and
 //!   the free-space reserve on, against a broker with both off measured in
@@ -144,6 +146,30 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode) {
     } else {
         1
     };
+    // A new session's first turn: on the image backend, its image is made
+    // and mounted on the start path (`mkfs.ext4`, `dumpe2fs`, `mount`).
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    rt.block_on(async {
+        for i in 0..samples.max(2) * 2 {
+            let new = |limited| start(&format!("first{i}"), "true", limited);
+            let (d, tx, events) = on.start_turn_with(new(true)).await;
+            drop(tx);
+            drain(events).await;
+            a.push(d);
+            let (d, tx, events) = off.start_turn_with(new(false)).await;
+            drop(tx);
+            drain(events).await;
+            b.push(d);
+        }
+    });
+    report(
+        &format!(
+            "disk/{name} first turn of a new session ({})",
+            on.broker.disk.detected().backend
+        ),
+        &a,
+        Some(("off", &b)),
+    );
     for files in [0, TREE_FILES] {
         let session = format!("w{files}");
         rt.block_on(async {

@@ -285,6 +285,33 @@ pub struct Config {
     /// refused up front. `None` picks 5 % of the filesystem, at most 1 GiB;
     /// 0 turns the check off.
     pub disk_reserve_bytes: Option<u64>,
+    /// How session disk limits are enforced (see [`DiskBackend`]).
+    pub disk_backend: DiskBackend,
+}
+
+/// How session disk limits are enforced.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskBackend {
+    /// `image` where this host can run it (root, loop devices, e2fsprogs),
+    /// `accounting` elsewhere.
+    #[default]
+    Auto,
+    /// Each session on an ext4 image of its own: the limit binds in the
+    /// kernel (`ENOSPC`). The broker refuses to start where it cannot.
+    Image,
+    /// Usage measured while a turn runs; the turn ends `disk_limit`.
+    Accounting,
+}
+
+impl DiskBackend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DiskBackend::Auto => "auto",
+            DiskBackend::Image => "image",
+            DiskBackend::Accounting => "accounting",
+        }
+    }
 }
 
 impl Default for Config {
@@ -317,6 +344,7 @@ impl Default for Config {
             gc_interval_ms: 10 * 60 * 1000,
             warm_spares: 2,
             disk_reserve_bytes: None,
+            disk_backend: DiskBackend::default(),
         }
     }
 }
@@ -682,6 +710,7 @@ mod tests {
         let cfg: Config = toml::from_str(
             r#"
             disk_reserve_bytes = 0
+            disk_backend = "accounting"
             [default_limits]
             disk_bytes = 1000
             disk_inodes = 5
@@ -692,6 +721,11 @@ mod tests {
         )
         .expect("parse");
         assert_eq!(cfg.disk_reserve_bytes, Some(0));
+        assert_eq!(cfg.disk_backend, DiskBackend::Accounting);
+        assert_eq!(Config::default().disk_backend, DiskBackend::Auto);
+        let bad =
+            toml::from_str::<Config>("disk_backend = \"quota\"").expect_err("unknown backend");
+        assert!(bad.to_string().contains("auto"), "{bad}");
         assert_eq!(cfg.default_limits.disk_bytes, Some(1000));
         assert_eq!(cfg.max_limits.disk_inodes, Some(10));
         cfg.validate().expect("valid");

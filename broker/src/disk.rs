@@ -6,37 +6,42 @@
 //! refuses turns and imports up front when the state dir's filesystem is
 //! nearly full.
 //!
-//! Backend: **accounting**. While a turn runs, a blocking-pool task walks
-//! home and work by descriptor (no link is followed) and ends the turn when
-//! the session is over its limit; its processes are SIGKILLed at once (no
-//! grace: a grace would be time to write more). The walk repeats every
-//! `max(MIN_PERIOD, PERIOD_FACTOR × the walk's own duration)`, at most
-//! `MAX_PERIOD`, so its CPU cost stays near 1/`PERIOD_FACTOR` of a core
-//! while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`; a session growing
-//! toward its limit is walked more often (see `Pace`). The overshoot is
-//! what the agent writes in one period plus one walk; and `RLIMIT_FSIZE` is
-//! capped at the session's remaining budget, so no single file ever exceeds
-//! it.
+//! Two backends ([`detect`] picks one at start-up; `doctor` says which):
+//!
+//! - **image** (root, loop devices and e2fsprogs on the host): each session's
+//!   home and work live on an ext4 image of its own ([`crate::volume`]); the
+//!   limit binds in the kernel, a write past it fails `ENOSPC` for that
+//!   session's agent and nobody else. The watch below measures such a
+//!   session with one `statvfs` and ends a turn whose limit is lower than
+//!   its image (the image is sized to the highest limit the session had).
+//! - **accounting** (elsewhere, and for sessions made before the image
+//!   backend was on): while a turn runs, a blocking-pool task walks home and
+//!   work by descriptor (no link is followed) and ends the turn when the
+//!   session is over its limit; its processes are SIGKILLed at once (no
+//!   grace: a grace would be time to write more). The walk repeats every
+//!   `max(MIN_PERIOD, PERIOD_FACTOR × the walk's own duration)`, at most
+//!   `MAX_PERIOD`, so its CPU cost stays near 1/`PERIOD_FACTOR` of a core
+//!   while a walk takes under `MAX_PERIOD / PERIOD_FACTOR`; a session
+//!   growing toward its limit is walked more often (see `Pace`). The
+//!   overshoot is what the agent writes in one period plus one walk; and
+//!   `RLIMIT_FSIZE` is capped at the session's remaining budget, so no
+//!   single file ever exceeds it.
 //!
 //! The reserve: below it, turns and imports are refused up front; below
 //! half of it (the floor), every running turn whose session grew since the
 //! turn began ends `disk_limit`, so the broker's own records always have
 //! room, whatever the sessions' limits add up to.
-//!
-//! Filesystem quotas (ext4 `prjquota`, xfs `pquota`) would make the limit
-//! bind in the kernel; [`detect`] reports whether the state dir's filesystem
-//! has them on, for `doctor`, but this broker does not use them yet.
 
-use nix::dir::Dir;
-use nix::fcntl::{AtFlags, OFlag};
-use nix::sys::stat::{Mode, SFlag};
-use std::collections::{HashMap, HashSet};
-use std::ffi::CString;
-use std::os::fd::{AsFd, OwnedFd};
+use crate::tree;
+use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 use tracing::{Instrument, debug, warn};
+
+use crate::config::DiskBackend;
+use crate::volume::Volumes;
 
 /// Shortest period between two walks of a running turn's session.
 pub const MIN_PERIOD: Duration = Duration::from_millis(20);
@@ -49,17 +54,8 @@ pub const PERIOD_FACTOR: u32 = 20;
 const RESERVE_PERCENT: u64 = 5;
 /// ...at most this much.
 const RESERVE_MAX: u64 = 1 << 30;
-/// A walk keeps one open directory per this many levels of depth (deeper
-/// directories are reopened from the nearest kept one, one component at a
-/// time), so a deep tree cannot exhaust the broker's descriptors.
-const ANCHOR_EVERY: usize = 32;
 
-/// Bytes (allocated blocks) and inodes used by a tree.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
-    pub bytes: u64,
-    pub inodes: u64,
-}
+pub use crate::tree::Usage;
 
 /// A session's disk limit; `None` is unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -112,12 +108,17 @@ pub enum DiskError {
         free: u64,
         reserve: u64,
     },
+    #[error("cannot measure the disk use of {0}: {1}")]
+    Walk(PathBuf, #[source] std::io::Error),
+    #[error("disk_backend = \"image\" cannot run on this host: {0}")]
+    ImageUnavailable(String),
 }
 
 /// How session disk limits are enforced on this host's state dir.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Detected {
-    /// `accounting` (the only backend of this broker).
+    /// `image` (each session on a filesystem image of its own: the limit
+    /// binds) or `accounting` (usage measured while a turn runs).
     pub backend: &'static str,
     /// The state dir's filesystem type, e.g. `ext4`, `tmpfs`.
     pub filesystem: String,
@@ -127,28 +128,49 @@ pub struct Detected {
     pub why: String,
 }
 
-/// The state dir's filesystem as far as disk limits care.
-pub fn detect(dir: &Path) -> Detected {
+/// The backend `choice` resolves to on the state dir `dir`, and the image
+/// tools when it is `image`. `image` asked for where this host cannot run
+/// it is an error naming what is missing.
+pub fn detect(
+    dir: &Path,
+    choice: DiskBackend,
+    owner: Option<(u32, u32)>,
+) -> Result<(Detected, Option<Volumes>), DiskError> {
     let filesystem = fs_name(dir);
     let project_quotas = project_quotas_on(dir);
-    let why = if project_quotas {
-        format!(
-            "{filesystem} has project quotas on, but this broker does not use them yet: \
-             usage is accounted while a turn runs"
-        )
-    } else {
-        format!(
-            "{filesystem} without project quotas (ext4 mounted prjquota or xfs pquota would \
-             bind in the kernel): usage is accounted while a turn runs and the turn ends \
-             disk_limit within one check period"
-        )
+    let probe = match choice {
+        DiskBackend::Accounting => Err("disk_backend = \"accounting\"".to_string()),
+        _ => Volumes::probe(owner),
     };
-    Detected {
-        backend: "accounting",
-        filesystem,
-        project_quotas,
-        why,
-    }
+    let (backend, why, volumes) = match probe {
+        Ok(v) => (
+            "image",
+            "each session's home and work are on an ext4 image of its own (loop device): \
+             the limit binds in the kernel, writes past it fail with ENOSPC"
+                .to_string(),
+            Some(v),
+        ),
+        Err(missing) if choice == DiskBackend::Image => {
+            return Err(DiskError::ImageUnavailable(missing));
+        }
+        Err(missing) => (
+            "accounting",
+            format!(
+                "no image backend ({missing}): usage on {filesystem} is accounted while a turn \
+                 runs and the turn ends disk_limit within one check period"
+            ),
+            None,
+        ),
+    };
+    Ok((
+        Detected {
+            backend,
+            filesystem,
+            project_quotas,
+            why,
+        },
+        volumes,
+    ))
 }
 
 fn fs_name(dir: &Path) -> String {
@@ -212,7 +234,7 @@ pub struct Disk {
 
 impl Disk {
     /// Resolves the reserve (`None`: 5 % of the filesystem, at most 1 GiB).
-    pub fn new(dir: &Path, reserve: Option<u64>) -> Result<Disk, DiskError> {
+    pub fn new(dir: &Path, reserve: Option<u64>, detected: Detected) -> Result<Disk, DiskError> {
         let reserve = match reserve {
             Some(r) => r,
             None => {
@@ -224,7 +246,7 @@ impl Disk {
         Ok(Disk {
             dir: dir.to_path_buf(),
             reserve,
-            detected: detect(dir),
+            detected,
             usage: Mutex::default(),
         })
     }
@@ -298,6 +320,10 @@ impl Disk {
         on_exceeded: impl FnOnce() + Send + 'static,
     ) -> Watch {
         let exceeded = Arc::new(OnceLock::new());
+        let session_dir = roots
+            .first()
+            .and_then(|h| h.parent())
+            .map(Path::to_path_buf);
         let task = {
             let (disk, session, exceeded) = (self.clone(), session.to_string(), exceeded.clone());
             tokio::spawn(
@@ -362,7 +388,11 @@ impl Disk {
                 .in_current_span(),
             )
         };
-        Watch { exceeded, task }
+        Watch {
+            exceeded,
+            task,
+            session_dir,
+        }
     }
 }
 
@@ -427,12 +457,21 @@ pub fn period(took: Duration) -> Duration {
 pub struct Watch {
     exceeded: Arc<OnceLock<Exceeded>>,
     task: tokio::task::JoinHandle<()>,
+    session_dir: Option<PathBuf>,
 }
 
 impl Watch {
-    /// Why the watch ended the turn, if it did.
+    /// Why the watch ended the turn, if it did; or, for a session on an
+    /// image, that the image is full now (the kernel refused the agent's
+    /// writes past the limit).
     pub fn exceeded(&self) -> Option<Exceeded> {
-        self.exceeded.get().copied()
+        self.exceeded.get().copied().or_else(|| {
+            let usage = crate::volume::full(self.session_dir.as_deref()?)?;
+            Some(Exceeded {
+                usage,
+                free_below_floor: None,
+            })
+        })
     }
 }
 
@@ -449,108 +488,47 @@ fn statvfs(dir: &Path) -> Result<nix::sys::statvfs::Statvfs, DiskError> {
     })
 }
 
-/// A directory still to read: `chain` opened one component at a time from
-/// `anchor` (empty: the anchor itself).
-struct Pending {
-    anchor: Arc<OwnedFd>,
-    chain: Vec<CString>,
-}
-
-const DIR_FLAGS: OFlag = OFlag::O_RDONLY
-    .union(OFlag::O_DIRECTORY)
-    .union(OFlag::O_NOFOLLOW)
-    .union(OFlag::O_CLOEXEC);
-
-/// Bytes of allocated blocks and inodes under `roots` (each root counted
-/// too), without following links; a hard-linked file counts once. Entries
-/// that vanish meanwhile are skipped. With `stop_over`, the walk returns as
+/// Bytes (allocated blocks) and inodes under `roots` — a session's home
+/// and work, then any other dirs of its turn — each root counted too,
+/// without following links; a hard-linked file counts once. Home and work
+/// on the session's image are measured with one `statvfs` of it. Other
+/// trees are walked by descriptor ([`tree::usage_of`]); entries that vanish
+/// or change meanwhile are skipped; with `stop_over`, the walk returns as
 /// soon as the count is over that limit (the count is then partial).
 pub fn walk(roots: &[PathBuf], stop_over: Option<DiskLimit>) -> Result<Usage, DiskError> {
-    let mut usage = Usage::default();
-    let mut linked: HashSet<(u64, u64)> = HashSet::new();
-    let mut stack = Vec::new();
+    let on_image = roots
+        .first()
+        .and_then(|home| home.parent())
+        .and_then(crate::volume::usage);
+    let (base, roots) = match on_image {
+        Some(u) => (u, roots.get(2..).unwrap_or_default()),
+        None => (Usage::default(), roots),
+    };
+    let mut fds = Vec::new();
     for root in roots {
-        let fd = match nix::fcntl::open(root, DIR_FLAGS, Mode::empty()) {
-            Ok(fd) => fd,
-            Err(nix::errno::Errno::ENOENT) => continue,
-            Err(source) => {
-                return Err(DiskError::Open {
-                    path: root.clone(),
-                    source,
-                });
-            }
-        };
-        if let Ok(st) = nix::sys::stat::fstat(&fd) {
-            usage.bytes += st.st_blocks as u64 * 512;
-            usage.inodes += 1;
-        }
-        stack.push(Pending {
-            anchor: Arc::new(fd),
-            chain: Vec::new(),
-        });
-    }
-    let over = |u: &Usage| stop_over.is_some_and(|l| l.exceeded_by(*u));
-    while let Some(p) = stack.pop() {
-        let Some(fd) = open_chain(&p) else { continue };
-        // `Dir` takes its own descriptor; `fd` stays for the stats and as
-        // an anchor.
-        let Ok(dup) = fd.try_clone() else { continue };
-        let Ok(mut dir) = Dir::from_fd(dup) else {
-            continue;
-        };
-        let fd = Arc::new(fd);
-        for entry in dir.iter().flatten() {
-            let name = entry.file_name();
-            if name.to_bytes() == b"." || name.to_bytes() == b".." {
-                continue;
-            }
-            let Ok(st) = nix::sys::stat::fstatat(&*fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
-                continue;
-            };
-            let kind = SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT;
-            if kind != SFlag::S_IFDIR && st.st_nlink > 1 && !linked.insert((st.st_dev, st.st_ino)) {
-                continue;
-            }
-            usage.bytes += st.st_blocks as u64 * 512;
-            usage.inodes += 1;
-            if over(&usage) {
-                return Ok(usage);
-            }
-            if kind == SFlag::S_IFDIR {
-                let name = name.to_owned();
-                stack.push(if p.chain.len() + 1 >= ANCHOR_EVERY {
-                    Pending {
-                        anchor: fd.clone(),
-                        chain: vec![name],
-                    }
-                } else {
-                    let mut chain = p.chain.clone();
-                    chain.push(name);
-                    Pending {
-                        anchor: p.anchor.clone(),
-                        chain,
-                    }
-                });
-            }
+        match tree::open_dir_path(root) {
+            Ok(fd) => fds.push(fd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(DiskError::Walk(root.clone(), e)),
         }
     }
-    Ok(usage)
-}
-
-/// Opens a pending directory, one `O_NOFOLLOW` component at a time: a
-/// component replaced by a link (or anything but a directory) is skipped.
-fn open_chain(p: &Pending) -> Option<OwnedFd> {
-    let mut fd = p.anchor.as_fd().try_clone_to_owned().ok()?;
-    for c in &p.chain {
-        fd = nix::fcntl::openat(&fd, c.as_c_str(), DIR_FLAGS, Mode::empty()).ok()?;
-    }
-    Some(fd)
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let over = |u: Usage| stop_over.is_some_and(|l| l.exceeded_by(base + u));
+    tree::usage_of(&borrowed, true, &over)
+        .map(|u| base + u)
+        .map_err(|e| DiskError::Walk(roots.first().cloned().unwrap_or_default(), e))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    fn accounting(dir: &Path) -> Detected {
+        detect(dir, DiskBackend::Accounting, None)
+            .expect("detect")
+            .0
+    }
 
     fn fill(path: &Path, n: usize) {
         std::fs::write(path, vec![7u8; n]).expect("write");
@@ -578,17 +556,17 @@ mod tests {
     }
 
     #[test]
-    fn walk_goes_deeper_than_its_anchor_spacing() {
+    fn walk_goes_deep() {
         let d = tempfile::tempdir().expect("tempdir");
         let mut p = d.path().join("root");
         let root = p.clone();
-        for _ in 0..(ANCHOR_EVERY * 3 + 5) {
+        for _ in 0..(100 * 3 + 5) {
             p.push("d");
         }
         std::fs::create_dir_all(&p).expect("mkdir");
         fill(&p.join("f"), 4096);
         let u = walk(&[root], None).expect("walk");
-        assert_eq!(u.inodes, (ANCHOR_EVERY * 3 + 5) as u64 + 2);
+        assert_eq!(u.inodes, (100 * 3 + 5) as u64 + 2);
     }
 
     #[test]
@@ -649,7 +627,7 @@ mod tests {
     #[test]
     fn reserve_is_checked_against_free_space() {
         let d = tempfile::tempdir().expect("tempdir");
-        let disk = Disk::new(d.path(), Some(u64::MAX)).expect("disk");
+        let disk = Disk::new(d.path(), Some(u64::MAX), accounting(d.path())).expect("disk");
         let err = crate::error::BrokerError::from(
             disk.check_reserve().expect_err("nothing has u64::MAX free"),
         );
@@ -658,16 +636,16 @@ mod tests {
             tonic::Status::from(err).code(),
             tonic::Code::ResourceExhausted
         );
-        let disk = Disk::new(d.path(), Some(0)).expect("disk");
+        let disk = Disk::new(d.path(), Some(0), accounting(d.path())).expect("disk");
         disk.check_reserve().expect("0 turns the check off");
-        let auto = Disk::new(d.path(), None).expect("disk");
+        let auto = Disk::new(d.path(), None, accounting(d.path())).expect("disk");
         assert!(auto.reserve() <= RESERVE_MAX);
     }
 
     #[test]
     fn file_size_cap_is_what_is_left() {
         let d = tempfile::tempdir().expect("tempdir");
-        let disk = Disk::new(d.path(), Some(0)).expect("disk");
+        let disk = Disk::new(d.path(), Some(0), accounting(d.path())).expect("disk");
         let limit = DiskLimit {
             bytes: Some(1000),
             inodes: None,

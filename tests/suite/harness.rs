@@ -93,8 +93,32 @@ pub fn config(mode: Mode, state: &Path) -> Config {
     cfg
 }
 
+/// Unmounts, when dropped, whatever is still mounted below a dir (session
+/// disk images a broker that did not stop cleanly left mounted), deepest
+/// first, so the temp dir above it can go.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        let mut below: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .filter(|m| m.starts_with(&self.0) && *m != self.0)
+            .collect();
+        below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in below {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
 /// A broker served in-process on a temp unix socket.
 pub struct Harness {
+    _mounts: Unmount,
     _dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub broker: Arc<Broker>,
@@ -120,6 +144,7 @@ impl Harness {
             let _ = stopped.await;
         }));
         Harness {
+            _mounts: Unmount(dir.path().to_path_buf()),
             _dir: dir,
             socket,
             broker,
@@ -482,5 +507,6 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        drop(Unmount(self.state.clone()));
     }
 }

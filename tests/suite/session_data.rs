@@ -101,55 +101,42 @@ async fn hostile_imports_cannot_reach_another_session(mode: Mode) {
     import(&mut c, "attacker", accepted)
         .await
         .expect("links as data");
-    let script = match mode {
-        Mode::Nsjail => {
-            "cat $HOME/v/marker $HOME/up/victim/home/marker 2>/dev/null; \
-             awk '$5 == \"/home/agent\" || $5 == \"/work\" { print \"mount\", $5, $4 }' /proc/self/mountinfo"
-        }
-        Mode::Direct => {
-            "echo mount /home/agent $(cd $HOME && pwd -P); echo mount /work $(cd $PWD && pwd -P)"
-        }
-    };
+    // What each mount of the turn really is: the device and inode the
+    // agent sees at its home and work (in the jail, a plain session dir
+    // or the session's own disk image: either way the same inode as the
+    // host's session dir, and nothing else).
+    let script = "cat $HOME/v/marker $HOME/up/victim/home/marker 2>/dev/null; \
+                  stat -c 'mount %d %i' \"$HOME\" \"$PWD\"";
     let out = h.run(start("attacker", script)).await;
     out.assert_exited_ok();
     let stdout = out.stdout();
+    // (Direct mode has no jail: its agent can follow a link anywhere.)
     if mode == Mode::Nsjail {
         assert!(
             !stdout.contains("secret-v"),
             "the jail reached the victim: {stdout}"
         );
     }
-    // The real source of each mount of the turn is the session's own dir
-    // (mountinfo gives the path within the source filesystem: a suffix of
-    // the host path).
-    let real = std::fs::canonicalize(h.state().join("sessions/attacker")).expect("real path");
-    let mut mounts: Vec<(String, std::path::PathBuf)> = stdout
+    let seen: Vec<(u64, u64)> = stdout
         .lines()
         .filter_map(|l| l.strip_prefix("mount "))
         .filter_map(|l| l.split_once(' '))
-        .map(|(at, src)| (at.to_string(), std::path::PathBuf::from(src)))
+        .filter_map(|(d, i)| Some((d.parse().ok()?, i.parse().ok()?)))
         .collect();
-    mounts.sort();
-    assert_eq!(mounts.len(), 2, "{stdout}");
-    for ((at, src), part) in mounts.iter().zip(["home", "work"]) {
-        assert_eq!(
-            at,
-            if part == "home" {
-                "/home/agent"
-            } else {
-                "/work"
-            }
-        );
-        assert!(
-            src.ends_with(format!("sessions/attacker/{part}"))
-                && real
-                    .join(part)
-                    .ends_with(src.strip_prefix("/").unwrap_or(src)),
-            "{at} is mounted from {}, not {}",
-            src.display(),
-            real.join(part).display()
-        );
-    }
+    use std::os::unix::fs::MetadataExt;
+    let host: Vec<(u64, u64)> = ["home", "work"]
+        .iter()
+        .map(|part| {
+            let m = std::fs::symlink_metadata(h.state().join("sessions/attacker").join(part))
+                .expect("stat");
+            assert!(m.is_dir(), "{part} is a real directory on the host");
+            (m.dev(), m.ino())
+        })
+        .collect();
+    assert_eq!(
+        seen, host,
+        "home and work of the turn are the session's own: {stdout}"
+    );
     assert_eq!(
         std::fs::read_to_string(&victim_marker).expect("victim intact"),
         "secret-v\n"
