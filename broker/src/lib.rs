@@ -275,8 +275,17 @@ impl Broker {
                     .disk_inodes
                     .or(config.default_limits.disk_inodes),
             },
+            spare_limit: disk::DiskLimit {
+                bytes: config.default_limits.disk_bytes,
+                inodes: config.default_limits.disk_inodes,
+            },
+            spare_count: config.warm_spares,
         });
-        let sessions = Sessions::new(state.join("sessions"), owner)?.with_images(images);
+        let sessions = Sessions::new(state.join("sessions"), owner)?;
+        // Stale staging trees and ready images of a dead broker go before
+        // new ready images are made.
+        sessions.clean_staging();
+        let sessions = sessions.with_images(images);
         let disk = Arc::new(
             disk::Disk::new(&state, config.disk_reserve_bytes, detected)
                 .map_err(BrokerError::Disk)?,
@@ -287,7 +296,6 @@ impl Broker {
             why = %disk.detected().why,
             "session disk limits"
         );
-        sessions.clean_staging();
         let _ = std::fs::remove_dir_all(state.join("imports"));
         info!(
             mode = config.mode.as_str(),
