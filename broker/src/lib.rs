@@ -387,6 +387,7 @@ impl Broker {
             turn_id: turn_id.to_string(),
             turn,
             signals_rx: Mutex::new(Some(signals_rx)),
+            _tracked: self.tracker.token(),
         })
     }
 
@@ -475,6 +476,10 @@ pub struct Admitted {
     pub turn_id: String,
     pub turn: ActiveTurn,
     signals_rx: Mutex<Option<tokio::sync::mpsc::Receiver<nix::sys::signal::Signal>>>,
+    /// Counts the turn in the broker's task tracker from admission on, so
+    /// a shutdown that closes admission right after this turn's admission
+    /// (before its task is spawned) still waits for it.
+    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 impl Admitted {
