@@ -267,8 +267,14 @@ async fn data_beyond_the_window_resets_only_that_connection(mode: Mode) {
                     assert_eq!(f.conn, conn);
                     reset = Some(r.reason);
                 }
-                // The agent's "ping" may or may not have been read first.
-                Some(pb::llm_frame::Kind::Data(_)) => {}
+                // The agent's "ping" may or may not have been read first;
+                // nothing of the connection follows its reset.
+                Some(pb::llm_frame::Kind::Data(_)) => {
+                    assert!(
+                        reset.is_none(),
+                        "data for connection {conn} after its reset"
+                    )
+                }
                 other => panic!("unexpected frame {other:?}"),
             },
             Some(pb::turn_event::Kind::Notice(n)) => notice = Some(n.message),
