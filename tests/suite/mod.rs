@@ -13,6 +13,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod llm;
+mod llm_frames;
 mod llm_http;
 mod relay;
 mod session_data;
