@@ -923,6 +923,7 @@ mod tests {
                     "gc_interval_ms",
                     "warm_spares",
                     "disk_reserve_bytes",
+                    "disk_backend",
                 ])
                 .prop_map(str::to_string),
                 proptest::sample::select(LIMIT_FIELDS.to_vec()).prop_map(str::to_string),
@@ -936,6 +937,7 @@ mod tests {
                 Just("\"0.0.0.0:1\"".to_string()),
                 Just("\"direct\"".to_string()),
                 Just("\"off\"".to_string()),
+                Just("\"accounting\"".to_string()),
                 any::<bool>().prop_map(|b| b.to_string()),
                 any::<f64>().prop_map(|f| format!("{f:?}")),
                 vec("[a-z/:]{0,6}", 0..3).prop_map(|v| format!("{v:?}")),

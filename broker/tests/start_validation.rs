@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use std::sync::Arc;
 use tonic::Code;
 use turnstile_broker::Broker;
-use turnstile_broker::config::{CgroupPolicy, Config, Limits, Mode, limit_max};
+use turnstile_broker::config::{CgroupPolicy, Config, DiskBackend, Limits, Mode, limit_max};
 use turnstile_broker::error::{BrokerError, InputError};
 use turnstile_broker::turn::{TurnPaths, TurnSpec, build_payload};
 use turnstile_proto::v1 as pb;
@@ -40,6 +40,8 @@ fn broker() -> (tempfile::TempDir, Arc<Broker>) {
         cgroups: CgroupPolicy::Off,
         warm_spares: 0,
         disk_reserve_bytes: Some(0),
+        // Nothing to mount: validation reads no session.
+        disk_backend: DiskBackend::Accounting,
         max_payload_bytes: PAYLOAD_CAP,
         ..Config::default()
     };
