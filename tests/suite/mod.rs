@@ -6,6 +6,7 @@ mod harness;
 
 mod admission;
 mod cli;
+mod clients;
 mod continuation;
 mod disk;
 mod hardening;
