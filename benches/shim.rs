@@ -29,7 +29,7 @@ fn benches(c: &mut Criterion) {
         let (_, tx, mut events) = served.start_turn("rss", &["/bin/cat"]).await;
         let me = std::process::id() as i32;
         let canonical = std::fs::canonicalize(&path).expect("canonical");
-        let pid = turnstile_broker::sys::children_of(me)
+        let pid = turnstile_broker::process::children_of(me)
             .into_iter()
             .find(|p| {
                 std::fs::read_link(format!("/proc/{p}/exe")).ok().as_deref()

@@ -107,7 +107,7 @@ impl Raw {
     async fn once(&self) -> Duration {
         let _ = self.dir.path();
         let t0 = Instant::now();
-        let (parent, child) = turnstile_broker::sys::socketpair().expect("socketpair");
+        let (parent, child) = turnstile_broker::process::socketpair().expect("socketpair");
         let payload = std::fs::File::open(&self.payload).expect("payload");
         let mut setup = ChildSetup {
             fds: vec![(payload.into(), 3), (child, 4)],

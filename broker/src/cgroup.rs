@@ -217,7 +217,7 @@ fn kill_dir(dir: &Path, v2: bool) {
             return;
         }
         for pid in pids {
-            crate::sys::kill_pid(pid, nix::sys::signal::Signal::SIGKILL);
+            crate::process::kill_pid(pid, nix::sys::signal::Signal::SIGKILL);
         }
         std::thread::yield_now();
     }

@@ -178,7 +178,7 @@ fn which(name: &Path) -> Option<PathBuf> {
 
 /// The jail's init (the shim) as the host sees it: nsjail's only child.
 pub fn init_pid(nsjail_pid: i32) -> Option<i32> {
-    crate::sys::children_of(nsjail_pid).into_iter().next()
+    crate::process::children_of(nsjail_pid).into_iter().next()
 }
 
 /// nsjail's warnings and errors from its log (at most `max` bytes, the

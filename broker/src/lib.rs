@@ -12,11 +12,11 @@ pub mod disk;
 pub mod error;
 pub mod jail;
 pub mod llm;
+pub mod process;
 pub mod server;
 pub mod service;
 pub mod session;
 pub mod spawn;
-pub mod sys;
 pub mod tree;
 pub mod turn;
 pub mod validate;
@@ -190,7 +190,7 @@ impl Broker {
             }
         };
 
-        let root = sys::is_root();
+        let root = process::is_root();
         let outside_ids = if root {
             (config.jail_uid, config.jail_gid)
         } else {

@@ -341,7 +341,7 @@ impl Child {
         };
         let errno = Errno::from_raw(f.errno);
         Some(match f.step {
-            turnstile_shim::launch::Step::Exec => exec_error(program, errno),
+            turnstile_shim::launch::LaunchStep::Exec => exec_error(program, errno),
             step => errno_error(&format!("launcher failed at {step:?}"), errno),
         })
     }

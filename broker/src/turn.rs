@@ -6,9 +6,9 @@ use crate::cgroup::{CgroupLimits, TurnCgroup};
 use crate::config::{Limits, Mode};
 use crate::disk::{DiskLimit, Exceeded};
 use crate::error::{BrokerError, InputError};
+use crate::process::{kill_group, kill_pid};
 use crate::session::{Lease, LeasePolicy, SessionMeta, SessionPaths, now_unix_ms};
 use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
-use crate::sys::{kill_group, kill_pid};
 use crate::warm::Spare;
 use crate::{Admitted, Broker, StopReason, jail, validate};
 use bytes::{Bytes, BytesMut};
@@ -425,7 +425,7 @@ fn populate(
         }
         None => {
             write_files(broker, spec, &paths, payload, false)?;
-            let owner = (broker.mode() == Mode::Nsjail && crate::sys::is_root())
+            let owner = (broker.mode() == Mode::Nsjail && crate::process::is_root())
                 .then_some(broker.outside_ids);
             let llm = crate::llm::bind(&paths.llm_socket, owner)
                 .map_err(|e| BrokerError::io("cannot bind", &paths.llm_socket, e))?;
@@ -988,10 +988,10 @@ async fn supervise(
     // Relay.
     use std::os::fd::AsFd;
     if let Some(out) = &child.stdout {
-        crate::sys::grow_pipe(out.as_fd(), PIPE_SIZE);
+        crate::process::grow_pipe(out.as_fd(), PIPE_SIZE);
     }
     if let Some(err) = &child.stderr {
-        crate::sys::grow_pipe(err.as_fd(), PIPE_SIZE);
+        crate::process::grow_pipe(err.as_fd(), PIPE_SIZE);
     }
     let stop_idle = CancellationToken::new();
     let out = child
@@ -1218,7 +1218,7 @@ async fn spawn(
     let payload_fd: OwnedFd = std::fs::File::open(&paths.payload)
         .map_err(|e| BrokerError::io("cannot open", &paths.payload, e))?
         .into();
-    let (ctl_parent, ctl_child) = crate::sys::socketpair().map_err(|e| BrokerError::Spawn {
+    let (ctl_parent, ctl_child) = crate::process::socketpair().map_err(|e| BrokerError::Spawn {
         what: "control socket",
         source: e,
     })?;

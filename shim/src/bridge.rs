@@ -23,7 +23,7 @@
 //! identd does); a connection from another uid, or one whose socket is
 //! already gone, is reset before anything is forwarded.
 
-use crate::sys;
+use crate::pid1;
 use nix::sys::socket::{setsockopt, sockopt};
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4, TcpListener, TcpStream};
@@ -216,7 +216,7 @@ fn relay(tcp: &TcpStream, unix: &UnixStream) -> io::Result<()> {
                 fd.fd = -1;
             }
         }
-        sys::poll(&mut fds)?;
+        pid1::poll(&mut fds)?;
         if fds.iter().any(|fd| fd.revents & libc::POLLNVAL != 0) {
             return Err(io::Error::from_raw_os_error(libc::EBADF));
         }

@@ -5,12 +5,12 @@
 //! launcher takes that wait before the turn exists instead of during its
 //! start.
 
-use crate::sys;
+use crate::pid1;
 use nix::errno::Errno;
 use std::ffi::CString;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use turnstile_shim::launch::{self, Failure, Step};
+use turnstile_shim::launch::{self, Failure, LaunchStep};
 
 /// A file's identity: (device, inode).
 fn identity(path: &std::path::Path) -> Option<(u64, u64)> {
@@ -29,9 +29,9 @@ pub enum Next {
     RunShim(usize),
 }
 
-/// Runs the launcher; returns only without an exec.
-pub fn run() -> Next {
-    let sock = match sys::take_launch_fd() {
+/// Waits for the one request and execs it; returns only without an exec.
+pub fn serve_request() -> Next {
+    let sock = match pid1::take_launch_fd() {
         Ok(s) => s,
         Err(_) => return Next::Exit(126),
     };
@@ -53,7 +53,7 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
     // The file this process runs, taken before the wait: a request for the
     // same file (not one replaced on disk since) runs the shim in place.
     let this_binary = identity(std::path::Path::new("/proc/self/exe"));
-    let fail = |step: Step| {
+    let fail = |step: LaunchStep| {
         move |e: Errno| Failure {
             step,
             errno: e as i32,
@@ -62,20 +62,20 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
     let mut buf = vec![0u8; launch::MAX_REQUEST];
     let received = turnstile_sys::fd::recv_with_fds(sock.as_fd(), &mut buf, launch::MAX_FDS)
         .map_err(|e| Failure {
-            step: Step::Request,
+            step: LaunchStep::Request,
             errno: e.raw_os_error().unwrap_or(libc::EIO),
         })?;
     let Some((n, fds)) = received else {
         return Ok(None);
     };
-    let (targets, argv) =
-        launch::decode(&buf[..n], fds.len()).map_err(|_| fail(Step::Request)(Errno::EINVAL))?;
+    let (targets, argv) = launch::decode(&buf[..n], fds.len())
+        .map_err(|_| fail(LaunchStep::Request)(Errno::EINVAL))?;
     let argv: Vec<CString> = argv
         .into_iter()
         .map(CString::new)
         .collect::<Result<_, _>>()
-        .map_err(|_| fail(Step::Request)(Errno::EINVAL))?;
-    turnstile_sys::fd::place_owned(fds, &targets).map_err(fail(Step::Descriptors))?;
+        .map_err(|_| fail(LaunchStep::Request)(Errno::EINVAL))?;
+    turnstile_sys::fd::place_owned(fds, &targets).map_err(fail(LaunchStep::Descriptors))?;
     let program = std::path::Path::new(std::ffi::OsStr::from_bytes(argv[0].as_bytes()));
     if this_binary.is_some()
         && identity(program) == this_binary
@@ -90,6 +90,8 @@ fn launch_one(sock: &OwnedFd) -> Result<Option<usize>, Failure> {
     // Default dispositions and an empty mask for the program (the Rust
     // runtime ignores SIGPIPE, which exec keeps): the routine a spawned
     // child runs too.
-    turnstile_sys::signals::reset_for_exec().map_err(fail(Step::Signals))?;
-    Err(fail(Step::Exec)(turnstile_sys::spawn::exec_in_place(&argv)))
+    turnstile_sys::signals::reset_for_exec().map_err(fail(LaunchStep::Signals))?;
+    Err(fail(LaunchStep::Exec)(turnstile_sys::spawn::exec_in_place(
+        &argv,
+    )))
 }

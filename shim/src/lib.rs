@@ -107,13 +107,13 @@ pub mod launch {
     /// The launcher's failure report: the step and errno, 8 bytes.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     pub struct Failure {
-        pub step: Step,
+        pub step: LaunchStep,
         pub errno: i32,
     }
 
     /// What the launcher was doing when it failed.
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-    pub enum Step {
+    pub enum LaunchStep {
         /// The request was malformed or too large.
         Request,
         /// Descriptors could not be put in place.
@@ -127,10 +127,10 @@ pub mod launch {
     impl Failure {
         pub fn encode(self) -> [u8; 8] {
             let step: i32 = match self.step {
-                Step::Request => 1,
-                Step::Descriptors => 2,
-                Step::Signals => 3,
-                Step::Exec => 4,
+                LaunchStep::Request => 1,
+                LaunchStep::Descriptors => 2,
+                LaunchStep::Signals => 3,
+                LaunchStep::Exec => 4,
             };
             let mut out = [0u8; 8];
             out[..4].copy_from_slice(&step.to_le_bytes());
@@ -142,10 +142,10 @@ pub mod launch {
             let step = i32::from_le_bytes(buf.get(..4)?.try_into().ok()?);
             let errno = i32::from_le_bytes(buf.get(4..8)?.try_into().ok()?);
             let step = match step {
-                1 => Step::Request,
-                2 => Step::Descriptors,
-                3 => Step::Signals,
-                4 => Step::Exec,
+                1 => LaunchStep::Request,
+                2 => LaunchStep::Descriptors,
+                3 => LaunchStep::Signals,
+                4 => LaunchStep::Exec,
                 _ => return None,
             };
             Some(Failure { step, errno })
@@ -545,7 +545,7 @@ mod tests {
             "too large"
         );
         let f = Failure {
-            step: Step::Exec,
+            step: LaunchStep::Exec,
             errno: 2,
         };
         assert_eq!(Failure::decode(&f.encode()), Some(f));

@@ -6,13 +6,14 @@
 //! the agent, forwards signals to it, reaps every child, kills whatever the
 //! agent left behind and reports how the agent ended. Its exit code is the
 //! agent's, or one of `exit_code::*` when it failed before the agent ran.
-//! The agent's exec plan is [`agent`]; the shim's own syscalls live in
-//! [`sys`], the spawn and what a launcher shares with it in `turnstile-sys`.
+//! The agent's exec plan is [`agent`]; the shim's own syscalls as PID 1
+//! live in [`pid1`], the spawn and what a launcher shares with it in
+//! `turnstile-sys`.
 
 mod agent;
 mod bridge;
 mod launch;
-mod sys;
+mod pid1;
 
 use nix::errno::Errno;
 use nix::sys::signal::{SigSet, Signal};
@@ -35,7 +36,7 @@ const MAX_PROC_FILE: u64 = 64 * 1024;
 fn main() {
     let mut args = std::env::args_os().skip(1).peekable();
     let parsed = if args.peek().is_some_and(|a| a == "--launcher") && args.len() == 1 {
-        match launch::run() {
+        match launch::serve_request() {
             launch::Next::Exit(code) => std::process::exit(code),
             launch::Next::RunShim(max_payload) => Ok(max_payload),
         }
@@ -69,20 +70,21 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     //    a SIGCHLD from an agent that exits at once waits for the loop too.
     //    Threads started later (the LLM bridge) inherit the mask, so only the
     //    main thread ever takes these signals.
-    let signals = sys::take_signals().map_err(|e| ShimError::Setup("cannot block signals", e))?;
+    let signals = pid1::take_signals().map_err(|e| ShimError::Setup("cannot block signals", e))?;
     // Subreaper before any child exists, so that no orphan of the agent can
     // ever be re-parented past the shim (implicit when the shim is PID 1).
-    sys::set_child_subreaper().map_err(|e| ShimError::Setup("cannot become a subreaper", e))?;
+    pid1::set_child_subreaper().map_err(|e| ShimError::Setup("cannot become a subreaper", e))?;
     // Out of the agent's reach before the control socket is even taken:
     // no /proc/1/fd, no /proc/1/mem, no pidfd_getfd for a process of the
     // same uid that is not dumpable.
-    sys::make_undumpable().map_err(|e| ShimError::Setup("cannot make the shim non-dumpable", e))?;
+    pid1::make_undumpable()
+        .map_err(|e| ShimError::Setup("cannot make the shim non-dumpable", e))?;
 
     // 2. The control socket before the payload, so that a bad payload can
     //    still be reported on it. It is made close-on-exec here, long before
     //    the fork, and so is anything else we may have inherited.
-    control.0 = Some(sys::take_control_fd().map_err(ShimError::Control)?);
-    sys::cloexec_inherited_fds();
+    control.0 = Some(pid1::take_control_fd().map_err(ShimError::Control)?);
+    pid1::cloexec_inherited_fds();
 
     // 3. The payload, closed as soon as it is read. The exec plan is built at
     //    once: it is the payload's last validation, and everything the child
@@ -126,18 +128,18 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     // 7. Wait for the agent, reaping everything else on the way.
     //    kill(-1) is only ever used as PID 1 of the namespace nsjail made:
     //    anywhere else it would reach every process of our uid on the host.
-    let contained = payload.mode == Mode::Nsjail && sys::pid() == 1;
+    let contained = payload.mode == Mode::Nsjail && pid1::pid() == 1;
     let outcome = supervise(agent, contained, &signals);
     if outcome.is_err() && !contained {
         // The agent was not reaped, so its pid (the group id) is still ours.
-        sys::kill_group(agent);
+        pid1::kill_group(agent);
     }
 
     // 8. Nothing outlives the agent.
     let clean = if contained {
-        sys::kill_namespace()
+        pid1::kill_namespace()
     } else {
-        sys::kill_children()
+        pid1::kill_children()
     };
     if !clean {
         let _ = writeln!(
@@ -160,22 +162,22 @@ fn supervise(
     signals: &SigSet,
 ) -> Result<(AgentStatus, Usage), ShimError> {
     loop {
-        let sig = sys::wait_signal(signals)
+        let sig = pid1::wait_signal(signals)
             .map_err(|e| ShimError::Setup("cannot wait for signals", e))?;
         if sig != Signal::SIGCHLD {
             // To the agent only: it decides how to stop its own children, and
             // whatever it leaves behind is killed after it exits.
-            sys::send_signal(agent, sig);
+            pid1::send_signal(agent, sig);
             continue;
         }
         // Signals coalesce: one SIGCHLD may stand for many exits.
-        while let Some(pid) = sys::exited_child() {
+        while let Some(pid) = pid1::exited_child() {
             if pid == agent && !contained {
                 // Kill the group while the agent is an unreaped zombie: its
                 // pid, which is the group id, cannot have been reused.
-                sys::kill_group(agent);
+                pid1::kill_group(agent);
             }
-            match sys::reap(pid, true) {
+            match pid1::reap(pid, true) {
                 Ok(Some((_, status, usage))) if pid == agent => return Ok((status, usage)),
                 Ok(_) => {}
                 Err(e) if pid == agent => {
@@ -188,7 +190,7 @@ fn supervise(
 }
 
 fn read_payload(max_payload: usize) -> Result<InitPayload, ShimError> {
-    let file = sys::take_init_fd()
+    let file = pid1::take_init_fd()
         .map_err(|e| ShimError::Payload(format!("init payload descriptor {INIT_FD}: {e}")))?;
     let bytes = read_capped(&file, max_payload);
     // Closed whether the read worked or not: the agent must never hold it.
@@ -200,20 +202,20 @@ fn read_payload(max_payload: usize) -> Result<InitPayload, ShimError> {
 /// What the shim sees of its isolation. Anything unreadable reads as
 /// missing isolation, which `verify` refuses in nsjail mode.
 fn self_check() -> SelfCheck {
-    let (uid, gid) = sys::uid_gid();
+    let (uid, gid) = pid1::uid_gid();
     SelfCheck {
-        pid: sys::pid(),
+        pid: pid1::pid(),
         uid,
         gid,
         uid_map: read_proc("/proc/self/uid_map").trim().to_string(),
         gid_map: read_proc("/proc/self/gid_map").trim().to_string(),
         net_interfaces: parse_net_dev(&read_proc("/proc/net/dev")),
-        no_new_privs: sys::no_new_privs(),
+        no_new_privs: pid1::no_new_privs(),
         env_keys: std::env::vars_os()
             .map(|(k, _)| k.to_string_lossy().into_owned())
             .collect(),
-        root_read_only: sys::root_read_only(),
-        hostname: sys::hostname(),
+        root_read_only: pid1::root_read_only(),
+        hostname: pid1::hostname(),
     }
 }
 
