@@ -1,10 +1,10 @@
 //! The gRPC service: admission of a turn (validation, payload cap, lease,
 //! shutdown check, in that order, so a refused `Start` changes nothing), then
-//! hand-off to [`crate::turn::run`].
+//! hand-off to [`Turn::run_to_exit`].
 
 use crate::Broker;
 use crate::error::BrokerError;
-use crate::turn::{self, TurnPaths, TurnSpec};
+use crate::turn::{self, Turn, TurnPaths, TurnSpec};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::pin::Pin;
 use std::sync::Arc;
@@ -70,18 +70,18 @@ impl BrokerApi for Service {
             .await?;
         let admitted = broker.admit(&spec.turn_id, &spec.session_id)?;
         info!(session.id = %spec.session_id, turn.id = %spec.turn_id, "turn admitted");
-        let (tx, rx) = mpsc::channel(turn::EVENT_QUEUE);
-        broker.tracker.spawn(turn::run(
-            broker.clone(),
+        let (events, rx) = mpsc::channel(turn::EVENT_QUEUE);
+        let turn = Turn {
+            broker: broker.clone(),
             spec,
             paths,
             payload,
             lease,
             admitted,
-            stream,
-            tx,
+            events,
             received,
-        ));
+        };
+        broker.tracker.spawn(turn.run_to_exit(stream));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 

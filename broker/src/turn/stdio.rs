@@ -1,0 +1,438 @@
+//! The turn's stdio relay: the agent's stdout and stderr pumped to the
+//! executor as events (a slow executor slows the agent; no byte is lost),
+//! the executor's stdin, signals and LLM frames taken from its request
+//! stream, and the drain once the jail is gone.
+
+use super::{Counters, EventTx, RELAY_CHUNK, Turn};
+use crate::llm;
+use crate::spawn::Child;
+use bytes::{Bytes, BytesMut};
+use nix::sys::signal::Signal;
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, warn};
+use turnstile_proto::v1 as pb;
+
+/// Kernel buffer of the agent's stdout/stderr pipes.
+const PIPE_SIZE: i32 = 1 << 20;
+/// Stdin chunks buffered per turn.
+const STDIN_QUEUE: usize = 16;
+/// After the jail is gone, how long an idle stdout/stderr may stay open
+/// (held by a process that escaped the turn) before the relay gives up.
+const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// Most of the jail's stderr kept when no agent ran.
+const EARLY_STDERR: u64 = 4096;
+/// How long reading that stderr may take (the jail is gone: EOF is near).
+const EARLY_STDERR_WAIT: Duration = Duration::from_secs(1);
+
+/// The broker's ends of the jail's stdio pipes (which the shim hands on to
+/// the agent).
+#[derive(Debug, Default)]
+pub(super) struct Stdio {
+    pub stdin: Option<pipe::Sender>,
+    pub stdout: Option<pipe::Receiver>,
+    pub stderr: Option<pipe::Receiver>,
+}
+
+impl Stdio {
+    /// Takes the pipes out of a spawned child.
+    pub fn take(child: &mut Child) -> Stdio {
+        Stdio {
+            stdin: child.stdin.take(),
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+        }
+    }
+
+    /// Gives the pipes to the agent's host uid and gid. The agent may open
+    /// /dev/stdout and friends by path (`echo >/dev/stderr`), which needs
+    /// the pipes to belong to its uid. A pipe is one inode for both ends, so
+    /// chowning the broker's end is enough; the agent has not started yet
+    /// (it waits for GO).
+    pub fn give_to(&self, (uid, gid): (u32, u32)) {
+        let fds = [
+            self.stdin.as_ref().map(|p| p.as_fd()),
+            self.stdout.as_ref().map(|p| p.as_fd()),
+            self.stderr.as_ref().map(|p| p.as_fd()),
+        ];
+        for fd in fds.into_iter().flatten() {
+            let _ = nix::unistd::fchown(fd, Some(uid.into()), Some(gid.into()));
+        }
+    }
+}
+
+/// The start of what the jail wrote on stderr, trimmed; empty if it does
+/// not reach EOF in time.
+pub(super) async fn read_early(stderr: pipe::Receiver) -> String {
+    let mut buf = Vec::new();
+    let mut limited = stderr.take(EARLY_STDERR);
+    let read = limited.read_to_end(&mut buf);
+    match tokio::time::timeout(EARLY_STDERR_WAIT, read).await {
+        Ok(_) => String::from_utf8_lossy(&buf).trim().to_string(),
+        Err(_) => String::new(),
+    }
+}
+
+/// The stdout and stderr pumps.
+pub(super) struct Output {
+    stdout: Option<JoinHandle<u64>>,
+    stderr: Option<JoinHandle<u64>>,
+    /// Ends reads on an idle pipe, once the drain has waited long enough.
+    stop_idle: CancellationToken,
+}
+
+impl Output {
+    /// Starts pumping both pipes to `events`.
+    pub fn start(
+        stdout: Option<pipe::Receiver>,
+        stderr: Option<pipe::Receiver>,
+        events: &EventTx,
+    ) -> Output {
+        let stop_idle = CancellationToken::new();
+        let start = |r: pipe::Receiver, stderr: bool| {
+            crate::process::grow_pipe(r.as_fd(), PIPE_SIZE);
+            let pump = pump(r, events.clone(), stderr, stop_idle.clone());
+            tokio::spawn(pump.in_current_span())
+        };
+        Output {
+            stdout: stdout.map(|r| start(r, false)),
+            stderr: stderr.map(|r| start(r, true)),
+            stop_idle,
+        }
+    }
+
+    /// Waits for both pipes' end, once the jail is gone; a pipe that stays
+    /// open and idle for [`DRAIN_IDLE`] (held by a process that escaped) is
+    /// cut. The bytes relayed from each.
+    pub async fn drain(self) -> (u64, u64) {
+        let idle = self.stop_idle.clone();
+        let idle_timer = tokio::spawn(async move {
+            tokio::time::sleep(DRAIN_IDLE).await;
+            idle.cancel();
+        });
+        let mut totals = (0, 0);
+        if let Some(h) = self.stdout {
+            totals.0 = h.await.unwrap_or(0);
+        }
+        if let Some(h) = self.stderr {
+            totals.1 = h.await.unwrap_or(0);
+        }
+        idle_timer.abort();
+        if self.stop_idle.is_cancelled() {
+            warn!("an output pipe stayed open after the turn ended; relay cut");
+        }
+        totals
+    }
+}
+
+/// Relays one output pipe to the executor. Reads stop early only when
+/// `stop_idle` fires while the pipe is idle; sends never time out, so a slow
+/// executor slows the agent instead of losing bytes.
+async fn pump<R: AsyncRead + Unpin>(
+    mut r: R,
+    tx: EventTx,
+    stderr: bool,
+    stop_idle: CancellationToken,
+) -> u64 {
+    let mut total = 0u64;
+    let mut buf = BytesMut::with_capacity(RELAY_CHUNK);
+    loop {
+        if buf.capacity() < RELAY_CHUNK / 4 {
+            buf.reserve(RELAY_CHUNK);
+        }
+        let read = tokio::select! {
+            biased;
+            r = r.read_buf(&mut buf) => r,
+            _ = stop_idle.cancelled() => break,
+        };
+        let n = match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        total += n as u64;
+        let chunk = buf.split().freeze();
+        let kind = if stderr {
+            pb::turn_event::Kind::Stderr(chunk)
+        } else {
+            pb::turn_event::Kind::Stdout(chunk)
+        };
+        if tx
+            .send(Ok(pb::TurnEvent { kind: Some(kind) }))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    total
+}
+
+/// Where the executor's frames after `Start` go: stdin to the stdin writer
+/// (with backpressure), signals to supervision, LLM frames to the relay.
+struct Inbound {
+    /// `None` once the agent's stdin is closed.
+    stdin: Option<mpsc::Sender<Bytes>>,
+    signals: mpsc::Sender<Signal>,
+    /// Cancelled when the executor's stream fails: the executor is gone.
+    gone: CancellationToken,
+    stdin_total: Arc<AtomicU64>,
+    llm: Option<Arc<llm::Relay>>,
+}
+
+impl Inbound {
+    /// Reads the request stream to its end. Its end closes the agent's
+    /// stdin; an error means the executor is gone.
+    async fn forward(mut self, mut stream: tonic::Streaming<pb::TurnRequest>) {
+        loop {
+            match stream.message().await {
+                Ok(Some(req)) => self.take(req.kind).await,
+                Ok(None) => break,
+                Err(status) => {
+                    debug!(error = %status, "executor stream failed");
+                    self.gone.cancel();
+                    break;
+                }
+            }
+        }
+    }
+
+    async fn take(&mut self, kind: Option<pb::turn_request::Kind>) {
+        use pb::turn_request::Kind;
+        match kind {
+            Some(Kind::Stdin(bytes)) => {
+                self.stdin_total
+                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                if let Some(tx) = &self.stdin
+                    && tx.send(bytes).await.is_err()
+                {
+                    // The agent closed its stdin; later bytes have nowhere to go.
+                    self.stdin = None;
+                }
+            }
+            Some(Kind::StdinEof(_)) => self.stdin = None,
+            Some(Kind::Signal(s)) => match pb::signal_request::Signal::try_from(s.signal) {
+                Ok(pb::signal_request::Signal::Interrupt) => {
+                    let _ = self.signals.try_send(Signal::SIGINT);
+                }
+                Ok(pb::signal_request::Signal::Terminate) => {
+                    let _ = self.signals.try_send(Signal::SIGTERM);
+                }
+                _ => warn!(signal = s.signal, "ignoring an unknown signal request"),
+            },
+            Some(Kind::Start(_)) => warn!("ignoring a second start on a running turn"),
+            Some(Kind::Llm(frame)) => match &self.llm {
+                Some(r) => r.from_executor(frame).await,
+                None => warn!("ignoring an llm frame: no relay on this turn"),
+            },
+            None => warn!("ignoring an empty turn request"),
+        }
+    }
+}
+
+async fn stdin_writer(mut w: pipe::Sender, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(chunk) = rx.recv().await {
+        if w.write_all(&chunk).await.is_err() {
+            break;
+        }
+    }
+    // Dropping `w` closes the agent's stdin.
+}
+
+/// The running relay of a turn.
+pub(super) struct Relay {
+    output: Output,
+    inbound: JoinHandle<()>,
+    stdin_total: Arc<AtomicU64>,
+    llm: Option<Arc<llm::Relay>>,
+}
+
+impl Relay {
+    /// Drains the output once the jail is gone and stops the rest: the
+    /// bytes relayed.
+    pub async fn drain(self) -> Counters {
+        let (stdout, stderr) = self.output.drain().await;
+        self.inbound.abort();
+        if let Some(r) = &self.llm {
+            // No LLM frame may follow `Exited`.
+            r.close();
+        }
+        Counters {
+            stdout,
+            stderr,
+            stdin: self.stdin_total.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Turn {
+    /// Starts relaying the jail's stdio, the executor's requests and the
+    /// agent's LLM connections.
+    pub(super) async fn relay(
+        &self,
+        stdio: Stdio,
+        prepared: &super::Prepared,
+        requests: tonic::Streaming<pb::TurnRequest>,
+        gone: &CancellationToken,
+    ) -> Relay {
+        let output = Output::start(stdio.stdout, stdio.stderr, &self.events);
+        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
+        if let Some(w) = stdio.stdin {
+            tokio::spawn(stdin_writer(w, stdin_rx).in_current_span());
+        }
+        let llm = self.llm_relay(prepared).await;
+        let stdin_total = Arc::new(AtomicU64::new(0));
+        let inbound = Inbound {
+            stdin: Some(stdin_tx),
+            signals: self.admitted.turn.signals.clone(),
+            gone: gone.clone(),
+            stdin_total: stdin_total.clone(),
+            llm: llm.clone(),
+        };
+        let inbound = tokio::spawn(inbound.forward(requests).in_current_span());
+        Relay {
+            output,
+            inbound,
+            stdin_total,
+            llm,
+        }
+    }
+
+    /// The LLM relay on the turn's socket; without one, the executor is
+    /// told (the agent's LLM connections will fail: never drop the relay
+    /// silently).
+    async fn llm_relay(&self, prepared: &super::Prepared) -> Option<Arc<llm::Relay>> {
+        let listener = prepared
+            .llm
+            .try_clone()
+            .and_then(tokio::net::UnixListener::from_std);
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "the LLM relay cannot listen for this turn");
+                let message = format!("the LLM relay is unavailable for this turn: {e}");
+                let notice = pb::turn_event::Kind::Notice(pb::Notice { message });
+                let _ = self
+                    .events
+                    .send(Ok(pb::TurnEvent { kind: Some(notice) }))
+                    .await;
+                return None;
+            }
+        };
+        let max = self.broker.config.llm_max_connections;
+        Some(Arc::new(llm::Relay::start(
+            listener,
+            self.events.clone(),
+            max,
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pipe() -> (pipe::Receiver, std::os::fd::OwnedFd) {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
+        (pipe::Receiver::from_owned_fd(r).expect("receiver"), w)
+    }
+
+    /// The stdout and stderr bytes of the events received so far.
+    fn received(
+        rx: &mut mpsc::Receiver<Result<pb::TurnEvent, tonic::Status>>,
+    ) -> (Vec<u8>, Vec<u8>) {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        while let Ok(Ok(ev)) = rx.try_recv() {
+            match ev.kind {
+                Some(pb::turn_event::Kind::Stdout(b)) => out.extend_from_slice(&b),
+                Some(pb::turn_event::Kind::Stderr(b)) => err.extend_from_slice(&b),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        (out, err)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_drain_relays_every_byte_up_to_eof() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let (out, out_w) = pipe();
+        let (err, err_w) = pipe();
+        let output = Output::start(Some(out), Some(err), &tx);
+        nix::unistd::write(&out_w, b"hello ").expect("write");
+        nix::unistd::write(&out_w, b"world").expect("write");
+        nix::unistd::write(&err_w, b"oops").expect("write");
+        drop((out_w, err_w));
+        assert_eq!(output.drain().await, (11, 4));
+        assert_eq!(
+            received(&mut rx),
+            (b"hello world".to_vec(), b"oops".to_vec())
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pipe_held_open_by_an_escaped_process_is_cut_after_the_idle_time() {
+        let (tx, mut rx) = mpsc::channel(64);
+        let (out, out_w) = pipe();
+        let output = Output::start(Some(out), None, &tx);
+        nix::unistd::write(&out_w, b"before").expect("write");
+        let began = tokio::time::Instant::now();
+        // `out_w` stays open: the drain must not wait for its EOF.
+        assert_eq!(output.drain().await, (6, 0));
+        assert!(began.elapsed() >= DRAIN_IDLE, "cut before the idle time");
+        assert_eq!(received(&mut rx).0, b"before");
+        drop(out_w);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_executor_loses_no_bytes_even_past_the_idle_time() {
+        // The executor takes nothing for longer than the idle time: the
+        // pump waits on its send (sends never time out), then relays the
+        // rest.
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.send(Ok(pb::TurnEvent::default())).await.expect("fill");
+        let (out, out_w) = pipe();
+        let data = vec![b'y'; 48 * 1024];
+        nix::unistd::write(&out_w, &data).expect("write");
+        drop(out_w);
+        let output = Output::start(Some(out), None, &tx);
+        drop(tx);
+        let drain = tokio::spawn(output.drain());
+        tokio::time::sleep(3 * DRAIN_IDLE).await;
+        assert_eq!(
+            rx.recv().await.map(|e| e.ok()),
+            Some(Some(pb::TurnEvent::default()))
+        );
+        assert_eq!(received_until_closed(&mut rx).await.len(), data.len());
+        assert_eq!(drain.await.expect("drain"), (data.len() as u64, 0));
+    }
+
+    async fn received_until_closed(
+        rx: &mut mpsc::Receiver<Result<pb::TurnEvent, tonic::Status>>,
+    ) -> Vec<u8> {
+        let mut out = Vec::new();
+        while let Some(ev) = rx.recv().await {
+            match ev.map(|e| e.kind) {
+                Ok(Some(pb::turn_event::Kind::Stdout(b))) => out.extend_from_slice(&b),
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+        out
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn early_stderr_is_trimmed_and_capped() {
+        let (err, w) = pipe();
+        nix::unistd::write(&w, b"  first\n").expect("write");
+        nix::unistd::write(&w, &[b'x'; 10_000]).expect("write");
+        let got = read_early(err).await;
+        assert!(got.starts_with("first\n"), "{got:?}");
+        assert_eq!(got.len(), EARLY_STDERR as usize - 2);
+        drop(w);
+    }
+}
