@@ -1,4 +1,4 @@
-//! Spawn cost against the broker's size: `turnstile_broker::spawn` (a
+//! Spawn cost against the broker's size: `turnstile_broker::jail::spawn` (a
 //! vfork-style clone) against `fork` (std's `Command` with a `pre_exec` hook,
 //! which is what the broker used before), both exec'ing the static shim with
 //! a bad argument (it exits at once), timed to the return of the spawn call,
@@ -10,7 +10,7 @@ use std::ffi::OsStr;
 use std::os::unix::process::CommandExt;
 use std::time::Instant;
 use turnstile_benches::{report, runtime, shim};
-use turnstile_broker::spawn::{self, ChildSetup, Stdio};
+use turnstile_broker::jail::spawn::{self, ChildSetup, Stdio};
 
 fn main() {
     let bench = std::env::args().any(|a| a == "--bench");

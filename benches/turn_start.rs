@@ -22,7 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use turnstile_benches::{Served, drain, nsjail, report, runtime, shim, workspace};
 use turnstile_broker::config::Mode;
 use turnstile_broker::jail;
-use turnstile_broker::spawn::{self, ChildSetup};
+use turnstile_broker::jail::spawn::{self, ChildSetup};
 use turnstile_shim::{InitPayload, ShimMsg};
 
 async fn frame(s: &mut tokio::net::UnixStream) -> ShimMsg {
@@ -131,7 +131,7 @@ impl Raw {
                 vec![OsStr::new("--max-payload"), OsStr::new(&max_payload)],
             ),
         };
-        // The same spawn as the broker's (no fork: see turnstile_broker::spawn).
+        // The same spawn as the broker's (no fork: see turnstile_broker::jail::spawn).
         let mut proc = spawn::spawn(&program, &args, spawn::Stdio::Null, setup).expect("spawn");
         let std = std::os::unix::net::UnixStream::from(parent);
         std.set_nonblocking(true).expect("nonblocking");

@@ -6,7 +6,6 @@
 //! into here, which is what lets tests run a real broker on a temp socket.
 
 pub mod archive;
-pub mod cgroup;
 pub mod config;
 pub mod disk;
 pub mod error;
@@ -16,16 +15,15 @@ pub mod process;
 pub mod server;
 pub mod service;
 pub mod session;
-pub mod spawn;
 pub mod tree;
 pub mod turn;
 pub mod validate;
 pub mod volume;
-pub mod warm;
 
-use crate::cgroup::Cgroups;
 use crate::config::{CgroupPolicy, Config, Mode};
 use crate::error::BrokerError;
+use crate::jail::cgroup::Cgroups;
+use crate::jail::warm;
 use crate::session::Sessions;
 use std::collections::HashMap;
 use std::fs::File;

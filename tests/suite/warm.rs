@@ -224,7 +224,7 @@ fn cg_file(dirs: &[std::path::PathBuf], name: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spares_are_made_with_the_default_limits_and_take_any_other() {
-    use turnstile_broker::cgroup::CgroupLimits;
+    use turnstile_broker::jail::cgroup::CgroupLimits;
     let h = Harness::start_with(Mode::Direct, |c| {
         c.default_limits.memory_bytes = Some(256 << 20);
         c.default_limits.max_processes = Some(64);

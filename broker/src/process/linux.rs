@@ -2,8 +2,8 @@
 //! pidfd) and the turn's cgroup.
 
 use super::{ProcessControl, kill_group, kill_pid};
-use crate::cgroup::TurnCgroup;
-use crate::spawn::Child;
+use crate::jail::cgroup::TurnCgroup;
+use crate::jail::spawn::Child;
 use nix::sys::signal::Signal;
 use std::io;
 use std::process::ExitStatus;

@@ -2,7 +2,7 @@
 //! the processes it spawned (wait, signal, kill every one of them), behind
 //! [`ProcessControl`] so the turn's state machine is tested without root,
 //! and the small process helpers around them (socketpairs, group kills, the
-//! children of a process, pipe sizes). Spawning lives in [`crate::spawn`].
+//! children of a process, pipe sizes). Spawning lives in [`crate::jail::spawn`].
 //!
 //! The shape is a syscall seam: the trait here, the real implementation in
 //! [`linux`], a test double in `test` (unit tests only).

@@ -5,8 +5,8 @@
 
 use super::{Counters, Outcome, Prepared, Turn, TurnSpec, disk_limit};
 use crate::StopReason;
-use crate::cgroup::{CgroupStats, TurnCgroup};
 use crate::disk::Exceeded;
+use crate::jail::cgroup::{CgroupStats, TurnCgroup};
 use nix::sys::signal::Signal;
 use std::time::Instant;
 use tracing::warn;

@@ -152,7 +152,7 @@ impl Turn {
     async fn run_jail(
         &self,
         prepared: &Prepared,
-        launcher: Option<crate::spawn::Launcher>,
+        launcher: Option<crate::jail::spawn::Launcher>,
         requests: tonic::Streaming<pb::TurnRequest>,
     ) -> (Outcome, Counters) {
         let mut jail = match self.spawn(prepared, launcher) {

@@ -4,12 +4,12 @@
 //! cgroup: a ready spare's taken over, or new ones made.
 
 use super::{SUPERVISORS, Turn, TurnSpec};
-use crate::cgroup::{CgroupLimits, TurnCgroup};
 use crate::config::{Limits, Mode};
 use crate::error::BrokerError;
+use crate::jail::cgroup::{CgroupLimits, TurnCgroup};
+use crate::jail::spawn::Launcher;
+use crate::jail::warm::Spare;
 use crate::session::{SessionDirs, SessionMeta, SessionPaths, now_unix_ms};
-use crate::spawn::Launcher;
-use crate::warm::Spare;
 use crate::{Broker, jail};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::net::UnixListener;

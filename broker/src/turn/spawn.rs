@@ -8,9 +8,9 @@ use super::{Outcome, Turn};
 use crate::config::Mode;
 use crate::error::BrokerError;
 use crate::jail;
+use crate::jail::spawn::{Child, ChildSetup, LaunchError, Launcher};
 use crate::process::ProcessControl;
 use crate::process::linux::TurnProcesses;
-use crate::spawn::{Child, ChildSetup, LaunchError, Launcher};
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -165,7 +165,7 @@ impl Turn {
         setup: ChildSetup,
     ) -> Result<Child, BrokerError> {
         let error = |e| spawn_error(self.what(), e);
-        let piped = crate::spawn::Stdio::Piped;
+        let piped = jail::spawn::Stdio::Piped;
         if let Some(l) = launcher {
             match l.launch(program, args, piped, &setup) {
                 Ok(child) => return Ok(child),
@@ -175,7 +175,7 @@ impl Turn {
                 }
             }
         }
-        crate::spawn::spawn(program, args, piped, setup).map_err(error)
+        jail::spawn::spawn(program, args, piped, setup).map_err(error)
     }
 
     /// What this broker spawns for a turn.

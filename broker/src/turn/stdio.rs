@@ -4,8 +4,8 @@
 //! stream, and the drain once the jail is gone.
 
 use super::{Counters, EventTx, RELAY_CHUNK, Turn};
+use crate::jail::spawn::Child;
 use crate::llm;
-use crate::spawn::Child;
 use bytes::{Bytes, BytesMut};
 use nix::sys::signal::Signal;
 use std::os::fd::AsFd;

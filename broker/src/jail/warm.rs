@@ -17,8 +17,8 @@
 //! ends: the pool stops only once no turn runs, at shutdown or when the
 //! broker is dropped.
 
-use crate::cgroup::{CgroupLimits, Cgroups, TurnCgroup};
-use crate::spawn::Launcher;
+use super::cgroup::{CgroupLimits, Cgroups, TurnCgroup};
+use super::spawn::Launcher;
 use std::collections::VecDeque;
 use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::net::UnixListener;
