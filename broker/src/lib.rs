@@ -4,6 +4,20 @@
 //! and the set of running turns; [`server::serve`] serves it over gRPC until a
 //! shutdown trigger fires. The binary `turnstile` only parses flags and calls
 //! into here, which is what lets tests run a real broker on a temp socket.
+//!
+//! Where things live:
+//!
+//! - start-up (state lock, checks, stale cleanup), admission and shutdown:
+//!   [`Broker`], here; the gRPC server and its rpcs: [`server`], [`service`];
+//!   settings: [`config`]; errors and their one mapping to status codes:
+//!   [`error`]; the rules for what an executor names: [`validate`].
+//! - sessions: paths, metadata and the turn lease in [`session`], their
+//!   trees walked by descriptor in [`tree`], archives in [`archive`], disk
+//!   limits and the free-space reserve in [`disk`].
+//! - one turn, as its steps: [`turn`].
+//! - a turn's jail on the host: [`jail`] (nsjail config, cgroups, spawning,
+//!   ready spares); process control behind a trait: [`process`].
+//! - the broker side of the LLM relay: [`llm`].
 
 pub mod archive;
 pub mod config;

@@ -1,6 +1,6 @@
 //! `turnstile-sys`: the process syscalls the broker and the shim share, and
 //! with them the project's `unsafe` (the shim keeps only what it needs as
-//! PID 1 of a jail, in `shim/src/sys.rs`).
+//! PID 1 of a jail, in `shim/src/pid1.rs`).
 //!
 //! - [`spawn`]: one vfork-style spawn (`clone(CLONE_VM | CLONE_VFORK)` on a
 //!   guard-paged stack), driven by a [`ChildPlan`] the parent prepares, with

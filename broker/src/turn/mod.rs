@@ -11,7 +11,7 @@
 //! | supervise | `supervise.rs` | waiting for the jail, and the stop sequence |
 //! | finish | `finish.rs` | the outcome classified into `Exited`, cleanup |
 //!
-//! Once spawned, the jail is a [`spawn::Jail`] that touches processes only
+//! Once spawned, the jail is a `spawn::Jail` that touches processes only
 //! through [`crate::process::ProcessControl`], so the handshake, the stop
 //! sequence, the drain and the classification are unit-tested without root.
 
