@@ -16,7 +16,8 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
-use tokio::net::UnixListener;
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
@@ -116,149 +117,184 @@ pub fn bind(
     Ok(listener)
 }
 
+/// What the accept loop and every connection's tasks share with the relay.
+#[derive(Clone)]
+struct Shared {
+    conns: Arc<Mutex<HashMap<u64, Conn>>>,
+    gone: Arc<Mutex<HashSet<u64>>>,
+    events: EventSink,
+}
+
+/// One connection as each of its two tasks sees it.
+#[derive(Clone)]
+struct ConnTask {
+    shared: Shared,
+    id: u64,
+    gate: Gate,
+}
+
 impl Relay {
     /// Starts accepting the agent's connections (at most `max_conns` at once).
     pub fn start(listener: UnixListener, events: EventSink, max_conns: usize) -> Relay {
-        let conns: Arc<Mutex<HashMap<u64, Conn>>> = Arc::default();
-        let gone: Arc<Mutex<HashSet<u64>>> = Arc::default();
-        let accept_gone = gone.clone();
-        let accept_conns = conns.clone();
-        let accept_events = events.clone();
-        let accept = tokio::spawn(
-            async move {
-                let mut next_id = 1u64;
-                let mut per_conn = JoinSet::new();
-                loop {
-                    let stream = tokio::select! {
-                        accepted = listener.accept() => match accepted {
-                            Ok((s, _)) => s,
-                            Err(e) => {
-                                warn!(error = %e, "llm socket accept failed");
-                                break;
-                            }
-                        },
-                        Some(_) = per_conn.join_next(), if !per_conn.is_empty() => continue,
-                    };
-                    let open = accept_conns.lock().map(|m| m.len()).unwrap_or(usize::MAX);
-                    if open >= max_conns {
-                        warn!(
-                            limit = max_conns,
-                            "llm connection refused: too many open connections"
-                        );
-                        drop(stream);
-                        continue;
-                    }
-                    let id = next_id;
-                    next_id += 1;
-                    let (mut rd, mut wr) = stream.into_split();
-                    let (tx, mut rx) = mpsc::unbounded_channel::<ToAgent>();
-                    let (inbox, credit) = (Inbox::default(), Credit::default());
-                    let reader_credit = credit.clone();
-                    let gate = Gate::default();
-                    let (reader_gate, writer_gate) = (gate.clone(), gate.clone());
-                    // Agent → executor.
-                    let ev = accept_events.clone();
-                    let reader_conns = accept_conns.clone();
-                    // The reader announces the connection (`open`, before
-                    // any of its data) once it is in the map, so that the
-                    // executor's first answer, which can come right after,
-                    // finds it.
-                    let (announce, announced) = tokio::sync::oneshot::channel::<()>();
-                    let reader = per_conn.spawn(
-                        async move {
-                            let open = frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {}));
-                            if announced.await.is_err() || !reader_gate.send(&ev, open).await {
-                                finish_half(&reader_conns, id);
-                                return;
-                            }
-                            let mut buf = BytesMut::with_capacity(CHUNK);
-                            loop {
-                                let kind =
-                                    flow::next_frame(&mut rd, &reader_credit, &mut buf, CHUNK)
-                                        .await;
-                                let last = !matches!(kind, pb::llm_frame::Kind::Data(_));
-                                if !reader_gate.send(&ev, frame(id, kind)).await || last {
-                                    break;
-                                }
-                            }
-                            finish_half(&reader_conns, id);
-                        }
-                        .in_current_span(),
-                    );
-                    // Executor → agent.
-                    let writer_conns = accept_conns.clone();
-                    let writer_inbox = inbox.clone();
-                    let writer_events = accept_events.clone();
-                    let writer_gone = accept_gone.clone();
-                    let writer = per_conn.spawn(
-                        async move {
-                            let mut grants = Grants::default();
-                            while let Some(msg) = rx.recv().await {
-                                match msg {
-                                    ToAgent::Data(b) => {
-                                        if let Err(e) = wr.write_all(&b).await {
-                                            // The agent's side is gone: the
-                                            // executor is told, and what it
-                                            // sent meanwhile is dropped.
-                                            let reason =
-                                                format!("the agent's connection closed: {e}");
-                                            debug!(conn = id, %reason, "llm connection reset");
-                                            let c = forget(&writer_conns, &writer_gone, id);
-                                            writer_gate.reset(&writer_events, id, reason).await;
-                                            if let Some(c) = c {
-                                                c.reader.abort();
-                                            }
-                                            return;
-                                        }
-                                        let n = b.len() as u64;
-                                        writer_inbox.handed_on(n);
-                                        if let Some(bytes) = grants.add(n, rx.is_empty()) {
-                                            let w = pb::llm_frame::Kind::Window(pb::LlmWindow {
-                                                bytes,
-                                            });
-                                            if writer_events.send(frame(id, w)).await.is_err() {
-                                                break;
-                                            }
-                                        }
-                                    }
-                                    ToAgent::Eof => break,
-                                }
-                            }
-                            let _ = wr.shutdown().await;
-                            finish_half(&writer_conns, id);
-                        }
-                        .in_current_span(),
-                    );
-                    if let Ok(mut m) = accept_conns.lock() {
-                        m.insert(
-                            id,
-                            Conn {
-                                tx: Some(tx),
-                                inbox,
-                                credit,
-                                reader,
-                                writer,
-                                halves_done: 0,
-                                gate,
-                            },
-                        );
-                    }
-                    debug!(conn = id, "llm connection opened");
-                    let _ = announce.send(());
-                }
-                per_conn.shutdown().await;
-            }
-            .in_current_span(),
-        )
-        .abort_handle();
+        let shared = Shared {
+            conns: Arc::default(),
+            gone: Arc::default(),
+            events: events.clone(),
+        };
+        let accept = accept_loop(listener, shared.clone(), max_conns);
+        let accept = tokio::spawn(accept.in_current_span()).abort_handle();
         Relay {
-            conns,
-            gone,
+            conns: shared.conns,
+            gone: shared.gone,
             events,
             accept,
         }
     }
+}
 
+/// Accepts the agent's connections until the listener fails (or the relay
+/// is closed), refusing those over `max_conns`.
+async fn accept_loop(listener: UnixListener, shared: Shared, max_conns: usize) {
+    let mut next_id = 1u64;
+    let mut per_conn = JoinSet::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    warn!(error = %e, "llm socket accept failed");
+                    break;
+                }
+            },
+            Some(_) = per_conn.join_next(), if !per_conn.is_empty() => continue,
+        };
+        let open = shared.conns.lock().map(|m| m.len()).unwrap_or(usize::MAX);
+        if open >= max_conns {
+            warn!(
+                limit = max_conns,
+                "llm connection refused: too many open connections"
+            );
+            drop(stream);
+            continue;
+        }
+        let id = next_id;
+        next_id += 1;
+        shared.add_conn(id, stream, &mut per_conn);
+    }
+    per_conn.shutdown().await;
+}
+
+impl Shared {
+    /// Starts both directions of connection `id` and registers it.
+    fn add_conn(&self, id: u64, stream: UnixStream, per_conn: &mut JoinSet<()>) {
+        let (rd, wr) = stream.into_split();
+        let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
+        let (inbox, credit) = (Inbox::default(), Credit::default());
+        let task = ConnTask {
+            shared: self.clone(),
+            id,
+            gate: Gate::default(),
+        };
+        // The reader announces the connection (`open`, before any of its
+        // data) once it is in the map, so that the executor's first answer,
+        // which can come right after, finds it.
+        let (announce, announced) = tokio::sync::oneshot::channel::<()>();
+        let reader = task
+            .clone()
+            .relay_agent_bytes(rd, credit.clone(), announced);
+        let reader = per_conn.spawn(reader.in_current_span());
+        let writer = task.clone().relay_executor_bytes(wr, rx, inbox.clone());
+        let writer = per_conn.spawn(writer.in_current_span());
+        if let Ok(mut m) = self.conns.lock() {
+            m.insert(
+                id,
+                Conn {
+                    tx: Some(tx),
+                    inbox,
+                    credit,
+                    reader,
+                    writer,
+                    halves_done: 0,
+                    gate: task.gate,
+                },
+            );
+        }
+        debug!(conn = id, "llm connection opened");
+        let _ = announce.send(());
+    }
+}
+
+impl ConnTask {
+    /// Agent → executor: `open`, then the agent's bytes within the
+    /// executor's window, then `eof` or `reset`; nothing after a reset.
+    async fn relay_agent_bytes(
+        self,
+        mut rd: OwnedReadHalf,
+        credit: Credit,
+        announced: tokio::sync::oneshot::Receiver<()>,
+    ) {
+        let (id, events) = (self.id, &self.shared.events);
+        let open = frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {}));
+        if announced.await.is_err() || !self.gate.send(events, open).await {
+            finish_half(&self.shared.conns, id);
+            return;
+        }
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        loop {
+            let kind = flow::next_frame(&mut rd, &credit, &mut buf, CHUNK).await;
+            let last = !matches!(kind, pb::llm_frame::Kind::Data(_));
+            if !self.gate.send(events, frame(id, kind)).await || last {
+                break;
+            }
+        }
+        finish_half(&self.shared.conns, id);
+    }
+
+    /// Executor → agent: the executor's bytes, with window grants back as
+    /// the agent's socket takes them, until `eof`.
+    async fn relay_executor_bytes(
+        self,
+        mut wr: OwnedWriteHalf,
+        mut rx: mpsc::UnboundedReceiver<ToAgent>,
+        inbox: Inbox,
+    ) {
+        let mut grants = Grants::default();
+        while let Some(msg) = rx.recv().await {
+            let b = match msg {
+                ToAgent::Data(b) => b,
+                ToAgent::Eof => break,
+            };
+            if let Err(e) = wr.write_all(&b).await {
+                return self.agent_gone(e).await;
+            }
+            let n = b.len() as u64;
+            inbox.handed_on(n);
+            if let Some(bytes) = grants.add(n, rx.is_empty()) {
+                let w = pb::llm_frame::Kind::Window(pb::LlmWindow { bytes });
+                if self.shared.events.send(frame(self.id, w)).await.is_err() {
+                    break;
+                }
+            }
+        }
+        let _ = wr.shutdown().await;
+        finish_half(&self.shared.conns, self.id);
+    }
+
+    /// The agent's side of the connection is gone: the executor is told,
+    /// and what it sent meanwhile is dropped.
+    async fn agent_gone(&self, e: std::io::Error) {
+        let (id, shared) = (self.id, &self.shared);
+        let reason = format!("the agent's connection closed: {e}");
+        debug!(conn = id, %reason, "llm connection reset");
+        let c = forget(&shared.conns, &shared.gone, id);
+        self.gate.reset(&shared.events, id, reason).await;
+        if let Some(c) = c {
+            c.reader.abort();
+        }
+    }
+}
+
+impl Relay {
     async fn notice(&self, message: String) {
         warn!(%message, "llm frame refused");
         let _ = self
