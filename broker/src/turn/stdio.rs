@@ -246,14 +246,14 @@ async fn stdin_writer(mut w: pipe::Sender, mut rx: mpsc::Receiver<Bytes>) {
 }
 
 /// The running relay of a turn.
-pub(super) struct Relay {
+pub(super) struct StdioRelay {
     output: Output,
     inbound: JoinHandle<()>,
     stdin_total: Arc<AtomicU64>,
     llm: Option<Arc<llm::Relay>>,
 }
 
-impl Relay {
+impl StdioRelay {
     /// Drains the output once the jail is gone and stops the rest: the
     /// bytes relayed.
     pub async fn drain(self) -> Counters {
@@ -280,7 +280,7 @@ impl Turn {
         prepared: &super::Prepared,
         requests: tonic::Streaming<pb::TurnRequest>,
         gone: &CancellationToken,
-    ) -> Relay {
+    ) -> StdioRelay {
         let output = Output::start(stdio.stdout, stdio.stderr, &self.events);
         let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
         if let Some(w) = stdio.stdin {
@@ -296,7 +296,7 @@ impl Turn {
             llm: llm.clone(),
         };
         let inbound = tokio::spawn(inbound.forward(requests).in_current_span());
-        Relay {
+        StdioRelay {
             output,
             inbound,
             stdin_total,
