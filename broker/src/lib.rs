@@ -13,7 +13,8 @@
 //!   [`error`]; the rules for what an executor names: [`validate`].
 //! - sessions: paths, metadata and the turn lease in [`session`], their
 //!   trees walked by descriptor in [`tree`], archives in [`archive`], disk
-//!   limits and the free-space reserve in [`disk`].
+//!   limits and the free-space reserve in [`disk`], session disk images in
+//!   [`volume`].
 //! - one turn, as its steps: [`turn`].
 //! - a turn's jail on the host: [`jail`] (nsjail config, cgroups, spawning,
 //!   ready spares); process control behind a trait: [`process`].
