@@ -33,8 +33,9 @@ class Broker:
     """A Turnstile broker, reached on its unix socket (or, with :meth:`tcp`, on its
     loopback TCP listener with a bearer token).
 
-    The gRPC channel is opened on first use, in the running event loop, and stays
-    bound to that loop; :meth:`close` (or ``async with``) closes it.
+    The gRPC channel is opened on first use, in the running event loop (a later
+    loop gets its own); :meth:`close` (or ``async with``) closes it. One broker
+    object serves any number of concurrent turns.
 
     >>> broker = Broker("/var/lib/turnstile/broker.sock")   # doctest: +SKIP
     """
@@ -56,6 +57,7 @@ class Broker:
         ]
         self._channel: grpc.aio.Channel | None = None
         self._stub: Any = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     @classmethod
     def tcp(
@@ -74,19 +76,25 @@ class Broker:
         broker._options = [("grpc.max_receive_message_length", MAX_RECEIVE_MESSAGE), *options]
         broker._channel = None
         broker._stub = None
+        broker._loop = None
         return broker
 
     def _rpc(self) -> Any:
-        if self._stub is None:
+        loop = asyncio.get_running_loop()
+        if self._stub is None or self._loop is not loop:
+            # A channel belongs to the loop it was opened in: another loop (a
+            # second asyncio.run) gets a channel of its own.
             self._channel = grpc.aio.insecure_channel(self._target, options=self._options)
             self._stub = pb_grpc.BrokerStub(self._channel)  # type: ignore[no-untyped-call]
+            self._loop = loop
         return self._stub
 
     async def close(self) -> None:
         """Closes the channel; running turns on it are left (and so ended)."""
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
-            await channel.close()
+            if self._loop is asyncio.get_running_loop():
+                await channel.close()
 
     async def __aenter__(self) -> Broker:
         return self

@@ -16,7 +16,11 @@ from ._proto import turnstile_pb2 as pb
 
 class _OpenIntEnum(enum.IntEnum):
     """An IntEnum that keeps values it does not know (a newer broker's) as
-    pseudo-members named ``UNKNOWN_<n>`` instead of failing."""
+    pseudo-members named ``UNKNOWN_<n>`` instead of failing, and prints as the
+    broker's own lower-case name (``timed_out``)."""
+
+    def __str__(self) -> str:
+        return self.name.lower()
 
     @classmethod
     def _missing_(cls, value: object) -> _OpenIntEnum | None:
