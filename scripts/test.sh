@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian machine: installs nsjail and, for one test,
-# Python's grpcio (both repo-local), builds the static shim, checks formatting and lints, runs every test (unit tests,
-# the shim's own tests, the integration suite against real nsjail in both modes) and
-# smoke-runs the benchmarks so they don't rot. CI (.ci/run) runs exactly this.
+# Python's grpcio (both repo-local), builds the static shim, checks formatting and lints,
+# runs every test (unit tests, the shim's own tests, the integration suite against real
+# nsjail in both modes, the Python client's tests) and smoke-runs the benchmarks so they
+# don't rot. CI (.ci/run) runs exactly this.
 #
 # The integration suite needs root (namespaces, cgroups, a separate jail uid); run
 # without root it fails and says so.
@@ -27,6 +28,11 @@ step "clippy"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 step "tests"
 cargo test --locked --workspace
+step "python client (clients/python: types, stubs, tests against turnstile serve)"
+# The binary `cargo test` just built; the package and its tools go into .tools/venv.
+export TURNSTILE_BIN="${CARGO_TARGET_DIR:-$repo/target}/debug/turnstile"
+python=$(bash scripts/setup-python.sh)
+(cd clients/python && "$python" -m mypy src && "$python" -m pytest -q -p no:cacheprovider tests)
 step "benchmarks (smoke run: each benchmark once, in criterion's test mode)"
 # The dev profile reuses what the tests built; the figures come from
 # `cargo bench -p turnstile-benches` (see the README), not from this run.
