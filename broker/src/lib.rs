@@ -10,6 +10,7 @@ pub mod cgroup;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod fleet;
 pub mod jail;
 pub mod llm;
 pub mod server;
