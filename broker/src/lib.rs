@@ -276,8 +276,17 @@ impl Broker {
                     .disk_inodes
                     .or(config.default_limits.disk_inodes),
             },
+            spare_limit: disk::DiskLimit {
+                bytes: config.default_limits.disk_bytes,
+                inodes: config.default_limits.disk_inodes,
+            },
+            spare_count: config.warm_spares,
         });
-        let sessions = Sessions::new(state.join("sessions"), owner)?.with_images(images);
+        let sessions = Sessions::new(state.join("sessions"), owner)?;
+        // Stale staging trees and ready images of a dead broker go before
+        // new ready images are made.
+        sessions.clean_staging();
+        let sessions = sessions.with_images(images);
         let disk = Arc::new(
             disk::Disk::new(&state, config.disk_reserve_bytes, detected)
                 .map_err(BrokerError::Disk)?,
@@ -288,7 +297,6 @@ impl Broker {
             why = %disk.detected().why,
             "session disk limits"
         );
-        sessions.clean_staging();
         let _ = std::fs::remove_dir_all(state.join("imports"));
         info!(
             mode = config.mode.as_str(),
@@ -380,6 +388,7 @@ impl Broker {
             turn_id: turn_id.to_string(),
             turn,
             signals_rx: Mutex::new(Some(signals_rx)),
+            _tracked: self.tracker.token(),
         })
     }
 
@@ -468,6 +477,10 @@ pub struct Admitted {
     pub turn_id: String,
     pub turn: ActiveTurn,
     signals_rx: Mutex<Option<tokio::sync::mpsc::Receiver<nix::sys::signal::Signal>>>,
+    /// Counts the turn in the broker's task tracker from admission on, so
+    /// a shutdown that closes admission right after this turn's admission
+    /// (before its task is spawned) still waits for it.
+    _tracked: tokio_util::task::task_tracker::TaskTrackerToken,
 }
 
 impl Admitted {

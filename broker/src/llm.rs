@@ -46,6 +46,32 @@ struct Conn {
     writer: tokio::task::AbortHandle,
     /// Directions finished (0..=2); the connection is forgotten at 2.
     halves_done: u8,
+    gate: Gate,
+}
+
+/// Orders a connection's frames towards the executor around its reset:
+/// the reader sends each frame holding the gate and only while it is open;
+/// a reset closes it and is sent holding it. An abort alone would not do:
+/// the reader may be mid-send on another thread when the reset goes out.
+#[derive(Clone, Default)]
+struct Gate(Arc<tokio::sync::Mutex<bool>>);
+
+impl Gate {
+    /// Sends `event` unless the connection was reset; `false` if it was (or
+    /// the stream is gone).
+    async fn send(&self, events: &EventSink, event: Result<pb::TurnEvent, tonic::Status>) -> bool {
+        let closed = self.0.lock().await;
+        !*closed && events.send(event).await.is_ok()
+    }
+
+    /// Closes the gate and sends the reset through it: no frame of the
+    /// connection follows.
+    async fn reset(&self, events: &EventSink, conn: u64, reason: String) {
+        let mut closed = self.0.lock().await;
+        *closed = true;
+        let reset = pb::llm_frame::Kind::Reset(pb::LlmReset { reason });
+        let _ = events.send(frame(conn, reset)).await;
+    }
 }
 
 impl Conn {
@@ -128,6 +154,8 @@ impl Relay {
                     let (tx, mut rx) = mpsc::unbounded_channel::<ToAgent>();
                     let (inbox, credit) = (Inbox::default(), Credit::default());
                     let reader_credit = credit.clone();
+                    let gate = Gate::default();
+                    let (reader_gate, writer_gate) = (gate.clone(), gate.clone());
                     // Agent → executor.
                     let ev = accept_events.clone();
                     let reader_conns = accept_conns.clone();
@@ -139,7 +167,7 @@ impl Relay {
                     let reader = per_conn.spawn(
                         async move {
                             let open = frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {}));
-                            if announced.await.is_err() || ev.send(open).await.is_err() {
+                            if announced.await.is_err() || !reader_gate.send(&ev, open).await {
                                 finish_half(&reader_conns, id);
                                 return;
                             }
@@ -149,7 +177,7 @@ impl Relay {
                                     flow::next_frame(&mut rd, &reader_credit, &mut buf, CHUNK)
                                         .await;
                                 let last = !matches!(kind, pb::llm_frame::Kind::Data(_));
-                                if ev.send(frame(id, kind)).await.is_err() || last {
+                                if !reader_gate.send(&ev, frame(id, kind)).await || last {
                                     break;
                                 }
                             }
@@ -176,9 +204,7 @@ impl Relay {
                                                 format!("the agent's connection closed: {e}");
                                             debug!(conn = id, %reason, "llm connection reset");
                                             let c = forget(&writer_conns, &writer_gone, id);
-                                            let reset =
-                                                pb::llm_frame::Kind::Reset(pb::LlmReset { reason });
-                                            let _ = writer_events.send(frame(id, reset)).await;
+                                            writer_gate.reset(&writer_events, id, reason).await;
                                             if let Some(c) = c {
                                                 c.reader.abort();
                                             }
@@ -213,6 +239,7 @@ impl Relay {
                                 reader,
                                 writer,
                                 halves_done: 0,
+                                gate,
                             },
                         );
                     }
@@ -313,18 +340,13 @@ impl Relay {
     /// The executor broke the flow-control contract: the connection is
     /// reset on both sides, and a notice says why.
     async fn violation(&self, conn: u64, what: &str) {
-        if let Some(c) = forget(&self.conns, &self.gone, conn) {
+        let gate = forget(&self.conns, &self.gone, conn).map(|c| {
             c.abort();
-        }
+            c.gate
+        });
         let reason = format!("{what}; connection {conn} reset");
-        let _ = self
-            .events
-            .send(frame(
-                conn,
-                pb::llm_frame::Kind::Reset(pb::LlmReset {
-                    reason: reason.clone(),
-                }),
-            ))
+        gate.unwrap_or_default()
+            .reset(&self.events, conn, reason.clone())
             .await;
         self.notice(reason).await;
     }

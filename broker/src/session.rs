@@ -90,6 +90,10 @@ pub struct Images {
     /// What an image made for an import or a fork is sized for (no turn's
     /// limit is known then): the cap of per-turn limits.
     pub copy_limit: DiskLimit,
+    /// The limit most first turns ask for (the default), and how many
+    /// images of it to keep ready ([`volume::Spares`]); 0 makes none.
+    pub spare_limit: DiskLimit,
+    pub spare_count: usize,
 }
 
 impl Images {
@@ -112,6 +116,7 @@ impl Images {
 pub struct Sessions {
     root: PathBuf,
     images: Option<Images>,
+    spares: Option<volume::Spares>,
     /// The sessions dir, opened once: every session is reached from here by
     /// descriptor, never by a path the kernel would resolve through links.
     root_fd: OwnedFd,
@@ -207,6 +212,7 @@ impl Sessions {
         Ok(Sessions {
             root,
             images: None,
+            spares: None,
             root_fd,
             owner,
             leases: Arc::default(),
@@ -214,8 +220,33 @@ impl Sessions {
     }
 
     /// Puts new sessions on disk images of their own (see [`volume`]).
+    /// With images of the default limit kept ready (made in the
+    /// background from now).
     pub fn with_images(self, images: Option<Images>) -> Self {
-        Sessions { images, ..self }
+        let spares = images.as_ref().and_then(|i| {
+            let bytes = i.spare_limit.bytes?;
+            let root_fd = self.root_fd.try_clone().ok()?;
+            (i.spare_count > 0).then(|| {
+                volume::Spares::new(
+                    i.volumes.clone(),
+                    &self.root,
+                    root_fd,
+                    bytes,
+                    i.spare_limit.inodes,
+                    i.spare_count,
+                )
+            })
+        });
+        Sessions {
+            images,
+            spares,
+            ..self
+        }
+    }
+
+    /// The ready images for new sessions, if any are kept.
+    pub fn spares(&self) -> Option<&volume::Spares> {
+        self.spares.as_ref()
     }
 
     /// Whether new sessions get disk images.
@@ -233,6 +264,13 @@ impl Sessions {
             return Ok(());
         };
         let path = self.root.join(id);
+        if self.open(id)?.is_none()
+            && let Some(spares) = &self.spares
+            && spares.limit() == (limit.bytes.unwrap_or(0), limit.inodes)
+            && spares.take(id)?
+        {
+            return Ok(());
+        }
         mkdir_at(&self.root_fd, id, 0o711)
             .map_err(|e| BrokerError::io("cannot create", &path, e))?;
         let dir = self.open_existing(id)?;
@@ -693,7 +731,10 @@ impl Sessions {
             for e in rd.flatten() {
                 let name = e.file_name();
                 let name = name.to_string_lossy();
-                if name.starts_with(".fork-") || name.starts_with(".import-") {
+                if name.starts_with(".fork-")
+                    || name.starts_with(".import-")
+                    || name.starts_with(volume::SPARE_PREFIX)
+                {
                     volume::detach(&e.path());
                     let _ = std::fs::remove_dir_all(e.path());
                 }
@@ -704,6 +745,9 @@ impl Sessions {
     /// Unmounts every session's disk image (a clean stop); the next turn
     /// of a session mounts it again.
     pub fn detach_all(&self) {
+        if let Some(spares) = &self.spares {
+            spares.close();
+        }
         if self.images.is_none() {
             return;
         }

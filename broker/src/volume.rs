@@ -547,3 +547,187 @@ fn run(cmd: &mut Command, tool: &'static str, path: &Path) -> Result<(), VolumeE
         },
     })
 }
+
+/// Images made ahead, mounted and ready, for new sessions whose first turn
+/// asks for the default limit (most do): such a session's dir is one
+/// `rename` of a ready one (mounts move with their dir), instead of a
+/// `mkfs` and a `mount` on its turn's start path. Ready dirs wait in the
+/// sessions dir under hidden names (`.spare-…`; ids never start with a
+/// dot); a background thread makes new ones as they are taken.
+#[derive(Debug, Clone)]
+pub struct Spares {
+    inner: std::sync::Arc<SparesInner>,
+}
+
+#[derive(Debug)]
+struct SparesInner {
+    volumes: Volumes,
+    root: PathBuf,
+    root_fd: OwnedFd,
+    bytes: u64,
+    inodes: Option<u64>,
+    target: usize,
+    ready: std::sync::Mutex<Vec<String>>,
+    made: std::sync::Condvar,
+    refilling: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+}
+
+/// The prefix of ready spare dirs in the sessions dir.
+pub const SPARE_PREFIX: &str = ".spare-";
+
+impl Spares {
+    /// A pool of `target` images of `bytes` / `inodes` under the sessions
+    /// dir `root` (open as `root_fd`); filled in the background from now.
+    pub fn new(
+        volumes: Volumes,
+        root: &Path,
+        root_fd: OwnedFd,
+        bytes: u64,
+        inodes: Option<u64>,
+        target: usize,
+    ) -> Spares {
+        let s = Spares {
+            inner: std::sync::Arc::new(SparesInner {
+                volumes,
+                root: root.to_path_buf(),
+                root_fd,
+                bytes,
+                inodes,
+                target,
+                ready: Default::default(),
+                made: Default::default(),
+                refilling: Default::default(),
+                closed: Default::default(),
+            }),
+        };
+        s.refill();
+        s
+    }
+
+    /// The limit the ready images are made for.
+    pub fn limit(&self) -> (u64, Option<u64>) {
+        (self.inner.bytes, self.inner.inodes)
+    }
+
+    /// Moves a ready image's dir into place as session dir `id` (which
+    /// must not exist); `false` when none is ready.
+    pub fn take(&self, id: &str) -> Result<bool, VolumeError> {
+        let name = match self.inner.ready.lock() {
+            Ok(mut r) => r.pop(),
+            Err(_) => None,
+        };
+        let Some(name) = name else {
+            self.refill();
+            return Ok(false);
+        };
+        let fd = &self.inner.root_fd;
+        let moved = rustix::fs::renameat_with(
+            fd,
+            name.as_str(),
+            fd,
+            id,
+            rustix::fs::RenameFlags::NOREPLACE,
+        );
+        if moved.is_err()
+            && let Ok(mut r) = self.inner.ready.lock()
+        {
+            r.push(name);
+        }
+        self.refill();
+        moved.map(|()| true).map_err(|e| {
+            io(
+                "cannot move a ready image to",
+                self.inner.root.join(id),
+                e.into(),
+            )
+        })
+    }
+
+    /// Waits up to `timeout` for `n` ready images; whether they are.
+    pub fn wait_ready(&self, n: usize, timeout: std::time::Duration) -> bool {
+        let Ok(r) = self.inner.ready.lock() else {
+            return false;
+        };
+        self.inner
+            .made
+            .wait_timeout_while(r, timeout, |r| r.len() < n)
+            .is_ok_and(|(r, _)| r.len() >= n)
+    }
+
+    /// Makes images in the background until `target` are ready.
+    fn refill(&self) {
+        use std::sync::atomic::Ordering;
+        if self.inner.closed.load(Ordering::Acquire)
+            || self.inner.refilling.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let inner = self.inner.clone();
+        let spawned = std::thread::Builder::new()
+            .name("turnstile-spare-images".into())
+            .spawn(move || {
+                while inner.ready.lock().is_ok_and(|r| r.len() < inner.target)
+                    && !inner.closed.load(Ordering::Acquire)
+                {
+                    match inner.make() {
+                        Ok(name) => {
+                            if let Ok(mut r) = inner.ready.lock() {
+                                r.push(name);
+                            }
+                            inner.made.notify_all();
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot make a ready session image");
+                            break;
+                        }
+                    }
+                }
+                inner.refilling.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.inner.refilling.store(false, Ordering::Release);
+        }
+    }
+
+    /// Unmounts and removes the ready images (a clean stop); no more are
+    /// made.
+    pub fn close(&self) {
+        self.inner
+            .closed
+            .store(true, std::sync::atomic::Ordering::Release);
+        let names = match self.inner.ready.lock() {
+            Ok(mut r) => std::mem::take(&mut *r),
+            Err(_) => Vec::new(),
+        };
+        for name in names {
+            let path = self.inner.root.join(name);
+            detach(&path);
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
+impl SparesInner {
+    /// Makes one ready image dir; a failure leaves nothing behind.
+    fn make(&self) -> Result<String, VolumeError> {
+        use rand::Rng;
+        let name = format!("{SPARE_PREFIX}{:016x}", rand::rng().random::<u64>());
+        let path = self.root.join(&name);
+        rustix::fs::mkdirat(
+            &self.root_fd,
+            name.as_str(),
+            rustix::fs::Mode::from_raw_mode(0o711),
+        )
+        .map_err(|e| io("cannot create", &path, e.into()))?;
+        let made = tree::open_dir(&self.root_fd, OsStr::new(&name))
+            .map_err(|e| io("cannot open", &path, e))
+            .and_then(|dir| self.volumes.create(&dir, &path, self.bytes, self.inodes));
+        if let Err(e) = made {
+            detach(&path);
+            let _ = std::fs::remove_dir_all(&path);
+            return Err(e);
+        }
+        Ok(name)
+    }
+}

@@ -15,6 +15,13 @@
 //! when the turn ends. They inherit the main thread's blocked signals, so
 //! only the main thread ever takes the shim's signals. Every socket here is
 //! close-on-exec (std opens them so), so the agent inherits none.
+//!
+//! Only the agent's own uid may connect: in direct mode the listener is on
+//! the host's loopback, where any local user could otherwise reach the
+//! model with the executor's credential. TCP has no `SO_PEERCRED`, so the
+//! peer's uid is read from its socket's line in `/proc/net/tcp` (what
+//! identd does); a connection from another uid, or one whose socket is
+//! already gone, is reset before anything is forwarded.
 
 use crate::sys;
 use nix::sys::socket::{setsockopt, sockopt};
@@ -62,7 +69,11 @@ fn accept_loop(listener: &TcpListener, path: &Arc<Path>) {
     let open = Arc::new(AtomicUsize::new(0));
     loop {
         let tcp = match listener.accept() {
-            Ok((tcp, _)) => tcp,
+            Ok((tcp, peer)) if peer_is_ours(&tcp, peer) => tcp,
+            Ok((tcp, _)) => {
+                abort(&tcp);
+                continue;
+            }
             Err(e)
                 if matches!(
                     e.kind(),
@@ -95,6 +106,41 @@ fn accept_loop(listener: &TcpListener, path: &Arc<Path>) {
                 serve(tcp, &path);
             });
     }
+}
+
+/// Whether the connecting socket `peer` (of accepted `tcp`) belongs to this
+/// process's uid.
+fn peer_is_ours(tcp: &TcpStream, peer: std::net::SocketAddr) -> bool {
+    let (Ok(std::net::SocketAddr::V4(local)), std::net::SocketAddr::V4(peer)) =
+        (tcp.local_addr(), peer)
+    else {
+        return false;
+    };
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    peer_uid(&table, peer, local) == Some(nix::unistd::geteuid().as_raw())
+}
+
+/// The uid of the socket whose local address is `peer` and remote address
+/// `local`, from the text of `/proc/net/tcp`.
+fn peer_uid(table: &str, peer: SocketAddrV4, local: SocketAddrV4) -> Option<u32> {
+    // The kernel prints an address as the %08X of its in-memory (network
+    // order) bytes read as a native u32, and the port as %04X.
+    let hex = |a: SocketAddrV4| {
+        format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(a.ip().octets()),
+            a.port()
+        )
+    };
+    let (want_local, want_remote) = (hex(peer), hex(local));
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        (f.get(1) == Some(&want_local.as_str()) && f.get(2) == Some(&want_remote.as_str()))
+            .then(|| f.get(7)?.parse().ok())
+            .flatten()
+    })
 }
 
 /// One of the [`MAX_CONNS`] places, given back on drop.
@@ -294,6 +340,28 @@ mod tests {
         let (unix, broker) = UnixStream::pair().expect("pair");
         let relay = thread::spawn(move || relay(&tcp, &unix));
         (agent, broker, relay)
+    }
+
+    #[test]
+    fn the_peer_uid_is_read_from_its_socket_line() {
+        let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n\
+   0: 0100007F:A1B2 0100007F:1F90 01 00000000:00000000 00:00000000 00000000  1000        0 1 1 0 20 4 30 10 -1\n\
+   1: 0100007F:1F90 0100007F:A1B2 01 00000000:00000000 00:00000000 00000000     0        0 2 1 0 20 4 30 10 -1\n";
+        let peer = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0xA1B2);
+        let bridge = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0x1F90);
+        assert_eq!(peer_uid(table, peer, bridge), Some(1000));
+        assert_eq!(peer_uid(table, bridge, peer), Some(0));
+        let other = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0xA1B3);
+        assert_eq!(peer_uid(table, other, bridge), None);
+        assert_eq!(peer_uid("", peer, bridge), None);
+    }
+
+    #[test]
+    fn a_real_connection_of_this_process_is_ours() {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let _client = TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (tcp, peer) = listener.accept().expect("accept");
+        assert!(peer_is_ours(&tcp, peer));
     }
 
     #[test]

@@ -326,3 +326,26 @@ async fn a_waiting_lease_gives_up_at_its_deadline(mode: Mode) {
     o.assert_exited_ok();
     h.stop().await;
 }
+
+/// A turn admitted just before a shutdown closes admission (its task not
+/// yet spawned) is counted in what the shutdown waits for, so no jail can
+/// start after the broker has stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_waits_for_a_turn_admitted_before_it() {
+    let h = Harness::start(Mode::Direct).await;
+    assert_eq!(h.broker.tracker.len(), 0);
+    let admitted = h.broker.admit("t-race", "s-race").expect("admitted");
+    assert_eq!(
+        h.broker.tracker.len(),
+        1,
+        "an admitted turn counts for the shutdown's wait"
+    );
+    drop(admitted);
+    assert_eq!(h.broker.tracker.len(), 0);
+    assert_eq!(
+        h.broker.active_count(),
+        0,
+        "dropping it unregisters the turn"
+    );
+    h.stop().await;
+}

@@ -21,6 +21,7 @@ both_modes!(
     image_refuses_writes_past_the_limit_with_enospc,
     image_grows_with_the_limit_and_a_lower_limit_ends_the_turn,
     image_survives_a_restart_export_and_import,
+    a_new_session_takes_a_ready_image,
 );
 
 /// A tmpfs mounted for one test, unmounted when dropped (also on failure).
@@ -589,4 +590,56 @@ async fn direct_mode_tmpdir_counts() {
         o.stderr()
     );
     h.stop().await;
+}
+
+/// New sessions whose first turn asks for the default limit get an image
+/// made ahead (a rename on the start path); it binds like any other, and a
+/// clean stop leaves no mount behind, ready images included.
+async fn a_new_session_takes_a_ready_image(mode: Mode) {
+    let dir = tempdir();
+    let _unmount = Unmount(dir.path().to_path_buf());
+    let state = dir.path().join("state");
+    let h = Harness::start_with(mode, |cfg| {
+        cfg.state_dir = state.clone();
+        cfg.disk_backend = DiskBackend::Image;
+        cfg.default_limits.disk_bytes = Some(16 * MIB);
+        cfg.warm_spares = 1;
+    })
+    .await;
+    let spares = h.broker.sessions.spares().expect("ready images are kept");
+    assert!(
+        spares.wait_ready(1, std::time::Duration::from_secs(120)),
+        "no ready image was made"
+    );
+    let ready = entries(&state.join("sessions"));
+    assert_eq!(ready.len(), 1, "{ready:?}");
+    let ready = state.join("sessions").join(&ready[0]);
+    let o = h
+        .run(start(
+            "fresh",
+            "i=0; while head -c 1048576 /dev/zero > f$i; do i=$((i+1)); done; echo refused at $i",
+        ))
+        .await;
+    o.assert_exited_ok();
+    assert!(o.stdout().starts_with("refused at 1"), "{}", o.stdout());
+    assert!(
+        !ready.exists(),
+        "the ready image became the session's: {:?}",
+        entries(&state.join("sessions"))
+    );
+    let session = state.join("sessions/fresh");
+    assert!(session.join("disk.img").is_file());
+    assert!(
+        mounts_below(&session)
+            .iter()
+            .any(|(p, _)| *p == session.join("work")),
+        "{:?}",
+        mounts_below(&state)
+    );
+    h.stop().await;
+    assert_eq!(
+        mounts_below(&state),
+        vec![],
+        "a clean stop unmounts everything"
+    );
 }

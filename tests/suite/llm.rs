@@ -267,8 +267,14 @@ async fn data_beyond_the_window_resets_only_that_connection(mode: Mode) {
                     assert_eq!(f.conn, conn);
                     reset = Some(r.reason);
                 }
-                // The agent's "ping" may or may not have been read first.
-                Some(pb::llm_frame::Kind::Data(_)) => {}
+                // The agent's "ping" may or may not have been read first;
+                // nothing of the connection follows its reset.
+                Some(pb::llm_frame::Kind::Data(_)) => {
+                    assert!(
+                        reset.is_none(),
+                        "data for connection {conn} after its reset"
+                    )
+                }
                 other => panic!("unexpected frame {other:?}"),
             },
             Some(pb::turn_event::Kind::Notice(n)) => notice = Some(n.message),
@@ -291,5 +297,48 @@ async fn data_beyond_the_window_resets_only_that_connection(mode: Mode) {
     seen.assert_exited_ok();
     let out = seen.stdout();
     assert!(out == "sent\neof 0\n" || out == "sent\nreset 0\n", "{out}");
+    h.stop().await;
+}
+
+/// In direct mode the bridge listens on the host's loopback: a process of
+/// another uid that connects to it is reset before anything reaches the
+/// executor; the agent's own connection is relayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_users_connection_to_the_direct_mode_bridge_is_refused() {
+    let h = Harness::start(Mode::Direct).await;
+    let dir = tempdir();
+    let talk = "import socket, sys\n\
+        s = socket.create_connection((sys.argv[1], int(sys.argv[2])))\n\
+        s.sendall(sys.argv[3].encode())\n\
+        s.shutdown(socket.SHUT_WR)\n\
+        got = b''\n\
+        while True:\n\
+        \x20   try:\n\
+        \x20       b = s.recv(65536)\n\
+        \x20   except ConnectionResetError:\n\
+        \x20       break\n\
+        \x20   if not b: break\n\
+        \x20   got += b\n\
+        print(got.decode() or '<closed>', flush=True)\n";
+    let script = dir.path().join("talk.py");
+    std::fs::write(&script, talk).expect("write");
+    let agent = format!(
+        "hp=${{ANTHROPIC_BASE_URL#http://}}; hp=${{hp%%/*}}; h=${{hp%:*}}; p=${{hp##*:}}; \
+         echo intruder: $(setpriv --reuid=65534 --regid=65534 --clear-groups python3 {s} $h $p intruder); \
+         echo agent: $(python3 {s} $h $p ping-0)",
+        s = script.display()
+    );
+    let mut t = h.turn(start("bridge-uid", &agent)).await.expect("turn");
+    t.close_stdin().await;
+    let mut seen = Outcome::default();
+    serve(&mut t, &mut seen, 1).await;
+    t.collect_into(&mut seen).await;
+    seen.assert_exited_ok();
+    assert_eq!(
+        seen.stdout(),
+        "intruder: <closed>\nagent: pong:ping-0\n",
+        "stderr: {}",
+        seen.stderr()
+    );
     h.stop().await;
 }
