@@ -25,6 +25,7 @@
 //! 5. **release**.
 
 pub mod db;
+pub mod doctor;
 pub mod local;
 pub mod store;
 

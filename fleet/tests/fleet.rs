@@ -672,3 +672,59 @@ async fn a_stopped_database_fails_renewal_clearly_and_the_lease_is_lost_within_t
     assert!(again.token > lease.token);
     a.fleet.release(&again).await.expect("release");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_database_schema_and_store_each_with_a_remedy() {
+    use turnstile_fleet::doctor::checks;
+    let pg = Pg::start();
+    let store = tempfile::tempdir().expect("store");
+    let cfg = config(&pg, store.path(), "A", 30_000);
+    let names = |c: &[turnstile_fleet::doctor::FleetCheck]| {
+        c.iter().map(|c| (c.name, c.ok)).collect::<Vec<_>>()
+    };
+    let got = checks(&cfg).await;
+    assert_eq!(
+        names(&got),
+        vec![
+            ("fleet config", true),
+            ("fleet database", true),
+            ("fleet schema", true),
+            ("archive store", true)
+        ],
+        "{got:?}"
+    );
+    assert!(got[2].detail.starts_with("none yet"), "{got:?}");
+    assert!(objects(store.path()).is_empty(), "the probe is deleted");
+
+    // A schema from a newer broker.
+    PgFleet::open(&cfg, CAPS).await.expect("migrate");
+    pg.sql("UPDATE turnstile_schema SET version = 99").await;
+    let got = checks(&cfg).await;
+    assert!(!got[2].ok, "{got:?}");
+    assert!(
+        got[2]
+            .remedy
+            .as_deref()
+            .is_some_and(|r| r.starts_with("upgrade this broker"))
+    );
+
+    // A store that is not there, and a database that is down.
+    let bad = FleetConfig {
+        archives: format!("file://{}/missing", store.path().display()),
+        ..cfg.clone()
+    };
+    pg.stop();
+    let got = checks(&bad).await;
+    assert_eq!(
+        names(&got),
+        vec![
+            ("fleet config", true),
+            ("fleet database", false),
+            ("archive store", false)
+        ],
+        "{got:?}"
+    );
+    assert!(got[1].detail.contains("cannot"), "{got:?}");
+    assert!(got[2].detail.contains("is not a directory"), "{got:?}");
+    assert!(got.iter().all(|c| c.ok || c.remedy.is_some()));
+}
