@@ -952,6 +952,50 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn restore_swaps_a_tree_in_and_a_refused_archive_changes_nothing() {
+        let (_d, s) = store();
+        let lease = s
+            .lease("a", "t0", LeasePolicy::Reject)
+            .await
+            .expect("lease");
+        let (paths, _, _) = s.ensure(&lease).expect("ensure");
+        std::fs::write(paths.work.join("f"), "old").expect("write");
+        let src = tempfile::tempdir().expect("src");
+        std::fs::create_dir_all(src.path().join("home")).expect("home");
+        std::fs::create_dir_all(src.path().join("work")).expect("work");
+        std::fs::write(src.path().join("work/f"), "new").expect("write");
+        let mut tar = Vec::new();
+        crate::archive::export(tree::open_dir_path(src.path()).expect("open"), &mut tar)
+            .expect("export");
+        let caps = crate::archive::ImportCaps {
+            max_bytes: 1 << 20,
+            max_entries: 100,
+        };
+        let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+        s.restore(&lease, &b"not a tar"[..], caps, |_| Ok(()))
+            .expect_err("refused");
+        assert_eq!(read(&paths.work.join("f")), "old");
+        s.restore(&lease, &tar[..], caps, |fd| {
+            tree::write_atomic(fd, OsStr::new("extra"), b"x", 0o600)
+        })
+        .expect("restore");
+        assert_eq!(read(&paths.work.join("f")), "new");
+        assert_eq!(read(&paths.dir.join("extra")), "x");
+        // Neither staging tree nor the old one is left.
+        let names: Vec<_> = std::fs::read_dir(s.root())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a")]);
+        // Kept aside under a new id, metadata following.
+        s.set_aside(&lease, "a.kept-1").expect("set aside");
+        assert_eq!(read(&s.paths("a.kept-1").work.join("f")), "new");
+        assert_eq!(s.meta("a.kept-1").expect("meta").session_id, "a.kept-1");
+        assert!(s.meta("a").is_none());
+    }
+
+    #[tokio::test]
     async fn ensure_creates_stable_dirs_and_meta_round_trips() {
         let (_d, s) = store();
         let lease = s
