@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The whole test suite, from a fresh Debian machine: installs nsjail (repo-local),
-# builds the static shim, checks formatting and lints, runs every test (unit tests,
+# The whole test suite, from a fresh Debian machine: installs nsjail and, for one test,
+# Python's grpcio (both repo-local), builds the static shim, checks formatting and lints, runs every test (unit tests,
 # the shim's own tests, the integration suite against real nsjail in both modes) and
 # smoke-runs the benchmarks so they don't rot. CI (.ci/run) runs exactly this.
 #
@@ -28,6 +28,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     sed -i 's/^#* *create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf
     apt-get install -y -qq postgresql >/dev/null
 fi
+step "grpcio (the stock Python gRPC client, for one integration test)"
+TURNSTILE_GRPCIO_PYTHON=$(bash scripts/setup-grpcio.sh)
+export TURNSTILE_GRPCIO_PYTHON
 step "static shim"
 TURNSTILE_SHIM=$(bash scripts/build-shim.sh --locked -q)
 export TURNSTILE_SHIM

@@ -124,12 +124,20 @@ impl Default for Limits {
     }
 }
 
+/// A year and a day in milliseconds: the longest time any setting or limit
+/// may name, so that deadlines and sums of them never overflow.
+pub const MAX_DURATION_MS: u64 = 366 * 24 * 60 * 60 * 1000;
+
+/// The largest `max_payload_bytes` and `max_message_bytes`: both are read
+/// whole into memory, and the shim reads one byte past its cap.
+pub const MAX_MESSAGE_CAP: usize = 1 << 30;
+
 /// The largest value a limit may take, whoever sets it: beyond it the
 /// kernel's types (rlimits are signed, pid counts end at 2^22) or the
 /// broker's time arithmetic would overflow.
 pub fn limit_max(name: &str) -> u64 {
     match name {
-        "wall_time_ms" | "cpu_time_ms" => 366 * 24 * 60 * 60 * 1000,
+        "wall_time_ms" | "cpu_time_ms" => MAX_DURATION_MS,
         "max_processes" => 1 << 22,
         "max_open_files" => 1 << 30,
         _ => i64::MAX as u64,
@@ -501,6 +509,32 @@ impl Config {
         if self.max_payload_bytes == 0 {
             return Err(ConfigError::Zero("max_payload_bytes"));
         }
+        for (name, value) in [
+            ("max_payload_bytes", self.max_payload_bytes),
+            ("max_message_bytes", self.max_message_bytes),
+        ] {
+            if value > MAX_MESSAGE_CAP {
+                return Err(ConfigError::OverMax {
+                    name,
+                    value: value as u64,
+                    max: MAX_MESSAGE_CAP as u64,
+                });
+            }
+        }
+        for (name, value) in [
+            ("kill_grace_ms", Some(self.kill_grace_ms)),
+            ("shutdown_grace_ms", Some(self.shutdown_grace_ms)),
+            ("gc_interval_ms", Some(self.gc_interval_ms)),
+            ("session_ttl_ms", self.session_ttl_ms),
+        ] {
+            if let Some(value) = value.filter(|v| *v > MAX_DURATION_MS) {
+                return Err(ConfigError::OverMax {
+                    name,
+                    value,
+                    max: MAX_DURATION_MS,
+                });
+            }
+        }
         if self.warm_spares > MAX_WARM_SPARES {
             return Err(ConfigError::OverMax {
                 name: "warm_spares",
@@ -746,6 +780,307 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        const LIMIT_FIELDS: [&str; 8] = [
+            "wall_time_ms",
+            "memory_bytes",
+            "cpu_time_ms",
+            "max_processes",
+            "max_open_files",
+            "max_file_size_bytes",
+            "disk_bytes",
+            "disk_inodes",
+        ];
+
+        /// A number as TOML holds them (i64), often at a boundary.
+        fn number() -> impl Strategy<Value = i64> {
+            prop_oneof![
+                any::<i64>(),
+                -2i64..=2,
+                Just(i64::MAX),
+                Just(i64::MIN),
+                proptest::sample::select(LIMIT_FIELDS.map(|f| limit_max(f) as i64).to_vec())
+                    .prop_flat_map(|m| (m - 1)..=m.saturating_add(1)),
+                1i64..(1 << 40),
+            ]
+        }
+
+        /// One field of a limit table, as a config file may write it.
+        #[derive(Debug, Clone)]
+        enum Field {
+            Omitted,
+            Number(i64),
+            Unlimited,
+            Text(String),
+            Float(f64),
+            Bool(bool),
+        }
+
+        impl Field {
+            /// Its TOML, or `None` when left out.
+            fn toml(&self) -> Option<String> {
+                match self {
+                    Field::Omitted => None,
+                    Field::Number(n) => Some(n.to_string()),
+                    Field::Unlimited => Some("\"unlimited\"".into()),
+                    Field::Text(t) => Some(format!("{t:?}")),
+                    Field::Float(f) => Some(format!("{f:?}")),
+                    Field::Bool(b) => Some(b.to_string()),
+                }
+            }
+
+            /// What the file means: `Err` when it is not a limit at all.
+            fn meaning(&self, default: Option<u64>) -> Result<Option<u64>, ()> {
+                match self {
+                    Field::Omitted => Ok(default),
+                    Field::Number(n) if *n > 0 => Ok(Some(*n as u64)),
+                    Field::Unlimited => Ok(None),
+                    _ => Err(()),
+                }
+            }
+        }
+
+        fn field() -> impl Strategy<Value = Field> {
+            prop_oneof![
+                4 => Just(Field::Omitted),
+                6 => number().prop_map(Field::Number),
+                2 => Just(Field::Unlimited),
+                1 => "[a-z ]{0,10}".prop_filter("not the keyword", |t| t != "unlimited").prop_map(Field::Text),
+                1 => any::<f64>().prop_filter("finite", |f| f.is_finite()).prop_map(Field::Float),
+                1 => any::<bool>().prop_map(Field::Bool),
+            ]
+        }
+
+        fn table(name: &str, fields: &[Field]) -> String {
+            let mut out = format!("[{name}]\n");
+            for (key, f) in LIMIT_FIELDS.iter().zip(fields) {
+                if let Some(v) = f.toml() {
+                    out.push_str(&format!("{key} = {v}\n"));
+                }
+            }
+            out
+        }
+
+        /// The arithmetic the broker does with its settings, checked: a
+        /// config that validates must pass all of it.
+        fn arithmetic_holds(cfg: &Config) -> Result<(), String> {
+            let grace = cfg
+                .shutdown_grace_ms
+                .checked_add(cfg.kill_grace_ms)
+                .ok_or("shutdown_grace_ms + kill_grace_ms")?;
+            let now = std::time::Instant::now();
+            for ms in [grace, cfg.gc_interval_ms, cfg.session_ttl_ms.unwrap_or(0)] {
+                now.checked_add(std::time::Duration::from_millis(ms))
+                    .ok_or(format!("now + {ms} ms"))?;
+            }
+            (cfg.max_payload_bytes as u64)
+                .checked_add(1)
+                .ok_or("max_payload_bytes + 1")?;
+            for limits in [&cfg.default_limits, &cfg.max_limits] {
+                if let Some(ms) = limits.wall_time_ms {
+                    // The jail's own time limit: the wall time, the grace
+                    // and a margin, in seconds.
+                    ms.div_ceil(1000)
+                        .checked_add(cfg.kill_grace_ms.div_ceil(1000))
+                        .and_then(|s| s.checked_add(5))
+                        .ok_or("jail time limit")?;
+                    now.checked_add(std::time::Duration::from_millis(ms).saturating_mul(2))
+                        .ok_or("wall-time deadline")?;
+                }
+                for (name, v) in limits.entries() {
+                    if v.is_some_and(|v| v > limit_max(name)) {
+                        return Err(format!("{name} past its maximum"));
+                    }
+                }
+            }
+            Ok(())
+        }
+
+        /// Keys of the file, known and unknown, with values of every type.
+        fn line() -> impl Strategy<Value = String> {
+            let key = prop_oneof![
+                proptest::sample::select(vec![
+                    "state_dir",
+                    "socket",
+                    "listen",
+                    "token_file",
+                    "mode",
+                    "nsjail",
+                    "shim",
+                    "jail_config",
+                    "jail_uid",
+                    "jail_gid",
+                    "bundle_mounts",
+                    "max_payload_bytes",
+                    "max_message_bytes",
+                    "kill_grace_ms",
+                    "shutdown_grace_ms",
+                    "cgroups",
+                    "agent_path",
+                    "llm_port",
+                    "llm_max_connections",
+                    "import_max_bytes",
+                    "import_max_entries",
+                    "session_ttl_ms",
+                    "gc_interval_ms",
+                    "warm_spares",
+                    "disk_reserve_bytes",
+                    "disk_backend",
+                ])
+                .prop_map(str::to_string),
+                proptest::sample::select(LIMIT_FIELDS.to_vec()).prop_map(str::to_string),
+                "[a-z_]{1,12}",
+            ];
+            let value = prop_oneof![
+                number().prop_map(|n| n.to_string()),
+                "[ -~]{0,12}".prop_map(|s| format!("{s:?}")),
+                Just("\"unlimited\"".to_string()),
+                Just("\"127.0.0.1:7070\"".to_string()),
+                Just("\"0.0.0.0:1\"".to_string()),
+                Just("\"direct\"".to_string()),
+                Just("\"off\"".to_string()),
+                Just("\"accounting\"".to_string()),
+                any::<bool>().prop_map(|b| b.to_string()),
+                any::<f64>().prop_map(|f| format!("{f:?}")),
+                vec("[a-z/:]{0,6}", 0..3).prop_map(|v| format!("{v:?}")),
+                Just("{ a = 1 }".to_string()),
+            ];
+            prop_oneof![
+                8 => (key, value).prop_map(|(k, v)| format!("{k} = {v}")),
+                2 => proptest::sample::select(vec!["[default_limits]", "[max_limits]", "[other]", "[[default_limits]]"])
+                    .prop_map(str::to_string),
+                1 => "[ -~]{0,20}",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            /// Any file: parsed or refused, never a panic; what validates
+            /// holds no number the broker's arithmetic overflows on.
+            #[test]
+            fn any_config_text_parses_validates_or_is_refused(lines in vec(line(), 0..12)) {
+                let text = lines.join("\n");
+                if let Ok(cfg) = toml::from_str::<Config>(&text)
+                    && cfg.validate().is_ok()
+                {
+                    prop_assert_eq!(arithmetic_holds(&cfg), Ok(()), "{}", text);
+                }
+            }
+
+            /// Limit tables: a field left out keeps its default, a number
+            /// is taken as it is, "unlimited" lifts it; anything else is a
+            /// parse error naming the field, and a number out of range or
+            /// a default over its cap a validation error naming it.
+            #[test]
+            fn limit_tables_keep_defaults_and_refuse_what_is_out_of_range(
+                defaults in vec(field(), 8),
+                caps in vec(field(), 8),
+                order in any::<bool>(),
+            ) {
+                let (d, c) = (table("default_limits", &defaults), table("max_limits", &caps));
+                let text = if order { format!("{d}{c}") } else { format!("{c}{d}") };
+                let want = |fields: &[Field], base: Limits| -> Result<Vec<Option<u64>>, &'static str> {
+                    LIMIT_FIELDS
+                        .iter()
+                        .zip(fields)
+                        .zip(base.entries())
+                        .map(|((name, f), (_, default))| f.meaning(default).map_err(|()| *name))
+                        .collect()
+                };
+                let want_d = want(&defaults, Limits::default_per_turn());
+                let want_c = want(&caps, Limits::default_caps());
+                match toml::from_str::<Config>(&text) {
+                    Err(e) => {
+                        let bad = LIMIT_FIELDS
+                            .iter()
+                            .zip(defaults.iter().zip(&caps))
+                            .filter(|(_, (d, c))| d.meaning(None).is_err() || c.meaning(None).is_err())
+                            .map(|(name, _)| *name)
+                            .collect::<Vec<_>>();
+                        prop_assert!(want_d.is_err() || want_c.is_err());
+                        prop_assert!(!bad.is_empty(), "refused a valid file: {}\n{}", e, text);
+                        let msg = e.to_string();
+                        prop_assert!(bad.iter().any(|name| msg.contains(name)), "{}\n{}", msg, text);
+                    }
+                    Ok(cfg) => {
+                        let (want_d, want_c) = match (want_d, want_c) {
+                            (Ok(d), Ok(c)) => (d, c),
+                            other => return Err(TestCaseError::fail(format!("accepted {other:?}\n{text}"))),
+                        };
+                        let got_d: Vec<_> = cfg.default_limits.entries().iter().map(|e| e.1).collect();
+                        let got_c: Vec<_> = cfg.max_limits.entries().iter().map(|e| e.1).collect();
+                        prop_assert_eq!(&got_d, &want_d);
+                        prop_assert_eq!(&got_c, &want_c);
+                        let over_max = LIMIT_FIELDS.iter().zip(want_d.iter().zip(&want_c)).filter(|(name, (d, c))| {
+                            let max = limit_max(name);
+                            d.is_some_and(|v| v > max) || c.is_some_and(|v| v > max)
+                        }).map(|(name, _)| *name).collect::<Vec<_>>();
+                        let over_cap = LIMIT_FIELDS.iter().zip(want_d.iter().zip(&want_c)).filter(|(_, (d, c))| {
+                            matches!((d, c), (Some(d), Some(c)) if d > c)
+                        }).map(|(name, _)| *name).collect::<Vec<_>>();
+                        match cfg.validate() {
+                            Ok(()) => {
+                                prop_assert!(over_max.is_empty() && over_cap.is_empty(), "{:?} {:?}\n{}", over_max, over_cap, text);
+                                prop_assert_eq!(arithmetic_holds(&cfg), Ok(()));
+                            }
+                            Err(ConfigError::OverMax { name, .. }) => prop_assert!(over_max.contains(&name), "{}\n{}", name, text),
+                            Err(ConfigError::DefaultOverCap { name, .. }) => {
+                                prop_assert!(over_max.is_empty() && over_cap.contains(&name), "{}\n{}", name, text)
+                            }
+                            Err(e) => prop_assert!(false, "{}\n{}", e, text),
+                        }
+                    }
+                }
+            }
+
+            /// Settings as the command line sets them (any u64 or usize):
+            /// out of range is an error naming the setting; what validates
+            /// never overflows.
+            #[test]
+            fn any_numbers_set_by_flags_validate_or_name_the_setting(
+                kill in prop_oneof![any::<u64>(), 0..=MAX_DURATION_MS + 1],
+                shutdown in prop_oneof![any::<u64>(), 0..=MAX_DURATION_MS + 1],
+                gc in prop_oneof![any::<u64>(), 0..=MAX_DURATION_MS + 1],
+                ttl in proptest::option::of(prop_oneof![any::<u64>(), 0..=MAX_DURATION_MS + 1]),
+                payload in prop_oneof![any::<usize>(), 0..=MAX_MESSAGE_CAP + 1],
+                message in prop_oneof![any::<usize>(), 0..=MAX_MESSAGE_CAP + 1],
+                spares in prop_oneof![any::<usize>(), 0..=MAX_WARM_SPARES + 1],
+                wall in proptest::option::of(prop_oneof![any::<u64>(), 1..=MAX_DURATION_MS + 1]),
+            ) {
+                let mut cfg = Config {
+                    kill_grace_ms: kill,
+                    shutdown_grace_ms: shutdown,
+                    gc_interval_ms: gc,
+                    session_ttl_ms: ttl,
+                    max_payload_bytes: payload,
+                    max_message_bytes: message,
+                    warm_spares: spares,
+                    ..Config::default()
+                };
+                cfg.max_limits.wall_time_ms = wall;
+                cfg.default_limits.wall_time_ms = wall;
+                match cfg.validate() {
+                    Ok(()) => prop_assert_eq!(arithmetic_holds(&cfg), Ok(())),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        let named = [
+                            "kill_grace_ms", "shutdown_grace_ms", "gc_interval_ms", "session_ttl_ms",
+                            "max_payload_bytes", "max_message_bytes", "warm_spares", "wall_time_ms",
+                        ]
+                        .iter()
+                        .any(|n| msg.contains(n));
+                        prop_assert!(named, "{}", msg);
+                    }
+                }
+            }
+        }
     }
 
     #[test]

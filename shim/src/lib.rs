@@ -505,6 +505,9 @@ pub fn read_frame(mut r: impl Read) -> io::Result<Option<ShimMsg>> {
 }
 
 #[cfg(test)]
+mod props;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn launch_requests_round_trip_and_refuse_garbage() {

@@ -6,6 +6,7 @@ mod harness;
 
 mod admission;
 mod cli;
+mod clients;
 mod continuation;
 mod disk;
 mod hardening;
@@ -13,6 +14,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod llm;
+mod llm_frames;
 mod llm_http;
 mod relay;
 mod session_data;
