@@ -16,6 +16,19 @@ step() { printf '\n==> %s\n' "$*" >&2; }
 step "nsjail"
 TURNSTILE_NSJAIL=$(bash scripts/setup-nsjail.sh)
 export TURNSTILE_NSJAIL
+step "postgresql (the fleet-mode tests start throwaway servers of their own)"
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "PostgreSQL server binaries are missing: install the postgresql package (as root: apt-get install postgresql)" >&2
+        exit 1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    # No system cluster: the tests make their own on temp data dirs.
+    apt-get install -y -qq postgresql-common >/dev/null
+    sed -i 's/^#* *create_main_cluster.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf
+    apt-get install -y -qq postgresql >/dev/null
+fi
 step "grpcio (the stock Python gRPC client, for one integration test)"
 TURNSTILE_GRPCIO_PYTHON=$(bash scripts/setup-grpcio.sh)
 export TURNSTILE_GRPCIO_PYTHON

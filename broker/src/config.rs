@@ -295,6 +295,8 @@ pub struct Config {
     pub disk_reserve_bytes: Option<u64>,
     /// How session disk limits are enforced (see [`DiskBackend`]).
     pub disk_backend: DiskBackend,
+    /// Fleet mode (see [`crate::fleet`]); without it, one host.
+    pub fleet: Option<crate::fleet::FleetConfig>,
 }
 
 /// How session disk limits are enforced.
@@ -353,6 +355,7 @@ impl Default for Config {
             warm_spares: 2,
             disk_reserve_bytes: None,
             disk_backend: DiskBackend::default(),
+            fleet: None,
         }
     }
 }
@@ -471,6 +474,8 @@ pub enum ConfigError {
     },
     #[error("bundle mount {0:?}: want an absolute SRC or SRC:DST")]
     BundleMount(String),
+    #[error("{0}")]
+    Fleet(String),
 }
 
 impl Config {
@@ -559,6 +564,9 @@ impl Config {
         }
         for m in &self.bundle_mounts {
             parse_bundle_mount(m)?;
+        }
+        if let Some(fleet) = &self.fleet {
+            fleet.validate().map_err(ConfigError::Fleet)?;
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ pub mod archive;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod fleet;
 pub mod jail;
 pub mod llm;
 pub mod process;

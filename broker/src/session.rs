@@ -508,9 +508,8 @@ impl<'a> Staging<'a> {
         }
     }
 
-    /// Moves the complete tree into place as session `id`, atomically and
-    /// only if no session `id` exists (`renameat2(RENAME_NOREPLACE)`).
-    fn publish(mut self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
+    /// Completes the tree as a session dir: home and work, mode, metadata.
+    fn seal(&self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
         // Both must be real directories: whatever the tree came from.
         for part in ["home", "work"] {
             part_dir(id, &self.fd, part, self.sessions.owner, &self.path())?;
@@ -520,7 +519,13 @@ impl<'a> Staging<'a> {
         let bytes = serde_json::to_vec_pretty(meta).map_err(std::io::Error::other);
         bytes
             .and_then(|b| tree::write_atomic(&self.fd, OsStr::new("meta.json"), &b, 0o600))
-            .map_err(|e| BrokerError::io("cannot write", self.path().join("meta.json"), e))?;
+            .map_err(|e| BrokerError::io("cannot write", self.path().join("meta.json"), e))
+    }
+
+    /// Moves the complete tree into place as session `id`, atomically and
+    /// only if no session `id` exists (`renameat2(RENAME_NOREPLACE)`).
+    fn publish(mut self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
+        self.seal(id, meta)?;
         let root = &self.sessions.root_fd;
         match rustix::fs::renameat_with(
             root,
@@ -631,6 +636,84 @@ impl Sessions {
         }
         staging.publish(id, &meta)?;
         Ok(meta)
+    }
+
+    /// Replaces session `id`'s tree (whose lease the caller holds) with
+    /// one read from an archive, or creates it (blocking). The archive is
+    /// extracted into staging under the same rules as [`Sessions::import`];
+    /// `before` then runs on the complete staging dir (to add files of the
+    /// caller's beside `meta.json`), and the tree is swapped into place in
+    /// one `renameat2(RENAME_EXCHANGE)`: at every moment the session is
+    /// either its old tree or its new one. The old tree is then removed.
+    /// Any failure leaves the session as it was.
+    pub fn restore(
+        &self,
+        lease: &Lease,
+        r: impl std::io::Read,
+        caps: crate::archive::ImportCaps,
+        before: impl FnOnce(&OwnedFd) -> std::io::Result<()>,
+    ) -> Result<SessionMeta, BrokerError> {
+        let id = lease.session_id();
+        let staging = Staging::new(self, "import", id)?;
+        staging.image()?;
+        let imported = crate::archive::import(r, &staging.fd, caps, self.owner)?;
+        let mut meta: SessionMeta = match imported.meta {
+            Some(bytes) => serde_json::from_slice(&bytes)
+                .map_err(|e| crate::archive::ImportError::BadMeta(e.to_string()))?,
+            None => SessionMeta::default(),
+        };
+        meta.session_id = id.to_string();
+        if meta.created_unix_ms == 0 {
+            meta.created_unix_ms = now_unix_ms();
+        }
+        staging.seal(id, &meta)?;
+        before(&staging.fd).map_err(|e| BrokerError::io("cannot write into", staging.path(), e))?;
+        if self.open(id)?.is_none() {
+            staging.publish(id, &meta)?;
+            return Ok(meta);
+        }
+        let root = &self.root_fd;
+        rustix::fs::renameat_with(
+            root,
+            staging.name.as_str(),
+            root,
+            id,
+            rustix::fs::RenameFlags::EXCHANGE,
+        )
+        .map_err(|e| BrokerError::io("cannot swap in", self.root.join(id), e.into()))?;
+        let _ = rustix::fs::fsync(root);
+        // The old tree now sits under the staging name, unpublished: its
+        // drop unmounts and removes it.
+        drop(staging);
+        Ok(meta)
+    }
+
+    /// Renames session `id` (whose lease the caller holds) to the new
+    /// session id `to`, which must not exist; its metadata follows.
+    pub fn set_aside(&self, lease: &Lease, to: &str) -> Result<(), BrokerError> {
+        let id = lease.session_id();
+        crate::validate::session_id(to)?;
+        self.open_existing(id)?;
+        let root = &self.root_fd;
+        match rustix::fs::renameat_with(root, id, root, to, rustix::fs::RenameFlags::NOREPLACE) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => {
+                return Err(BrokerError::SessionExists(to.to_string()));
+            }
+            Err(e) => {
+                return Err(BrokerError::io(
+                    "cannot rename",
+                    self.root.join(id),
+                    e.into(),
+                ));
+            }
+        }
+        let _ = rustix::fs::fsync(root);
+        if let Some(mut meta) = self.meta(to) {
+            meta.session_id = to.to_string();
+            self.write_meta(&self.paths(to), &meta)?;
+        }
+        Ok(())
     }
 
     /// Takes the lease of a session that does not exist yet (for import).
@@ -866,6 +949,50 @@ mod tests {
             .await
             .expect_err("timeout");
         assert!(matches!(err, BrokerError::BusyAfterWait { .. }));
+    }
+
+    #[tokio::test]
+    async fn restore_swaps_a_tree_in_and_a_refused_archive_changes_nothing() {
+        let (_d, s) = store();
+        let lease = s
+            .lease("a", "t0", LeasePolicy::Reject)
+            .await
+            .expect("lease");
+        let (paths, _, _) = s.ensure(&lease).expect("ensure");
+        std::fs::write(paths.work.join("f"), "old").expect("write");
+        let src = tempfile::tempdir().expect("src");
+        std::fs::create_dir_all(src.path().join("home")).expect("home");
+        std::fs::create_dir_all(src.path().join("work")).expect("work");
+        std::fs::write(src.path().join("work/f"), "new").expect("write");
+        let mut tar = Vec::new();
+        crate::archive::export(tree::open_dir_path(src.path()).expect("open"), &mut tar)
+            .expect("export");
+        let caps = crate::archive::ImportCaps {
+            max_bytes: 1 << 20,
+            max_entries: 100,
+        };
+        let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+        s.restore(&lease, &b"not a tar"[..], caps, |_| Ok(()))
+            .expect_err("refused");
+        assert_eq!(read(&paths.work.join("f")), "old");
+        s.restore(&lease, &tar[..], caps, |fd| {
+            tree::write_atomic(fd, OsStr::new("extra"), b"x", 0o600)
+        })
+        .expect("restore");
+        assert_eq!(read(&paths.work.join("f")), "new");
+        assert_eq!(read(&paths.dir.join("extra")), "x");
+        // Neither staging tree nor the old one is left.
+        let names: Vec<_> = std::fs::read_dir(s.root())
+            .expect("list")
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("a")]);
+        // Kept aside under a new id, metadata following.
+        s.set_aside(&lease, "a.kept-1").expect("set aside");
+        assert_eq!(read(&s.paths("a.kept-1").work.join("f")), "new");
+        assert_eq!(s.meta("a.kept-1").expect("meta").session_id, "a.kept-1");
+        assert!(s.meta("a").is_none());
     }
 
     #[tokio::test]

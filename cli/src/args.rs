@@ -74,6 +74,10 @@ pub struct DoctorArgs {
     /// Print the checks as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The broker's config file: with a `[fleet]` table, also check the
+    /// fleet's database, schema and archive store.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

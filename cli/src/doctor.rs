@@ -413,6 +413,34 @@ async fn socket_check(sock: &Path) -> Check {
     }
 }
 
+/// The fleet checks of config file `path` (none without `[fleet]`).
+async fn fleet_checks(path: &Path) -> Vec<Check> {
+    let config = match Config::from_toml_file(path) {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![fail(
+                "config file",
+                e.to_string(),
+                "fix the config file (see the README's configuration section)",
+            )];
+        }
+    };
+    let Some(fleet) = &config.fleet else {
+        return Vec::new();
+    };
+    turnstile_fleet::doctor::checks(fleet)
+        .await
+        .into_iter()
+        .map(|c| Check {
+            name: c.name,
+            ok: c.ok,
+            detail: c.detail,
+            remedy: c.remedy,
+            required: true,
+        })
+        .collect()
+}
+
 /// `turnstile doctor`: prints the checks; non-zero when nsjail mode cannot
 /// work.
 pub async fn doctor(args: DoctorArgs) -> i32 {
@@ -424,7 +452,10 @@ pub async fn doctor(args: DoctorArgs) -> i32 {
         socket: args.socket,
         disk_backend: args.disk_backend.unwrap_or(defaults.disk_backend),
     };
-    let checks = checks(&input).await;
+    let mut checks = checks(&input).await;
+    if let Some(path) = &args.config {
+        checks.extend(fleet_checks(path).await);
+    }
     if args.json {
         println!("{}", serde_json::json!({ "checks": checks }));
     } else {
