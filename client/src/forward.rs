@@ -125,6 +125,8 @@ pub enum ForwarderError {
     Header(String),
     #[error("the LLM credential is empty or holds characters a header cannot carry")]
     Key,
+    #[error("cannot set up TLS for the LLM upstream: {0}")]
+    Tls(String),
 }
 
 type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
@@ -197,8 +199,13 @@ impl LlmForwarder {
         http.enforce_http(false);
         http.set_nodelay(true);
         http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        // The crypto provider is named, not left to rustls' process default:
+        // a binary that links both of rustls' providers (the cli, through
+        // the fleet's cloud SDKs) has no default.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_webpki_roots()
+            .with_provider_and_webpki_roots(provider)
+            .map_err(|e| ForwarderError::Tls(e.to_string()))?
             .https_or_http()
             .enable_http1()
             .wrap_connector(http);

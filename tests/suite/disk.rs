@@ -303,7 +303,8 @@ async fn image_grows_with_the_limit_and_a_lower_limit_ends_the_turn(mode: Mode) 
     let o = h
         .run(limited(
             "grow",
-            "echo ready; read never",
+            // Runs until the watch ends it (stdin is closed at once).
+            "echo ready; exec sleep 1000",
             limit_bytes(8 * MIB),
         ))
         .await;
