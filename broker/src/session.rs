@@ -621,10 +621,23 @@ impl Sessions {
         if self.open(id)?.is_some() {
             return Err(BrokerError::SessionExists(id.to_string()));
         }
+        let (staging, meta) = self.extract(id, r, caps)?;
+        staging.publish(id, &meta)?;
+        Ok(meta)
+    }
+
+    /// Extracts an archive into a new staging tree for session `id` (on a
+    /// disk image of its own with the image backend), and reads its
+    /// metadata: the session's history, under our id.
+    fn extract(
+        &self,
+        id: &str,
+        r: impl std::io::Read,
+        caps: crate::archive::ImportCaps,
+    ) -> Result<(Staging<'_>, SessionMeta), BrokerError> {
         let staging = Staging::new(self, "import", id)?;
         staging.image()?;
         let imported = crate::archive::import(r, &staging.fd, caps, self.owner)?;
-        // The archive's metadata is the session's history; its id is ours.
         let mut meta: SessionMeta = match imported.meta {
             Some(bytes) => serde_json::from_slice(&bytes)
                 .map_err(|e| crate::archive::ImportError::BadMeta(e.to_string()))?,
@@ -634,8 +647,7 @@ impl Sessions {
         if meta.created_unix_ms == 0 {
             meta.created_unix_ms = now_unix_ms();
         }
-        staging.publish(id, &meta)?;
-        Ok(meta)
+        Ok((staging, meta))
     }
 
     /// Replaces session `id`'s tree (whose lease the caller holds) with
@@ -654,18 +666,7 @@ impl Sessions {
         before: impl FnOnce(&OwnedFd) -> std::io::Result<()>,
     ) -> Result<SessionMeta, BrokerError> {
         let id = lease.session_id();
-        let staging = Staging::new(self, "import", id)?;
-        staging.image()?;
-        let imported = crate::archive::import(r, &staging.fd, caps, self.owner)?;
-        let mut meta: SessionMeta = match imported.meta {
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map_err(|e| crate::archive::ImportError::BadMeta(e.to_string()))?,
-            None => SessionMeta::default(),
-        };
-        meta.session_id = id.to_string();
-        if meta.created_unix_ms == 0 {
-            meta.created_unix_ms = now_unix_ms();
-        }
+        let (staging, meta) = self.extract(id, r, caps)?;
         staging.seal(id, &meta)?;
         before(&staging.fd).map_err(|e| BrokerError::io("cannot write into", staging.path(), e))?;
         if self.open(id)?.is_none() {
