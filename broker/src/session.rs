@@ -373,12 +373,9 @@ impl Sessions {
         let paths = self.paths(id);
         mkdir_at(&self.root_fd, id, 0o711)
             .map_err(|e| BrokerError::io("cannot create", &paths.dir, e))?;
+        // A session on a disk image was mounted by `prepare_disk`, which
+        // every turn runs before this.
         let dir = self.open_existing(id)?;
-        if let Some(images) = &self.images
-            && volume::has_image(&dir, &paths.dir)?
-        {
-            images.volumes.attach(&dir, &paths.dir)?;
-        }
         let home = part_dir(id, &dir, "home", self.owner, &paths.dir)?;
         let work = part_dir(id, &dir, "work", self.owner, &paths.dir)?;
         let meta = read_meta(id, &dir)?.unwrap_or_else(|| SessionMeta {

@@ -233,9 +233,20 @@ impl Volumes {
     /// Mounts session dir `dir`'s image and binds its home and work, where
     /// not mounted yet (a restarted broker finds its mounts in place).
     pub fn attach(&self, dir: &OwnedFd, path: &Path) -> Result<(), VolumeError> {
+        let dev = dev_of(dir, path)?;
+        // The common case, every turn of a session after its first: both
+        // parts are mounted already.
+        let mounted = |part: &str| {
+            tree::open_dir(dir, OsStr::new(part))
+                .ok()
+                .and_then(|fd| rustix::fs::fstat(fd).ok())
+                .is_some_and(|st| tree::num(st.st_dev) != dev)
+        };
+        if PARTS.iter().all(|p| mounted(p)) {
+            return Ok(());
+        }
         let vol_path = path.join(VOL);
         let vol = self.mount_vol(dir, path)?;
-        let dev = dev_of(dir, path)?;
         for part in PARTS {
             let inner = part_in(&vol, part, self.owner)
                 .map_err(|e| io("cannot open", vol_path.join(part), e))?;
@@ -260,7 +271,13 @@ impl Volumes {
     /// as it is, and says so: the turn runs with the room it has.
     pub fn grow_to(&self, dir: &OwnedFd, path: &Path, bytes: u64) -> Result<(), VolumeError> {
         let vol = path.join(VOL);
-        let room = capacity(&vol)?.saturating_add(statvfs(&vol)?.used_bytes());
+        let st = rustix::fs::statvfs(&vol).map_err(|e| io("cannot statvfs", &vol, e.into()))?;
+        // What a writer can reach: what is used plus what is still free.
+        let room = st
+            .f_blocks
+            .saturating_sub(st.f_bfree)
+            .saturating_add(st.f_bavail)
+            .saturating_mul(st.f_frsize);
         if room >= bytes {
             return Ok(());
         }
@@ -404,6 +421,12 @@ pub fn remove(dir: &OwnedFd, path: &Path) {
 /// The use of a session whose `home` is an image's (one `statvfs`); `None`
 /// when `home` is a plain directory.
 pub fn usage(session_dir: &Path) -> Option<Usage> {
+    image_statvfs(session_dir).map(|st| used(&st))
+}
+
+/// The `statvfs` of a session's image, through its `home`; `None` when
+/// `home` is a plain directory.
+fn image_statvfs(session_dir: &Path) -> Option<rustix::fs::StatVfs> {
     let dir = tree::open_dir_path(session_dir).ok()?;
     let home = tree::open_dir(&dir, OsStr::new("home")).ok()?;
     let (d, h) = (
@@ -413,8 +436,11 @@ pub fn usage(session_dir: &Path) -> Option<Usage> {
     if d.st_dev == h.st_dev {
         return None;
     }
-    let st = rustix::fs::fstatvfs(&home).ok()?;
-    Some(Usage {
+    rustix::fs::fstatvfs(&home).ok()
+}
+
+fn used(st: &rustix::fs::StatVfs) -> Usage {
+    Usage {
         bytes: st
             .f_blocks
             .saturating_sub(st.f_bfree)
@@ -423,41 +449,17 @@ pub fn usage(session_dir: &Path) -> Option<Usage> {
             .f_files
             .saturating_sub(st.f_ffree)
             .saturating_sub(BASE_INODES),
-    })
+    }
 }
 
 /// The use of a session on an image that has no room left (the kernel
 /// refuses its writes): under 1 % of the image (at least 256 KiB) or no
 /// inode free. `None` for a session with room, or on plain directories.
 pub fn full(session_dir: &Path) -> Option<Usage> {
-    let usage = usage(session_dir)?;
-    let st = rustix::fs::statvfs(session_dir.join("home")).ok()?;
+    let st = image_statvfs(session_dir)?;
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let total = st.f_blocks.saturating_mul(st.f_frsize);
-    (free < (total / 100).max(256 << 10) || st.f_favail == 0).then_some(usage)
-}
-
-struct Vfs(rustix::fs::StatVfs);
-
-impl Vfs {
-    fn used_bytes(&self) -> u64 {
-        self.0
-            .f_blocks
-            .saturating_sub(self.0.f_bfree)
-            .saturating_mul(self.0.f_frsize)
-    }
-}
-
-fn statvfs(path: &Path) -> Result<Vfs, VolumeError> {
-    rustix::fs::statvfs(path)
-        .map(Vfs)
-        .map_err(|e| io("cannot statvfs", path, e.into()))
-}
-
-/// Bytes an unprivileged writer can still write on the filesystem at `vol`.
-fn capacity(vol: &Path) -> Result<u64, VolumeError> {
-    let st = statvfs(vol)?;
-    Ok(st.0.f_bavail.saturating_mul(st.0.f_frsize))
+    (free < (total / 100).max(256 << 10) || st.f_favail == 0).then(|| used(&st))
 }
 
 fn size_of(dir: &OwnedFd, path: &Path) -> Result<u64, VolumeError> {
