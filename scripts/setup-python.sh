@@ -21,6 +21,8 @@ die() {
     exit 1
 }
 say() { printf 'setup-python: %s\n' "$*" >&2; }
+# shellcheck source=scripts/venv.sh
+source "$repo/scripts/venv.sh"
 
 mkdir -p "$tools"
 exec 9>"$tools/.setup-python.lock"
@@ -30,25 +32,7 @@ command -v "$python" >/dev/null || die "$python not found (set PYTHON=/path/to/p
 "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))' \
     || die "$python is older than 3.10, which the client needs (set PYTHON=/path/to/python3)"
 
-make_venv() { "$python" -m venv --clear "$venv" >/dev/null 2>&1; }
-
-if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import sys' 2>/dev/null; then
-    say "creating venv $venv"
-    if ! make_venv; then
-        # Debian splits venv/ensurepip into python3-venv; only apt's own python needs it.
-        if [[ "$(command -v "$python")" == /usr/bin/* ]] && command -v apt-get >/dev/null \
-            && [[ $(id -u) -eq 0 ]]; then
-            say "python3 -m venv failed; installing python3-venv with apt-get"
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv >&2 \
-                || { apt-get update -q >&2 && DEBIAN_FRONTEND=noninteractive \
-                    apt-get install -y -q python3-venv >&2; } \
-                || die "apt-get install python3-venv failed"
-            make_venv || die "'$python -m venv $venv' failed even with python3-venv installed"
-        else
-            die "'$python -m venv $venv' failed (on Debian/Ubuntu: apt-get install python3-venv)"
-        fi
-    fi
-fi
+ensure_venv "$python" "$venv"
 
 pip=("$venv/bin/python" -m pip --quiet --disable-pip-version-check)
 say "installing the check tools (clients/python/requirements-dev.txt)"
