@@ -111,7 +111,20 @@ class Daemon:
 
     def stop(self) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        # Session disk images a broker that did not stop cleanly left mounted,
+        # deepest first, so that the temp dir can go.
+        mounts = [
+            line.split(" ")[4]
+            for line in Path("/proc/self/mountinfo").read_text().splitlines()
+            if line.split(" ")[4].startswith(f"{self.dir}/")
+        ]
+        for mount in sorted(mounts, key=lambda m: m.count("/"), reverse=True):
+            subprocess.run(["umount", "-l", mount], check=False, capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
