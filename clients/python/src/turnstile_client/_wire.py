@@ -19,18 +19,37 @@ import grpc
 from google.protobuf.message import Message
 
 
-async def send(call: Any, message: Message) -> bool:
+async def send(call: Any, message: Message, *, first: bool = False) -> bool:
     """Sends one message on a client-streaming or bidi call. False when the call
     is over (the server ended it, or it was cancelled): its status, read from the
-    call, says how; it was not touched. A refused call's status is raised here."""
+    call, says how; it was not touched. A refused call's status is raised here.
+
+    ``first``: the call's first message, sent as soon as grpcio has started the
+    call (its headers queued) instead of after it saw them go out: one wake-up of
+    the event loop less before the broker can act on it (a turn's ``Start``)."""
     if call.done():
         return False
+    raw: Any = getattr(call, "_cython_call", None)
+    usable = raw is not None and hasattr(raw, "send_serialized_message")
+    if first and usable:
+        # grpcio's task that starts the call was queued when the call was made:
+        # one turn of the loop runs it. Should the call not be started yet after
+        # all, Core refuses the send and the careful path below takes over.
+        await asyncio.sleep(0)
+        try:
+            await raw.send_serialized_message(message.SerializeToString())
+            return True
+        except asyncio.CancelledError:
+            if not call.cancelled():
+                call.cancel()
+            raise
+        except Exception:  # noqa: BLE001 - not started yet, or over: see below
+            pass
     # Raises the call's status if it ended before its headers went out.
     await call.wait_for_connection()
     if call.done():
         return False
-    raw = getattr(call, "_cython_call", None)
-    if raw is None or not hasattr(raw, "send_serialized_message"):
+    if not usable:
         # A grpcio without the operation: the public write, status caveat and all.
         try:
             await call.write(message)

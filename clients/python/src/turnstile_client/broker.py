@@ -156,22 +156,10 @@ class Broker:
 
         async def begin() -> Turn:
             call = self._rpc().Turn(metadata=self._metadata)
-            piped = stdin is PIPE
-            turn = Turn(self, call, session_id, piped)
-            try:
-                # A write that finds the call over leaves the refusal to the
-                # read below.
-                if await _wire.send(call, pb.TurnRequest(start=start)) and stdin is None:
-                    await _wire.send(call, pb.TurnRequest(stdin_eof=pb.StdinEof()))
-            except grpc.aio.AioRpcError as e:
-                raise from_rpc_error(e) from None
-            except BaseException:
-                call.cancel()
-                raise
-            if stdin is not None and not piped:
-                # From a task: an agent that writes before it reads must not
-                # stall behind its own stdin.
-                turn._feed(stdin)
+            turn = Turn(self, call, session_id, piped=stdin is PIPE)
+            # Start goes out from the turn's input task while this reads the
+            # first event: Started, Exited, or the refusal's status.
+            turn._open(start, stdin)
             try:
                 await turn._first_event()
             except BaseException:

@@ -89,6 +89,7 @@ class Turn:
         self._feeder: asyncio.Task[None] | None = None
         self._feeder_error: BaseException | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._first_read = asyncio.Event()
         #: The session this turn runs in.
         self.session_id = session_id
         #: The ``Started`` event once read (None if the agent never started).
@@ -177,6 +178,7 @@ class Turn:
         except StopAsyncIteration:
             raise TurnLost(self._lost_message()) from None
         self._pending.append(event)
+        self._first_read.set()
 
     async def collect(self) -> TurnResult:
         """Reads the turn to its end; returns its whole stdout, stderr and ``Exited``."""
@@ -201,12 +203,12 @@ class Turn:
 
     # -- input ------------------------------------------------------------------
 
-    async def _send(self, req: pb.TurnRequest) -> None:
+    async def _send(self, req: pb.TurnRequest, *, first: bool = False) -> None:
         async with self._write_lock:
             if self._aborted or self.exited is not None:
                 raise TurnGone("the turn is over")
             try:
-                sent = await _wire.send(self._call, req)
+                sent = await _wire.send(self._call, req, first=first)
             except grpc.aio.AioRpcError:
                 sent = False  # The reader raises the status.
             if not sent:
@@ -302,14 +304,28 @@ class Turn:
     ) -> None:
         await self.aclose()
 
-    # -- stdin feeding (run_turn's stdin=...) -------------------------------------
+    # -- the turn's opening input: Start, then run_turn's stdin=... ----------------
 
-    def _feed(self, source: StdinSource) -> None:
-        self._feeder = asyncio.ensure_future(self._feed_all(source))
+    def _open(self, start: pb.Start, stdin: StdinSource) -> None:
+        """Sends ``Start``, then feeds (or closes) stdin, from a task of its own:
+        the caller reads the first event meanwhile, and an agent that writes
+        before it reads never stalls behind its own stdin."""
+        self._feeder = asyncio.ensure_future(self._send_input(start, stdin))
 
-    async def _feed_all(self, source: StdinSource) -> None:
+    async def _send_input(self, start: pb.Start, source: StdinSource) -> None:
         try:
-            if isinstance(source, (bytes, bytearray, memoryview)):
+            await self._send(pb.TurnRequest(start=start), first=True)
+        except TurnGone:
+            return  # Refused: the reader raises the status.
+        if source is PIPE:
+            return
+        # Stdin waits for the first event: the agent reads none of it before it
+        # runs, and this process stays quiet while the broker spawns it.
+        await self._first_read.wait()
+        try:
+            if source is None:
+                pass
+            elif isinstance(source, (bytes, bytearray, memoryview)):
                 await self._write_stdin(source)
             elif isinstance(source, AsyncIterable):
                 async for chunk in source:
