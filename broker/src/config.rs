@@ -297,6 +297,9 @@ pub struct Config {
     pub disk_backend: DiskBackend,
     /// Fleet mode (see [`crate::fleet`]); without it, one host.
     pub fleet: Option<crate::fleet::FleetConfig>,
+    /// Agent profiles (`[profiles.NAME]` tables): the built-in ones
+    /// (`claude-code`, `codex`), changed field by field, plus new ones.
+    pub profiles: crate::profile::Profiles,
 }
 
 /// How session disk limits are enforced.
@@ -356,6 +359,7 @@ impl Default for Config {
             disk_reserve_bytes: None,
             disk_backend: DiskBackend::default(),
             fleet: None,
+            profiles: crate::profile::Profiles::default(),
         }
     }
 }
@@ -476,6 +480,8 @@ pub enum ConfigError {
     BundleMount(String),
     #[error("{0}")]
     Fleet(String),
+    #[error("profile {name}: {why}")]
+    Profile { name: String, why: String },
 }
 
 impl Config {
@@ -568,6 +574,9 @@ impl Config {
         if let Some(fleet) = &self.fleet {
             fleet.validate().map_err(ConfigError::Fleet)?;
         }
+        self.profiles
+            .validate()
+            .map_err(|(name, why)| ConfigError::Profile { name, why })?;
         Ok(())
     }
 

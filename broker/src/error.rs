@@ -24,6 +24,12 @@ pub enum InputError {
     Cwd(String),
     #[error("invalid llm env var {0:?}: want [A-Za-z_][A-Za-z0-9_]{{0,255}}")]
     LlmEnvVar(String),
+    #[error(
+        "llm env var {0} is named both as a base-URL and as a credential variable: it holds one of them"
+    )]
+    LlmVarTwice(String),
+    #[error("unknown agent profile {name:?}: this broker has {known} (and \"\" for none)")]
+    UnknownProfile { name: String, known: String },
     #[error("limit {name} = {value} is out of range: at most {max}")]
     OverMax {
         name: &'static str,

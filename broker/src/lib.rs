@@ -18,7 +18,9 @@
 //! - one turn, as its steps: [`turn`].
 //! - a turn's jail on the host: [`jail`] (nsjail config, cgroups, spawning,
 //!   ready spares); process control behind a trait: [`process`].
-//! - the broker side of the LLM relay: [`llm`].
+//! - the broker side of the LLM relay: [`llm`]; what an agent's CLI needs
+//!   to use it (variables, placeholder credentials, config files, mounts):
+//!   [`profile`].
 
 pub mod archive;
 pub mod config;
@@ -28,6 +30,7 @@ pub mod fleet;
 pub mod jail;
 pub mod llm;
 pub mod process;
+pub mod profile;
 pub mod server;
 pub mod service;
 pub mod session;

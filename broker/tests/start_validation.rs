@@ -346,6 +346,7 @@ fn start() -> impl Strategy<Value = pb::Start> {
                     llm_env_vars,
                     limits,
                     lease: lease.map(|(policy, wait_ms)| pb::Lease { policy, wait_ms }),
+                    ..Default::default()
                 },
             )
     })
@@ -392,7 +393,10 @@ proptest! {
                     InputError::EnvKey(k) | InputError::ProtectedEnv(k) | InputError::EnvValue(k) => {
                         start.env.contains_key(k)
                     }
-                    InputError::LlmEnvVar(v) => start.llm_env_vars.contains(v),
+                    InputError::LlmEnvVar(v) | InputError::LlmVarTwice(v) => {
+                        start.llm_env_vars.contains(v) || start.llm_credential_env_vars.contains(v)
+                    }
+                    InputError::UnknownProfile { name, .. } => *name == start.profile,
                     InputError::EmptyArgv => start.argv.first().is_none_or(String::is_empty),
                     InputError::OverMax { value, .. } | InputError::OverCap { value, .. } => *value > 0,
                 };

@@ -251,6 +251,7 @@ mod tests {
             port: 0,
             socket_path: "/s".into(),
             env_vars: vec!["URL".into(), "NEW".into()],
+            url_path: String::new(),
         });
         let mut plan = ExecPlan::new(&payload).expect("valid plan");
         plan.set_env("URL", "http://127.0.0.1:9").expect("set");

@@ -206,8 +206,13 @@ pub struct LlmBridge {
     pub port: u16,
     /// Unix socket each accepted connection is joined to.
     pub socket_path: String,
-    /// Environment variables set to `http://127.0.0.1:<port>` for the agent.
+    /// Environment variables set to `http://127.0.0.1:<port>` plus
+    /// `url_path` for the agent.
     pub env_vars: Vec<String>,
+    /// Path appended to the bridge URL (an agent profile's, e.g. `/v1`);
+    /// empty for none.
+    #[serde(default)]
+    pub url_path: String,
 }
 
 /// Everything the shim needs to run one turn's agent.

@@ -113,7 +113,7 @@ fn run(max_payload: usize, control: &mut Control) -> Result<i32, ShimError> {
     //    nothing).
     if let Some(llm) = &payload.llm {
         let port = bridge::start(llm).map_err(ShimError::Bridge)?;
-        let url = format!("http://127.0.0.1:{port}");
+        let url = format!("http://127.0.0.1:{port}{}", llm.url_path);
         for key in &llm.env_vars {
             plan.set_env(key, &url).map_err(ShimError::Payload)?;
         }

@@ -132,6 +132,7 @@ fn payload() -> impl Strategy<Value = InitPayload> {
                     port,
                     socket_path,
                     env_vars,
+                    url_path: String::new(),
                 }),
             },
         )

@@ -58,6 +58,7 @@ fn bridged(dir: &Path, socket_path: &Path, script: &str, args: &[&str]) -> InitP
         port: 0,
         socket_path: socket_path.to_str().expect("utf-8 path").into(),
         env_vars: vec!["ANTHROPIC_BASE_URL".into(), "OPENAI_BASE_URL".into()],
+        url_path: String::new(),
     });
     p
 }
@@ -369,6 +370,7 @@ fn a_port_in_use_is_a_setup_failure_before_the_agent_runs() {
         port,
         socket_path: dir.0.join("llm.sock").to_str().expect("utf-8").into(),
         env_vars: vec!["ANTHROPIC_BASE_URL".into()],
+        url_path: String::new(),
     });
     let mut shim = Shim::start(dir, &p);
     let (class, message) = shim.go_and_fail();

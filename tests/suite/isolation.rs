@@ -40,11 +40,13 @@ async fn broker_environment_never_reaches_the_agent(mode: Mode) {
         .filter_map(|l| l.split_once('=').map(|(k, _)| k))
         .collect();
     keys.sort();
-    // Exactly the allowlist plus Start.env plus the LLM bridge URL (sh adds
-    // nothing but PWD, which the broker sets too).
+    // Exactly the allowlist plus Start.env plus the LLM bridge URL and its
+    // placeholder credential (sh adds nothing but PWD, which the broker
+    // sets too).
     assert_eq!(
         keys,
         [
+            "ANTHROPIC_API_KEY",
             "ANTHROPIC_BASE_URL",
             "HOME",
             "LANG",

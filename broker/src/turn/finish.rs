@@ -306,6 +306,8 @@ mod tests {
             limits: Limits::unlimited(),
             lease: LeasePolicy::Reject,
             llm_env_vars: vec![],
+            llm_credential_env_vars: vec![],
+            profile: Default::default(),
             disk_file_cap: None,
         }
     }

@@ -186,6 +186,7 @@ impl Turn {
                 hostname: hello.hostname.clone(),
             }),
             started_at_unix_ms: now_unix_ms(),
+            llm_profile: Some(self.spec.profile.started_info()),
         };
         info!(spawn_us, shim.pid = shim_pid, "agent started");
         let _ = self

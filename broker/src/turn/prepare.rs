@@ -32,6 +32,10 @@ pub struct TurnPaths {
     pub work: String,
     pub cwd: String,
     pub tmp: String,
+    /// Port of the LLM bridge on the agent's loopback: the broker's
+    /// setting in nsjail mode; in direct mode 0 (the shim picks one),
+    /// unless a profile file names the URL (then one reserved here).
+    pub llm_port: u16,
 }
 
 impl TurnPaths {
@@ -60,7 +64,13 @@ impl TurnPaths {
             Mode::Nsjail => format!("{}/llm.sock", jail::JAIL_RUN),
             Mode::Direct => llm_socket.to_string_lossy().into_owned(),
         };
+        let llm_port = match broker.mode() {
+            Mode::Nsjail => broker.config.llm_port,
+            Mode::Direct if spec.profile.files_need_url() => reserve_port(),
+            Mode::Direct => 0,
+        };
         TurnPaths {
+            llm_port,
             llm_socket,
             llm_socket_jail,
             payload: turn_dir.join("init.msgpack"),
@@ -75,7 +85,32 @@ impl TurnPaths {
     }
 }
 
-/// The agent's environment: the allowlist, then `Start.env` (sorted).
+/// A free port on the host's loopback for a direct-mode bridge whose URL
+/// must be known before the shim binds it (a profile file names it). The
+/// port is free when picked; should another process take it before the
+/// shim binds it, the turn fails to spawn, naming the address.
+fn reserve_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// The bridge URL the agent gets (with the profile's path suffix), when
+/// its port is known before the spawn.
+pub fn llm_base_url(spec: &TurnSpec, paths: &TurnPaths) -> Option<String> {
+    (paths.llm_port != 0).then(|| {
+        format!(
+            "http://127.0.0.1:{}{}",
+            paths.llm_port, spec.profile.base_url_path
+        )
+    })
+}
+
+/// The agent's environment: the allowlist; `PATH` and `LANG` defaults; the
+/// profile's environment and the placeholder credentials; then `Start.env`
+/// (sorted), which wins over the three before it. The bridge URL variables
+/// are set by the shim once its port is bound.
 pub fn agent_env(broker: &Broker, spec: &TurnSpec, paths: &TurnPaths) -> Vec<(String, String)> {
     let mut env = vec![
         ("HOME".to_string(), paths.home.clone()),
@@ -84,12 +119,23 @@ pub fn agent_env(broker: &Broker, spec: &TurnSpec, paths: &TurnPaths) -> Vec<(St
         ("TMPDIR".to_string(), paths.tmp.clone()),
         ("PWD".to_string(), paths.cwd.clone()),
     ];
+    let profile = &spec.profile;
+    let in_start = |k: &str| spec.env.iter().any(|(key, _)| key == k);
     for (k, default) in [
         ("PATH", broker.config.agent_path.as_str()),
         ("LANG", "C.UTF-8"),
     ] {
-        if !spec.env.iter().any(|(key, _)| key == k) {
+        if !in_start(k) && !profile.env.contains_key(k) {
             env.push((k.to_string(), default.to_string()));
+        }
+    }
+    let placeholders = spec
+        .llm_credential_env_vars
+        .iter()
+        .map(|k| (k, &profile.placeholder));
+    for (k, v) in profile.env.iter().chain(placeholders) {
+        if !in_start(k) {
+            env.push((k.clone(), v.clone()));
         }
     }
     env.extend(spec.env.iter().cloned());
@@ -127,12 +173,10 @@ pub fn build_payload(
             processes: if no_cgroups { l.max_processes } else { None },
         },
         llm: Some(turnstile_shim::LlmBridge {
-            port: match broker.mode() {
-                Mode::Nsjail => broker.config.llm_port,
-                Mode::Direct => 0,
-            },
+            port: paths.llm_port,
             socket_path: paths.llm_socket_jail.clone(),
             env_vars: spec.llm_env_vars.clone(),
+            url_path: spec.profile.base_url_path.clone(),
         }),
     };
     let bytes = payload.encode()?;
@@ -176,6 +220,7 @@ impl Turn {
     /// the cgroup. On an error nothing of it is left behind.
     pub(super) fn prepare(&self) -> Result<Prepared, BrokerError> {
         let (_, meta, dirs) = self.broker.sessions.ensure(&self.lease)?;
+        self.write_profile_files(&dirs)?;
         let turn_dir = &self.paths.turn_dir;
         // The turn dir: a ready one (with its llm.sock bound, and tmp/ in
         // direct mode) renamed to the turn's name, or a new one.
@@ -196,6 +241,25 @@ impl Turn {
             llm,
             launcher,
             dirs,
+        })
+    }
+
+    /// The profile's config files in the session home (rewritten before
+    /// every turn: the bridge URL they name may change), owned by the
+    /// agent. A link or file where a directory goes refuses the turn.
+    fn write_profile_files(&self, dirs: &SessionDirs) -> Result<(), BrokerError> {
+        let profile = &self.spec.profile;
+        if profile.files.is_empty() {
+            return Ok(());
+        }
+        let url = llm_base_url(&self.spec, &self.paths).unwrap_or_default();
+        let owner = crate::process::is_root().then_some(self.broker.outside_ids);
+        let owner = owner.filter(|_| self.broker.mode() == Mode::Nsjail);
+        crate::profile::write_files(&dirs.home, &profile.render_files(&url), owner).map_err(|e| {
+            BrokerError::Damaged {
+                session: self.spec.session_id.clone(),
+                what: format!("profile {}: {e}", profile.name),
+            }
         })
     }
 
@@ -291,6 +355,7 @@ impl Turn {
         let bundle_mounts = config
             .bundle_mounts
             .iter()
+            .chain(&self.spec.profile.bundle_mounts)
             .filter_map(|m| crate::config::parse_bundle_mount(m).ok())
             .collect();
         let wall_s = self

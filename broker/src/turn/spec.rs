@@ -7,12 +7,14 @@ use crate::Broker;
 use crate::config::Limits;
 use crate::disk::DiskLimit;
 use crate::error::InputError;
+use crate::profile::AgentProfile;
 use crate::session::{LeasePolicy, now_unix_ms};
 use crate::validate;
+use std::sync::Arc;
 use std::time::Duration;
 use turnstile_proto::v1 as pb;
 
-/// Default LLM bridge variable.
+/// Default LLM bridge variable (of [`AgentProfile::default_pair`]).
 pub const DEFAULT_LLM_ENV: &str = "ANTHROPIC_BASE_URL";
 
 /// A validated `Start`.
@@ -27,6 +29,10 @@ pub struct TurnSpec {
     pub limits: Limits,
     pub lease: LeasePolicy,
     pub llm_env_vars: Vec<String>,
+    /// Variables set to the profile's placeholder credential.
+    pub llm_credential_env_vars: Vec<String>,
+    /// The agent profile (the default pair when `Start` names none).
+    pub profile: Arc<AgentProfile>,
     /// `RLIMIT_FSIZE` from the session's disk limit: what is left of it.
     pub disk_file_cap: Option<u64>,
 }
@@ -113,15 +119,46 @@ impl TurnSpec {
             start.turn_id
         };
         validate::argv(&start.argv)?;
+        let profile = if start.profile.is_empty() {
+            AgentProfile::default_pair()
+        } else {
+            let profiles = &broker.config.profiles;
+            profiles
+                .get(&start.profile)
+                .cloned()
+                .ok_or_else(|| InputError::UnknownProfile {
+                    name: start.profile.clone(),
+                    known: profiles.names().join(", "),
+                })?
+        };
+        // What `Start` names replaces the profile's list; a variable `Start`
+        // names as a base-URL one leaves the profile's credential list.
+        // Without a profile, base-URL variables named in `Start` come
+        // without a placeholder unless `Start` names one too: the Anthropic
+        // pair is for a `Start` that names neither.
+        let own_vars = start.profile.is_empty() && !start.llm_env_vars.is_empty();
         let llm_env_vars = if start.llm_env_vars.is_empty() {
-            vec![DEFAULT_LLM_ENV.to_string()]
+            profile.base_url_env.clone()
         } else {
             start.llm_env_vars
         };
-        for v in &llm_env_vars {
+        let llm_credential_env_vars = if own_vars || !start.llm_credential_env_vars.is_empty() {
+            start.llm_credential_env_vars
+        } else {
+            let mut vars = profile.credential_env.clone();
+            vars.retain(|v| !llm_env_vars.contains(v));
+            vars
+        };
+        for v in llm_env_vars.iter().chain(&llm_credential_env_vars) {
             if !validate::is_env_key(v) || validate::is_protected_env(v) {
                 return Err(InputError::LlmEnvVar(v.clone()));
             }
+        }
+        if let Some(v) = llm_credential_env_vars
+            .iter()
+            .find(|v| llm_env_vars.contains(v))
+        {
+            return Err(InputError::LlmVarTwice(v.clone()));
         }
         let mut env: Vec<(String, String)> = start.env.into_iter().collect();
         env.sort();
@@ -153,6 +190,8 @@ impl TurnSpec {
             limits,
             lease,
             llm_env_vars,
+            llm_credential_env_vars,
+            profile: Arc::new(profile),
         })
     }
 }
