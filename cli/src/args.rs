@@ -247,13 +247,25 @@ pub struct RunArgs {
     #[arg(long, requires = "llm_upstream")]
     pub llm_key_env: Option<String>,
     /// How the key is sent upstream: `x-api-key: KEY` or
-    /// `authorization: Bearer KEY`.
-    #[arg(long, value_enum, default_value = "x-api-key")]
-    pub llm_header: LlmHeader,
+    /// `authorization: Bearer KEY` (default: as the agent profile says;
+    /// x-api-key without one).
+    #[arg(long, value_enum)]
+    pub llm_header: Option<LlmHeader>,
+    /// The agent profile: `claude-code`, `codex`, or one of the broker's
+    /// config file. It sets the agent's LLM variables, a placeholder
+    /// credential, offline settings and config files, and how the key is
+    /// sent. Default: ANTHROPIC_BASE_URL and a placeholder
+    /// ANTHROPIC_API_KEY.
+    #[arg(long)]
+    pub profile: Option<String>,
     /// The agent's environment variables set to its LLM URL (repeatable;
-    /// default ANTHROPIC_BASE_URL).
+    /// default: the profile's, ANTHROPIC_BASE_URL without one).
     #[arg(long = "llm-env-var")]
     pub llm_env_vars: Vec<String>,
+    /// The agent's environment variables set to a placeholder credential
+    /// (repeatable; default: the profile's, ANTHROPIC_API_KEY without one).
+    #[arg(long = "llm-credential-env-var")]
+    pub llm_credential_env_vars: Vec<String>,
     /// The agent's command.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,

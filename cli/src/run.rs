@@ -137,11 +137,18 @@ fn forwarder(args: &RunArgs) -> Result<Option<LlmForwarder>, String> {
     let key = std::env::var(var).map_err(|_| {
         format!("--llm-key-env {var}: that variable is not set (or not UTF-8) in this environment; export the key in it first")
     })?;
-    let header = match args.llm_header {
-        LlmHeader::XApiKey => CredentialHeader::XApiKey,
-        LlmHeader::Authorization => CredentialHeader::AuthorizationBearer,
+    // Without --llm-header, the credential goes as the turn's agent
+    // profile says (the broker names it in `Started`).
+    let config = match args.llm_header {
+        Some(LlmHeader::XApiKey) => {
+            ForwarderConfig::new(url.clone(), key, CredentialHeader::XApiKey)
+        }
+        Some(LlmHeader::Authorization) => {
+            ForwarderConfig::new(url.clone(), key, CredentialHeader::AuthorizationBearer)
+        }
+        None => ForwarderConfig::for_profile(url.clone(), key),
     };
-    LlmForwarder::new(ForwarderConfig::new(url.clone(), key, header))
+    LlmForwarder::new(config)
         .map(Some)
         .map_err(|e| e.to_string())
 }
@@ -190,6 +197,8 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             wait_ms: s * 1000,
         }),
         llm_env_vars: args.llm_env_vars.clone(),
+        llm_credential_env_vars: args.llm_credential_env_vars.clone(),
+        profile: args.profile.clone().unwrap_or_default(),
         ..Default::default()
     };
     // Ctrl-C is taken over before the turn starts: a press between the start

@@ -9,6 +9,17 @@
 //! 5xx...) is passed through unchanged so that the agent's own retry logic
 //! applies. The forwarder's own answers are JSON errors: `502` when the
 //! upstream cannot be reached, `413` when the request body is over the cap.
+//!
+//! A connection upgrade (WebSocket) is passed through: the request goes
+//! upstream with its `upgrade` header (and the credential replaced like any
+//! other), and when the upstream switches protocols both upgraded
+//! connections are joined byte for byte, both ways, until either closes.
+//!
+//! How the credential is sent is either fixed by the executor
+//! ([`ForwarderConfig::new`]) or taken from the turn's agent profile
+//! ([`ForwarderConfig::for_profile`]): the broker names it in `Started`
+//! (`llm_profile.credential_header`), and [`crate::Turn`] switches the
+//! forwarder to it for that turn (a clone that shares the upstream pool).
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -78,6 +89,19 @@ impl std::str::FromStr for CredentialHeader {
     }
 }
 
+impl CredentialHeader {
+    /// What the broker's `Started` names; `None` when it names nothing
+    /// (a broker without profiles).
+    pub fn from_profile(profile: Option<&turnstile_proto::v1::LlmProfile>) -> Option<Self> {
+        use turnstile_proto::v1::CredentialHeader as Pb;
+        match profile.map(|p| Pb::try_from(p.credential_header)) {
+            Some(Ok(Pb::XApiKey)) => Some(CredentialHeader::XApiKey),
+            Some(Ok(Pb::AuthorizationBearer)) => Some(CredentialHeader::AuthorizationBearer),
+            _ => None,
+        }
+    }
+}
+
 /// What an [`LlmForwarder`] forwards to, and with which credential.
 #[derive(Clone)]
 pub struct ForwarderConfig {
@@ -86,7 +110,9 @@ pub struct ForwarderConfig {
     pub upstream: String,
     /// The credential. Never logged, never shown by `Debug`.
     pub key: String,
-    pub header: CredentialHeader,
+    /// How the credential is sent; `None`: as the turn's agent profile
+    /// says (`x-api-key` until a turn says otherwise).
+    pub header: Option<CredentialHeader>,
     /// Requests with a larger body get `413` (default 32 MiB).
     pub max_request_body: u64,
 }
@@ -100,8 +126,18 @@ impl ForwarderConfig {
         ForwarderConfig {
             upstream: upstream.into(),
             key: key.into(),
-            header,
+            header: Some(header),
             max_request_body: DEFAULT_MAX_REQUEST_BODY,
+        }
+    }
+
+    /// The credential sent the way each turn's agent profile says
+    /// (`Started.llm_profile`): `x-api-key` for Claude Code,
+    /// `authorization: Bearer` for Codex.
+    pub fn for_profile(upstream: impl Into<String>, key: impl Into<String>) -> Self {
+        ForwarderConfig {
+            header: None,
+            ..ForwarderConfig::new(upstream, key, CredentialHeader::XApiKey)
         }
     }
 }
@@ -138,6 +174,10 @@ type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 #[derive(Clone)]
 pub struct LlmForwarder {
     inner: Arc<Inner>,
+    header: CredentialHeader,
+    /// Whether the executor fixed `header` (a turn's profile then does not
+    /// change it).
+    fixed: bool,
 }
 
 struct Inner {
@@ -145,7 +185,9 @@ struct Inner {
     authority: http::uri::Authority,
     /// The upstream's base path without its trailing `/`.
     base_path: String,
-    credential: (HeaderName, HeaderValue),
+    /// The credential's header values (sensitive), one per way to send it.
+    x_api_key: HeaderValue,
+    bearer: HeaderValue,
     max_request_body: u64,
     client: Client<HttpsConnector, Body>,
 }
@@ -180,21 +222,15 @@ impl LlmForwarder {
             return Err(bad("a query is not allowed in the base URL"));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
-        let credential = match config.header {
-            CredentialHeader::XApiKey => (
-                HeaderName::from_static("x-api-key"),
-                HeaderValue::from_str(&config.key),
-            ),
-            CredentialHeader::AuthorizationBearer => (
-                header::AUTHORIZATION,
-                HeaderValue::from_str(&format!("Bearer {}", config.key)),
-            ),
+        let sensitive = |v: Result<HeaderValue, _>| match v {
+            Ok(mut v) if !config.key.is_empty() => {
+                v.set_sensitive(true);
+                Ok(v)
+            }
+            _ => Err(ForwarderError::Key),
         };
-        let mut value = match credential.1 {
-            Ok(v) if !config.key.is_empty() => v,
-            _ => return Err(ForwarderError::Key),
-        };
-        value.set_sensitive(true);
+        let x_api_key = sensitive(HeaderValue::from_str(&config.key))?;
+        let bearer = sensitive(HeaderValue::from_str(&format!("Bearer {}", config.key)))?;
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_nodelay(true);
@@ -217,11 +253,44 @@ impl LlmForwarder {
                 scheme,
                 authority,
                 base_path,
-                credential: (credential.0, value),
+                x_api_key,
+                bearer,
                 max_request_body: config.max_request_body,
                 client,
             }),
+            header: config.header.unwrap_or(CredentialHeader::XApiKey),
+            fixed: config.header.is_some(),
         })
+    }
+
+    /// This forwarder for a turn whose agent profile sends the credential
+    /// as `header` (`None`: the profile does not say): unchanged when the
+    /// executor fixed the header. Shares the upstream pool.
+    pub fn for_turn(&self, header: Option<CredentialHeader>) -> LlmForwarder {
+        let mut f = self.clone();
+        if !self.fixed
+            && let Some(h) = header
+        {
+            f.header = h;
+        }
+        f
+    }
+
+    /// How this forwarder sends the credential.
+    pub fn header(&self) -> CredentialHeader {
+        self.header
+    }
+
+    fn credential(&self) -> (HeaderName, HeaderValue) {
+        match self.header {
+            CredentialHeader::XApiKey => (
+                HeaderName::from_static("x-api-key"),
+                self.inner.x_api_key.clone(),
+            ),
+            CredentialHeader::AuthorizationBearer => {
+                (header::AUTHORIZATION, self.inner.bearer.clone())
+            }
+        }
     }
 
     /// Serves one connection from the agent (any byte stream) as HTTP/1.1
@@ -238,12 +307,16 @@ impl LlmForwarder {
         hyper::server::conn::http1::Builder::new()
             .half_close(true)
             .serve_connection(TokioIo::new(io), service)
+            .with_upgrades()
             .await
     }
 
     /// Forwards one request; never fails (errors become JSON responses).
-    pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+    pub async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
         let inner = &self.inner;
+        // A connection upgrade (WebSocket): the protocol asked for, and the
+        // agent's side of the upgraded connection once answered 101.
+        let upgrade = upgrade_protocol(req.headers()).map(|p| (p, hyper::upgrade::on(&mut req)));
         let (mut parts, body) = req.into_parts();
         let declared = parts
             .headers
@@ -280,9 +353,11 @@ impl LlmForwarder {
         for name in CREDENTIAL_HEADERS {
             parts.headers.remove(*name);
         }
-        parts
-            .headers
-            .insert(inner.credential.0.clone(), inner.credential.1.clone());
+        let (name, value) = self.credential();
+        parts.headers.insert(name, value);
+        if let Some((protocol, _)) = &upgrade {
+            set_upgrade(&mut parts.headers, protocol.clone());
+        }
         parts.uri = uri;
         parts.version = http::Version::HTTP_11;
         let over = Arc::new(AtomicBool::new(false));
@@ -293,6 +368,14 @@ impl LlmForwarder {
         };
         let upstream = Request::from_parts(parts, body.boxed());
         match inner.client.request(upstream).await {
+            Ok(resp) if resp.status() == StatusCode::SWITCHING_PROTOCOLS => match upgrade {
+                Some((_, agent)) => switch(agent, resp),
+                None => error(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream_protocol_error",
+                    "turnstile: the LLM upstream switched protocols unasked",
+                ),
+            },
             Ok(resp) => {
                 let (mut parts, body) = resp.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
@@ -324,6 +407,55 @@ impl LlmForwarder {
             ),
         )
     }
+}
+
+/// The protocol a request asks to upgrade to (`connection: upgrade` and an
+/// `upgrade` header), if any.
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asked = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// The two headers of an upgrade, after the hop-by-hop ones went.
+fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, protocol);
+}
+
+/// The upstream switched protocols: the agent gets the 101, and a task
+/// joins the two upgraded connections until either side closes.
+fn switch(agent: hyper::upgrade::OnUpgrade, mut resp: Response<Incoming>) -> Response<Body> {
+    let upstream = hyper::upgrade::on(&mut resp);
+    let (mut parts, _) = resp.into_parts();
+    let protocol = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(p) = protocol {
+        set_upgrade(&mut parts.headers, p);
+    }
+    tokio::spawn(async move {
+        let (agent, upstream) = match tokio::join!(agent, upstream) {
+            (Ok(a), Ok(u)) => (a, u),
+            (a, u) => {
+                tracing::debug!(agent = ?a.err(), upstream = ?u.err(), "llm upgrade failed");
+                return;
+            }
+        };
+        let (mut agent, mut upstream) = (TokioIo::new(agent), TokioIo::new(upstream));
+        if let Err(e) = tokio::io::copy_bidirectional(&mut agent, &mut upstream).await {
+            tracing::debug!("llm upgraded connection ended: {e}");
+        }
+    });
+    let body = http_body_util::Empty::new()
+        .map_err(|never| match never {})
+        .boxed();
+    Response::from_parts(parts, body)
 }
 
 /// The innermost error's text (hyper's outer ones only say "client error").
@@ -442,7 +574,8 @@ mod tests {
         let f = LlmForwarder::new(ok).expect("valid");
         assert_eq!(f.inner.base_path, "/v1");
         assert!(!format!("{f:?}").contains("sk-secret"));
-        assert!(f.inner.credential.1.is_sensitive());
+        assert!(f.credential().1.is_sensitive());
+        assert!(f.inner.bearer.is_sensitive());
         for bad in [
             "ftp://x",
             "127.0.0.1:9",

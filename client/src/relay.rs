@@ -69,6 +69,15 @@ impl LlmRelay {
         self.opened
     }
 
+    /// The turn started: its agent profile says how the upstream takes the
+    /// credential (see [`LlmForwarder::for_turn`]).
+    pub(crate) fn started(&mut self, started: &pb::Started) {
+        let header = crate::CredentialHeader::from_profile(started.llm_profile.as_ref());
+        if let Some(f) = &mut self.forwarder {
+            *f = f.for_turn(header);
+        }
+    }
+
     /// Handles one frame from the broker. Never waits for a connection;
     /// only for the request queue, when it sends a frame itself.
     pub(crate) async fn handle(&mut self, frame: pb::LlmFrame) {

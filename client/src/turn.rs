@@ -71,6 +71,10 @@ impl Turn {
             };
             match event.kind {
                 Some(pb::turn_event::Kind::Llm(frame)) => self.relay.handle(frame).await,
+                Some(pb::turn_event::Kind::Started(ref s)) => {
+                    self.relay.started(s);
+                    return Some(Ok(event));
+                }
                 _ => return Some(Ok(event)),
             }
         }

@@ -16,6 +16,7 @@ mod limits;
 mod llm;
 mod llm_frames;
 mod llm_http;
+mod profiles;
 mod relay;
 mod session_data;
 mod sessions;

@@ -8,6 +8,8 @@
 //! - `GET /v1/concurrent`: answers only once 16 such requests are in flight;
 //! - `GET /v1/ratelimited`: `429` with `retry-after: 7`;
 //! - `GET /v1/big`: 64 MiB, streamed;
+//! - a WebSocket upgrade (any path): `101`, then a greeting from the
+//!   upstream, then each text message echoed as `echo: <text>`;
 //! - anything else: `200` with `ok`.
 
 use bytes::Bytes;
@@ -76,6 +78,7 @@ impl Upstream {
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(hyper_util::rt::TokioIo::new(tcp), svc)
+                        .with_upgrades()
                         .await;
                 });
             }
@@ -122,6 +125,9 @@ async fn handle(
     sse_log: &Arc<Mutex<Vec<String>>>,
     barrier: &Barrier,
 ) -> Response<Body> {
+    if req.headers().contains_key(hyper::header::UPGRADE) {
+        return websocket(req, seen);
+    }
     let path = req.uri().path().to_string();
     let headers = req.headers().clone();
     let body = match req.into_body().collect().await {
@@ -194,4 +200,53 @@ async fn handle(
         }
         _ => full(200, "ok"),
     }
+}
+
+/// Answers a WebSocket upgrade: `101`, then (on the upgraded connection) a
+/// greeting and an echo of each text message, until the client closes.
+fn websocket(mut req: Request<Incoming>, seen: &Mutex<Vec<Seen>>) -> Response<Body> {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{Message, handshake::derive_accept_key, protocol::Role};
+    seen.lock().expect("seen").push(Seen {
+        path: req.uri().path().to_string(),
+        headers: req.headers().clone(),
+        body_len: 0,
+    });
+    let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
+        return full(400, "no sec-websocket-key");
+    };
+    let upgraded = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        let Ok(io) = upgraded.await else { return };
+        let io = hyper_util::rt::TokioIo::new(io);
+        let mut ws =
+            tokio_tungstenite::WebSocketStream::from_raw_socket(io, Role::Server, None).await;
+        if ws.send(Message::text("hello from upstream")).await.is_err() {
+            return;
+        }
+        while let Some(Ok(msg)) = ws.next().await {
+            let reply = match msg {
+                Message::Text(t) => Message::text(format!("echo: {t}")),
+                Message::Close(_) => return,
+                _ => continue,
+            };
+            if ws.send(reply).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = full(101, Bytes::new());
+    let h = r.headers_mut();
+    h.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert(
+        "upgrade",
+        hyper::header::HeaderValue::from_static("websocket"),
+    );
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert("sec-websocket-accept", v);
+    }
+    r
 }
