@@ -300,6 +300,13 @@ pub struct Config {
     /// Agent profiles (`[profiles.NAME]` tables): the built-in ones
     /// (`claude-code`, `codex`), changed field by field, plus new ones.
     pub profiles: crate::profile::Profiles,
+    /// Group of the unix socket: with it, the socket is 0660 and that
+    /// group's members may connect (a name or a numeric gid).
+    pub socket_group: Option<String>,
+    /// Peer uids allowed on the unix socket (checked with `SO_PEERCRED` on
+    /// every call; the broker's own uid and root always are). Without
+    /// `socket_group` the socket is then 0666 and this list is the gate.
+    pub allowed_uids: Vec<u32>,
 }
 
 /// How session disk limits are enforced.
@@ -360,6 +367,8 @@ impl Default for Config {
             disk_backend: DiskBackend::default(),
             fleet: None,
             profiles: crate::profile::Profiles::default(),
+            socket_group: None,
+            allowed_uids: Vec::new(),
         }
     }
 }
@@ -482,6 +491,8 @@ pub enum ConfigError {
     Fleet(String),
     #[error("profile {name}: {why}")]
     Profile { name: String, why: String },
+    #[error("socket_group {0:?}: no such group")]
+    SocketGroup(String),
 }
 
 impl Config {
@@ -578,6 +589,20 @@ impl Config {
             .validate()
             .map_err(|(name, why)| ConfigError::Profile { name, why })?;
         Ok(())
+    }
+
+    /// The gid of `socket_group`, if set: a group name, or a number.
+    pub fn socket_gid(&self) -> Result<Option<u32>, ConfigError> {
+        let Some(group) = &self.socket_group else {
+            return Ok(None);
+        };
+        if let Ok(gid) = group.parse::<u32>() {
+            return Ok(Some(gid));
+        }
+        match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => Ok(Some(g.gid.as_raw())),
+            _ => Err(ConfigError::SocketGroup(group.clone())),
+        }
     }
 
     /// Reads the TCP token, if a TCP listener is configured.
@@ -711,6 +736,29 @@ mod tests {
         );
         assert_eq!(cfg.socket_path(), PathBuf::from("/srv/ts/broker.sock"));
         cfg.validate().expect("valid");
+    }
+
+    #[test]
+    fn socket_group_is_a_name_or_a_gid() {
+        let cfg: Config =
+            toml::from_str("socket_group = \"root\"\nallowed_uids = [1000, 1001]").expect("parses");
+        assert_eq!(cfg.socket_gid().expect("root exists"), Some(0));
+        assert_eq!(cfg.allowed_uids, [1000, 1001]);
+        let cfg = Config {
+            socket_group: Some("4242".into()),
+            ..Config::default()
+        };
+        assert_eq!(cfg.socket_gid().expect("a number"), Some(4242));
+        let cfg = Config {
+            socket_group: Some("no-such-group-here".into()),
+            ..Config::default()
+        };
+        let err = cfg.socket_gid().expect_err("unknown");
+        assert_eq!(
+            err.to_string(),
+            "socket_group \"no-such-group-here\": no such group"
+        );
+        assert_eq!(Config::default().socket_gid().expect("unset"), None);
     }
 
     #[test]

@@ -1,6 +1,8 @@
-//! Serving the broker: the owner-only unix socket (and the optional
-//! loopback TCP listener with its bearer token), `grpc.health.v1`, and the
-//! shutdown sequence: stop accepting, end running turns, clean up, return.
+//! Serving the broker: the unix socket (owner-only by default; shared with
+//! a group, or with peers whose uid is allowed, for executors that are not
+//! root), the optional loopback TCP listener with its bearer token,
+//! `grpc.health.v1`, and the shutdown sequence: stop accepting, end running
+//! turns, clean up, return.
 
 use crate::Broker;
 use crate::service::Service;
@@ -26,12 +28,47 @@ const CONN_WINDOW: u32 = 8 << 20;
 /// then travels in a few frames instead of sixteen.
 pub const MAX_FRAME: u32 = 1 << 20;
 
+/// Who may use the unix socket besides the broker's own uid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SocketAccess {
+    /// The socket is 0660 and owned by this group: its members connect.
+    pub group: Option<u32>,
+    /// When not empty, every call's peer uid (`SO_PEERCRED`) must be one
+    /// of these, the broker's own or root's; others get `PermissionDenied`
+    /// naming their uid. Without `group` the socket is then 0666.
+    pub allowed_uids: Vec<u32>,
+}
+
+impl SocketAccess {
+    /// The access the config asks for (the group's name resolved).
+    pub fn from_config(cfg: &crate::config::Config) -> Result<Self, crate::config::ConfigError> {
+        Ok(SocketAccess {
+            group: cfg.socket_gid()?,
+            allowed_uids: cfg.allowed_uids.clone(),
+        })
+    }
+
+    fn mode(&self) -> u32 {
+        match (self.group, self.allowed_uids.is_empty()) {
+            (Some(_), _) => 0o660,
+            (None, false) => 0o666,
+            (None, true) => 0o600,
+        }
+    }
+
+    fn shared(&self) -> bool {
+        self.mode() != 0o600
+    }
+}
+
 /// A bound endpoint.
 #[derive(Debug)]
 pub enum Listener {
     Unix {
         listener: tokio::net::UnixListener,
         path: PathBuf,
+        /// The uids allowed to call (see [`SocketAccess::allowed_uids`]).
+        allowed_uids: Vec<u32>,
     },
     Tcp {
         listener: tokio::net::TcpListener,
@@ -43,6 +80,14 @@ pub enum Listener {
 /// created inside a fresh 0700 directory, made 0600, then renamed into place,
 /// so it is never reachable with wider permissions, whatever the umask.
 pub fn bind_unix(path: &Path) -> io::Result<Listener> {
+    bind_unix_with(path, &SocketAccess::default())
+}
+
+/// Binds the unix socket with `access`: made 0600, 0660 with its group, or
+/// 0666 with an allowlist of uids, before it is renamed into place. A
+/// missing parent directory is made 0711 when others may connect (0700
+/// otherwise); an existing one must let them through.
+pub fn bind_unix_with(path: &Path, access: &SocketAccess) -> io::Result<Listener> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         if !meta.file_type().is_socket() {
             return Err(io::Error::new(
@@ -64,7 +109,7 @@ pub fn bind_unix(path: &Path) -> io::Result<Listener> {
         .unwrap_or(Path::new("."));
     std::fs::DirBuilder::new()
         .recursive(true)
-        .mode(0o700)
+        .mode(if access.shared() { 0o711 } else { 0o700 })
         .create(parent)?;
     let staging = parent.join(format!(".turnstile-bind-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
@@ -72,7 +117,10 @@ pub fn bind_unix(path: &Path) -> io::Result<Listener> {
     let result = (|| {
         let tmp = staging.join("s");
         let listener = std::os::unix::net::UnixListener::bind(&tmp)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(gid) = access.group {
+            std::os::unix::fs::lchown(&tmp, None, Some(gid))?;
+        }
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(access.mode()))?;
         std::fs::rename(&tmp, path)?;
         listener.set_nonblocking(true)?;
         tokio::net::UnixListener::from_std(listener)
@@ -81,6 +129,7 @@ pub fn bind_unix(path: &Path) -> io::Result<Listener> {
     Ok(Listener::Unix {
         listener: result?,
         path: path.to_path_buf(),
+        allowed_uids: access.allowed_uids.clone(),
     })
 }
 
@@ -128,6 +177,44 @@ impl Interceptor for TokenCheck {
     }
 }
 
+/// Refuses calls on the unix socket from a peer whose uid is not allowed.
+#[derive(Clone)]
+struct PeerCheck {
+    allowed: Arc<[u32]>,
+}
+
+impl PeerCheck {
+    fn new(mut allowed: Vec<u32>) -> PeerCheck {
+        allowed.push(nix::unistd::geteuid().as_raw());
+        allowed.push(0);
+        allowed.sort_unstable();
+        allowed.dedup();
+        PeerCheck {
+            allowed: allowed.into(),
+        }
+    }
+}
+
+impl Interceptor for PeerCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let uid = req
+            .extensions()
+            .get::<tonic::transport::server::UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .map(|c| c.uid());
+        match uid {
+            Some(uid) if self.allowed.contains(&uid) => Ok(req),
+            Some(uid) => Err(Status::permission_denied(format!(
+                "uid {uid} may not use this broker: allowed are uids {:?} (allowed_uids, the broker's own and root)",
+                self.allowed
+            ))),
+            None => Err(Status::permission_denied(
+                "the peer's uid is unknown (no SO_PEERCRED): refused",
+            )),
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then stops accepting, ends every
 /// running turn with reason `broker_shutdown`, removes the socket and returns.
 pub async fn serve(
@@ -158,12 +245,28 @@ pub async fn serve(
     for l in listeners {
         let stop = stop.clone();
         match l {
-            Listener::Unix { listener, path } => {
+            Listener::Unix {
+                listener,
+                path,
+                allowed_uids,
+            } => {
                 info!(socket = %path.display(), "listening");
                 socket_paths.push(path);
-                let router = builder()
-                    .add_service(health_service.clone())
-                    .add_service(api());
+                let router = if allowed_uids.is_empty() {
+                    builder()
+                        .add_service(health_service.clone())
+                        .add_service(api())
+                } else {
+                    let check = PeerCheck::new(allowed_uids);
+                    info!(uids = ?check.allowed, "unix socket: peers checked by uid");
+                    let api =
+                        tonic::service::interceptor::InterceptedService::new(api(), check.clone());
+                    let health = tonic::service::interceptor::InterceptedService::new(
+                        health_service.clone(),
+                        check,
+                    );
+                    builder().add_service(health).add_service(api)
+                };
                 servers.spawn(async move {
                     router
                         .serve_with_incoming_shutdown(

@@ -150,6 +150,15 @@ pub struct ServeArgs {
     /// Grace between SIGTERM and SIGKILL when the broker ends a turn.
     #[arg(long)]
     pub kill_grace_ms: Option<u64>,
+    /// Make the unix socket 0660 and owned by this group (a name or a gid),
+    /// so that its members (executors that are not root) may connect.
+    #[arg(long)]
+    pub socket_group: Option<String>,
+    /// Allow this peer uid on the unix socket (repeatable; checked with
+    /// SO_PEERCRED on every call; the broker's own uid and root always
+    /// are). Without --socket-group the socket is then 0666.
+    #[arg(long = "allow-uid")]
+    pub allowed_uids: Vec<u32>,
 }
 
 impl ServeArgs {
@@ -183,6 +192,10 @@ impl ServeArgs {
             cfg.token_file = self.token_file;
         }
         cfg.bundle_mounts.extend(self.bundle_mounts);
+        if self.socket_group.is_some() {
+            cfg.socket_group = self.socket_group;
+        }
+        cfg.allowed_uids.extend(self.allowed_uids);
         cfg.validate()?;
         Ok(cfg)
     }

@@ -33,8 +33,12 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(e.to_string()),
     };
+    let access = match server::SocketAccess::from_config(&broker.config) {
+        Ok(a) => a,
+        Err(e) => return fail(e.to_string()),
+    };
     let mut listeners = Vec::new();
-    match server::bind_unix(&broker.config.socket_path()) {
+    match server::bind_unix_with(&broker.config.socket_path(), &access) {
         Ok(l) => listeners.push(l),
         Err(e) => return fail(format!("cannot listen: {e}")),
     }

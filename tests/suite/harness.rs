@@ -137,8 +137,9 @@ impl Harness {
         let socket = dir.path().join("broker.sock");
         cfg.socket = Some(socket.clone());
         tweak(&mut cfg);
+        let access = server::SocketAccess::from_config(&cfg).expect("socket access");
         let broker = Broker::new(cfg).expect("broker starts");
-        let listener = server::bind_unix(&socket).expect("bind");
+        let listener = server::bind_unix_with(&socket, &access).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server::serve(broker.clone(), vec![listener], async {
             let _ = stopped.await;

@@ -20,6 +20,7 @@ mod profiles;
 mod relay;
 mod session_data;
 mod sessions;
+mod socket_access;
 mod upstream;
 mod warm;
 
