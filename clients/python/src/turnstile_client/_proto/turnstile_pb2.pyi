@@ -12,9 +12,18 @@ class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODE_UNSPECIFIED: _ClassVar[Mode]
     MODE_NSJAIL: _ClassVar[Mode]
     MODE_DIRECT: _ClassVar[Mode]
+
+class CredentialHeader(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    CREDENTIAL_HEADER_UNSPECIFIED: _ClassVar[CredentialHeader]
+    CREDENTIAL_HEADER_X_API_KEY: _ClassVar[CredentialHeader]
+    CREDENTIAL_HEADER_AUTHORIZATION_BEARER: _ClassVar[CredentialHeader]
 MODE_UNSPECIFIED: Mode
 MODE_NSJAIL: Mode
 MODE_DIRECT: Mode
+CREDENTIAL_HEADER_UNSPECIFIED: CredentialHeader
+CREDENTIAL_HEADER_X_API_KEY: CredentialHeader
+CREDENTIAL_HEADER_AUTHORIZATION_BEARER: CredentialHeader
 
 class ForkSessionRequest(_message.Message):
     __slots__ = ("source_session_id", "new_session_id")
@@ -151,7 +160,7 @@ class LlmReset(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("session_id", "turn_id", "argv", "env", "cwd", "limits", "lease", "llm_env_vars")
+    __slots__ = ("session_id", "turn_id", "argv", "env", "cwd", "limits", "lease", "llm_env_vars", "profile", "llm_credential_env_vars")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +176,8 @@ class Start(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     LLM_ENV_VARS_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    LLM_CREDENTIAL_ENV_VARS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -175,7 +186,9 @@ class Start(_message.Message):
     limits: Limits
     lease: Lease
     llm_env_vars: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., llm_env_vars: _Optional[_Iterable[str]] = ...) -> None: ...
+    profile: str
+    llm_credential_env_vars: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., llm_env_vars: _Optional[_Iterable[str]] = ..., profile: _Optional[str] = ..., llm_credential_env_vars: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("wall_time_ms", "memory_bytes", "cpu_time_ms", "max_processes", "max_open_files", "max_file_size_bytes", "disk_bytes", "disk_inodes")
@@ -252,7 +265,7 @@ class Notice(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("turn_id", "session_id", "mode", "home", "work_dir", "cwd", "spawn_us", "isolation", "started_at_unix_ms")
+    __slots__ = ("turn_id", "session_id", "mode", "home", "work_dir", "cwd", "spawn_us", "isolation", "started_at_unix_ms", "llm_profile")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -262,6 +275,7 @@ class Started(_message.Message):
     SPAWN_US_FIELD_NUMBER: _ClassVar[int]
     ISOLATION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    LLM_PROFILE_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     session_id: str
     mode: Mode
@@ -271,7 +285,18 @@ class Started(_message.Message):
     spawn_us: int
     isolation: Isolation
     started_at_unix_ms: int
-    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., home: _Optional[str] = ..., work_dir: _Optional[str] = ..., cwd: _Optional[str] = ..., spawn_us: _Optional[int] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., started_at_unix_ms: _Optional[int] = ...) -> None: ...
+    llm_profile: LlmProfile
+    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., home: _Optional[str] = ..., work_dir: _Optional[str] = ..., cwd: _Optional[str] = ..., spawn_us: _Optional[int] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., started_at_unix_ms: _Optional[int] = ..., llm_profile: _Optional[_Union[LlmProfile, _Mapping]] = ...) -> None: ...
+
+class LlmProfile(_message.Message):
+    __slots__ = ("name", "credential_header", "base_path")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_HEADER_FIELD_NUMBER: _ClassVar[int]
+    BASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    credential_header: CredentialHeader
+    base_path: str
+    def __init__(self, name: _Optional[str] = ..., credential_header: _Optional[_Union[CredentialHeader, str]] = ..., base_path: _Optional[str] = ...) -> None: ...
 
 class Isolation(_message.Message):
     __slots__ = ("pid", "uid", "gid", "uid_map", "gid_map", "net_interfaces", "no_new_privs", "root_read_only", "hostname")
