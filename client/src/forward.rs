@@ -608,6 +608,54 @@ mod tests {
     }
 
     #[test]
+    fn the_header_follows_the_turn_unless_the_executor_fixed_it() {
+        use turnstile_proto::v1 as pb;
+        let bearer = pb::LlmProfile {
+            credential_header: pb::CredentialHeader::AuthorizationBearer as i32,
+            ..Default::default()
+        };
+        let said = CredentialHeader::from_profile(Some(&bearer));
+        assert_eq!(said, Some(CredentialHeader::AuthorizationBearer));
+        assert_eq!(CredentialHeader::from_profile(None), None);
+        let unspecified = pb::LlmProfile::default();
+        assert_eq!(CredentialHeader::from_profile(Some(&unspecified)), None);
+
+        let follow = LlmForwarder::new(ForwarderConfig::for_profile("http://x", "k")).expect("ok");
+        assert_eq!(follow.header(), CredentialHeader::XApiKey);
+        let turn = follow.for_turn(said);
+        assert_eq!(turn.header(), CredentialHeader::AuthorizationBearer);
+        assert_eq!(turn.credential().0, header::AUTHORIZATION);
+        assert_eq!(turn.credential().1.as_bytes(), b"Bearer k");
+        // A turn that says nothing keeps what the forwarder had.
+        assert_eq!(
+            turn.for_turn(None).header(),
+            CredentialHeader::AuthorizationBearer
+        );
+        assert!(Arc::ptr_eq(&turn.inner, &follow.inner), "one pool");
+
+        let fixed = ForwarderConfig::new("http://x", "k", CredentialHeader::XApiKey);
+        let fixed = LlmForwarder::new(fixed).expect("ok");
+        assert_eq!(fixed.for_turn(said).header(), CredentialHeader::XApiKey);
+    }
+
+    #[test]
+    fn upgrades_are_recognised_by_connection_and_upgrade_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("upgrade", HeaderValue::from_static("websocket"));
+        assert_eq!(upgrade_protocol(&h), None, "no connection: upgrade");
+        h.insert(
+            "connection",
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        assert_eq!(
+            upgrade_protocol(&h),
+            Some(HeaderValue::from_static("websocket"))
+        );
+        h.remove("upgrade");
+        assert_eq!(upgrade_protocol(&h), None, "no protocol named");
+    }
+
+    #[test]
     fn hop_by_hop_headers_go_including_those_connection_names() {
         let mut h = HeaderMap::new();
         h.insert(
