@@ -26,6 +26,7 @@ pub mod disk;
 pub mod error;
 pub mod fleet;
 pub mod jail;
+pub mod journal;
 pub mod llm;
 pub mod process;
 pub mod server;
@@ -50,6 +51,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+/// A turn's signal channel: from its executors' streams and
+/// `InterruptTurn` to its supervision.
+pub type Signals = (
+    tokio::sync::mpsc::Sender<nix::sys::signal::Signal>,
+    tokio::sync::mpsc::Receiver<nix::sys::signal::Signal>,
+);
+
+/// A new [`Signals`] channel.
+pub fn signals() -> Signals {
+    tokio::sync::mpsc::channel(8)
+}
+
 /// Why the broker ended a turn itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -57,6 +70,9 @@ pub enum StopReason {
     Cancelled,
     BrokerShutdown,
     ExecutorGone,
+    /// No executor attached within the turn's detach grace (ms) after its
+    /// stream went.
+    NotReattached(u64),
     /// The session went over its disk limit (see [`disk`]).
     DiskLimit,
 }
@@ -132,6 +148,8 @@ pub struct Broker {
     pub config: Config,
     pub sessions: Sessions,
     pub turns_dir: PathBuf,
+    /// Turns an executor can attach to: running, and kept since they ended.
+    pub turns: turn::registry::Registry,
     /// The resolved nsjail binary and profile text (nsjail mode only).
     pub nsjail: Option<(PathBuf, String)>,
     pub cgroups: Option<Cgroups>,
@@ -274,6 +292,12 @@ impl Broker {
                 }
             }
         }
+        let turns = turn::registry::Registry::open(
+            state.join("journals"),
+            config.journal_max_bytes,
+            std::time::Duration::from_millis(config.finished_turn_retention_ms),
+        )
+        .map_err(io_err)?;
         let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
         let (detected, volumes) =
             disk::detect(&state, config.disk_backend, owner).map_err(BrokerError::Disk)?;
@@ -350,6 +374,7 @@ impl Broker {
             config,
             sessions,
             turns_dir,
+            turns,
             nsjail,
             cgroups,
             disk,
@@ -372,6 +397,7 @@ impl Broker {
         self: &Arc<Self>,
         turn_id: &str,
         session_id: &str,
+        (signals, signals_rx): Signals,
     ) -> Result<Admitted, BrokerError> {
         let mut adm = self
             .admission
@@ -388,7 +414,6 @@ impl Broker {
                 session: running.session_id.clone(),
             });
         }
-        let (signals, signals_rx) = tokio::sync::mpsc::channel(8);
         let turn = ActiveTurn {
             session_id: session_id.to_string(),
             token: CancellationToken::new(),

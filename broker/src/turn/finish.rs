@@ -168,6 +168,10 @@ fn stopped(stop: StopReason, outcome: &Outcome, spec: &TurnSpec) -> (Reason, Str
         StopReason::Cancelled => (Reason::Cancelled, "turn cancelled".to_string()),
         StopReason::BrokerShutdown => (Reason::BrokerShutdown, "broker shutting down".to_string()),
         StopReason::ExecutorGone => (Reason::Cancelled, "executor disconnected".to_string()),
+        StopReason::NotReattached(ms) => (
+            Reason::Cancelled,
+            format!("executor did not reattach within {ms} ms"),
+        ),
         StopReason::DiskLimit => (Reason::DiskLimit, disk_message(outcome.disk_exceeded, spec)),
     }
 }
@@ -307,6 +311,8 @@ mod tests {
             lease: LeasePolicy::Reject,
             llm_env_vars: vec![],
             disk_file_cap: None,
+            turn_key: String::new(),
+            detach_grace_ms: 0,
         }
     }
 

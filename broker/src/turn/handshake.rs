@@ -188,12 +188,7 @@ impl Turn {
             started_at_unix_ms: now_unix_ms(),
         };
         info!(spawn_us, shim.pid = shim_pid, "agent started");
-        let _ = self
-            .events
-            .send(Ok(pb::TurnEvent {
-                kind: Some(pb::turn_event::Kind::Started(started)),
-            }))
-            .await;
+        self.link.send(pb::turn_event::Kind::Started(started));
     }
 
     /// Writes the session's start record, off the start path and off the

@@ -4,18 +4,19 @@
 //! every process of the turn after the grace; at once for the disk limit).
 
 use super::handshake::read_frame;
+use super::link::Link;
 use super::spawn::Jail;
-use super::{EventTx, Turn, disk_limit};
+use super::{Turn, disk_limit};
 use crate::config::Mode;
 use crate::process::ProcessControl;
 use crate::{ActiveTurn, StopReason};
 use nix::sys::signal::Signal;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 use turnstile_shim::ShimMsg;
 
@@ -25,10 +26,10 @@ pub(super) struct StopWhen {
     pub deadline: Option<Instant>,
     /// The broker's handle on the turn: cancel, shutdown, disk limit.
     pub turn: ActiveTurn,
-    /// The executor's events: closed when the executor is gone.
-    pub events: EventTx,
-    /// Cancelled when the executor's request stream fails.
-    pub gone: CancellationToken,
+    /// The turn's executor streams: the turn ends once none has been
+    /// attached for `detach_grace`.
+    pub link: Arc<Link>,
+    pub detach_grace: Duration,
 }
 
 impl StopWhen {
@@ -43,8 +44,7 @@ impl StopWhen {
         tokio::select! {
             _ = timed_out => StopReason::TimedOut,
             _ = self.turn.token.cancelled() => self.turn.reason.get().copied().unwrap_or(StopReason::Cancelled),
-            _ = self.events.closed() => StopReason::ExecutorGone,
-            _ = self.gone.cancelled() => StopReason::ExecutorGone,
+            r = self.link.abandoned(self.detach_grace) => r,
         }
     }
 }
@@ -133,8 +133,8 @@ impl Turn {
         StopWhen {
             deadline: wall.map(|w| Instant::from_std(self.received) + w),
             turn: self.admitted.turn.clone(),
-            events: self.events.clone(),
-            gone: CancellationToken::new(),
+            link: self.link.clone(),
+            detach_grace: Duration::from_millis(self.spec.detach_grace_ms),
         }
     }
 
@@ -253,11 +253,18 @@ mod tests {
         assert_eq!(jail.outcome.stopped, Some(StopReason::ExecutorGone));
         assert_eq!(fake.calls()[0], Call::Signal(SHIM, Signal::SIGTERM));
 
+        // With a grace, a stream that went is waited for, then given up.
         let (mut jail, _fake, _) = fake_jail();
-        let (stop, _events) = stop_when(None);
-        stop.gone.cancel();
+        let (mut stop, events) = stop_when(None);
+        stop.detach_grace = Duration::from_secs(60);
+        drop(events);
+        let began = Instant::now();
         jail.supervise(&stop, SHIM, GRACE, &mut no_signals()).await;
-        assert_eq!(jail.outcome.stopped, Some(StopReason::ExecutorGone));
+        assert_eq!(
+            jail.outcome.stopped,
+            Some(StopReason::NotReattached(60_000))
+        );
+        assert!(began.elapsed() >= Duration::from_secs(60), "ended early");
     }
 
     #[tokio::test(start_paused = true)]
