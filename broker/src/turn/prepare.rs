@@ -57,7 +57,7 @@ impl TurnPaths {
         };
         let llm_socket = turn_dir.join("llm.sock");
         let llm_socket_jail = match broker.mode() {
-            Mode::Nsjail => format!("{}/llm.sock", jail::JAIL_RUN),
+            Mode::Nsjail => format!("/proc/self/fd/{}/llm.sock", jail::RUN_FD),
             Mode::Direct => llm_socket.to_string_lossy().into_owned(),
         };
         TurnPaths {
@@ -305,7 +305,6 @@ impl Turn {
             &jail::JailTurn {
                 home: paths.session.home.clone(),
                 work: paths.session.work.clone(),
-                turn_dir: paths.turn_dir.clone(),
                 shim: config.shim.clone(),
                 bundle_mounts,
                 outside_uid: self.broker.outside_ids.0,
