@@ -1,5 +1,6 @@
 //! Everything the broker knows about nsjail: checking the binary and the
-//! profile, rendering a turn's jail config, and finding the jail's init.
+//! profile, and rendering a turn's jail config. (The jail's init, nsjail's
+//! child, is found and held by a pidfd in `process::linux`.)
 //!
 //! A turn's config is the operator's profile (`jail-configs/agent.cfg`) with
 //! the per-turn fields appended. Protobuf text refuses a scalar field given
@@ -180,11 +181,6 @@ fn which(name: &Path) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     })
-}
-
-/// The jail's init (the shim) as the host sees it: nsjail's only child.
-pub fn init_pid(nsjail_pid: i32) -> Option<i32> {
-    crate::process::children_of(nsjail_pid).into_iter().next()
 }
 
 /// nsjail's warnings and errors from its log (at most `max` bytes, the

@@ -169,7 +169,7 @@ impl Turn {
         let Some(hello) = jail.handshake(&stop, &self.expected_isolation()).await else {
             return (jail.abort().await, Counters::default());
         };
-        let shim_pid = self.shim_pid(&jail);
+        let shim_pid = self.pin_shim(&mut jail);
         self.send_started(&hello, shim_pid).await;
         let start_record = self.record_start(prepared);
         // Let the task that sends `Started` out run before the relay is set up.
@@ -186,8 +186,7 @@ impl Turn {
             .admitted
             .take_signals()
             .unwrap_or_else(|| mpsc::channel(1).1);
-        jail.supervise(&stop, shim_pid, self.kill_grace(), &mut signals)
-            .await;
+        jail.supervise(&stop, self.kill_grace(), &mut signals).await;
         let counters = relay.drain().await;
         let mut outcome = jail.into_outcome().await;
         outcome.disk_exceeded = disk_watch.and_then(|w| w.exceeded());

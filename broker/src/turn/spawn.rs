@@ -70,7 +70,7 @@ impl<P: ProcessControl> Jail<P> {
     pub async fn abort(mut self) -> Outcome {
         // Without GO the shim exits by itself once the control socket
         // closes; killing it directly is faster and certain.
-        self.procs.kill_all();
+        self.procs.kill_all().await;
         self.outcome.child_status = self.procs.wait().await.ok();
         // A ready launcher that could not exec the program says why.
         if let Some(e) = self.procs.launch_failure() {
