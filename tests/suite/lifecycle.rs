@@ -4,6 +4,7 @@ use super::harness::*;
 use crate::both_modes;
 use nix::sys::signal::Signal;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use tokio_stream::StreamExt;
 use turnstile_broker::config::{CgroupPolicy, Mode};
 use turnstile_broker::{Broker, StartupError};
 use turnstile_proto::v1 as pb;
@@ -399,3 +400,43 @@ async fn without_cgroups_a_detached_writer_dies_with_its_turn(mode: Mode) {
     h.stop().await;
 }
 
+/// Direct mode without cgroups: an agent that kills its own shim (it runs
+/// with the broker's uid there) takes its processes out of the turn's tree,
+/// to the host's init. One of them keeps stdout busy (`yes`, faster than
+/// this executor reads) and never ends. It cannot hold the turn: once the
+/// jail is gone the drain has a hard deadline, then the turn ends with what
+/// was read and its `Exited` says the output was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_an_escaped_writer_cannot_hold_its_turn_open() {
+    let h = Harness::start_with(Mode::Direct, |cfg| cfg.cgroups = CgroupPolicy::Off).await;
+    let tok = token();
+    let _survivors = Survivors(format!("yes escaped-{tok}"));
+    let script = format!("(setsid yes escaped-{tok} &); kill -9 $PPID; sleep {tok}");
+    let mut t = h.turn(start("escape", &script)).await.expect("turn");
+    t.close_stdin().await;
+    let read = async {
+        let mut seen = Outcome::default();
+        let mut stdout = 0usize;
+        while let Some(ev) = t.events.next().await {
+            match ev.expect("event").kind {
+                // Counted, not kept: the writer never stops.
+                Some(pb::turn_event::Kind::Stdout(b)) => stdout += b.len(),
+                Some(pb::turn_event::Kind::Exited(e)) => seen.exited = Some(e),
+                Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
+                _ => {}
+            }
+            // Pacing, not synchronisation: an executor slower than `yes`.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        (seen, stdout)
+    };
+    let (seen, stdout) = tokio::time::timeout(HUNG, read)
+        .await
+        .expect("the turn never ended: the escaped writer holds its stdout");
+    let exited = seen.exited();
+    assert!(exited.message.contains("output was cut"), "{exited:?}");
+    assert_eq!(exited.stdout_bytes, stdout as u64);
+    assert!(stdout > 0);
+    assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
+}

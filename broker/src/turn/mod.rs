@@ -93,6 +93,8 @@ struct Counters {
     stdout: u64,
     stderr: u64,
     stdin: u64,
+    /// The drain cut a pipe that a process outside the turn kept busy.
+    output_cut: bool,
 }
 
 impl Turn {
