@@ -338,7 +338,7 @@ impl Broker {
                     cg.clone(),
                     config.shim.clone(),
                     config.warm_spares,
-                    turn::cgroup_limits(&config.default_limits),
+                    turn::cgroup_limits(&config.default_limits, config.mode),
                     warm::TurnDirs {
                         spares: spares_dir.clone(),
                         tmp: config.mode == Mode::Direct,

@@ -43,8 +43,23 @@ use turnstile_shim::{AgentStatus, FailureClass, Usage};
 
 /// Read size of the stdout/stderr relay; also the largest chunk per event.
 pub const RELAY_CHUNK: usize = 256 * 1024;
-/// Processes of a turn that are not the agent's: nsjail and the shim.
-pub(crate) const SUPERVISORS: u64 = 2;
+/// Tasks of a turn that are not the agent's and that run as the agent's
+/// uid (in its user namespace, under nsjail), so that they count against
+/// its `RLIMIT_NPROC`: the shim and its LLM bridge's one thread.
+pub(crate) const SHIM_TASKS: u64 = 2;
+
+/// Tasks in a turn's pids cgroup that are not the agent's: the shim and its
+/// bridge's thread ([`SHIM_TASKS`], fixed for the whole turn: the bridge
+/// serves every connection from that one thread), and under nsjail nsjail
+/// itself. The cgroup's limit is the agent's `max_processes` plus these, so
+/// the agent gets exactly its limit, cannot starve the bridge, and is never
+/// pushed over by it.
+pub(crate) fn supervisors(mode: crate::config::Mode) -> u64 {
+    match mode {
+        crate::config::Mode::Nsjail => SHIM_TASKS + 1,
+        crate::config::Mode::Direct => SHIM_TASKS,
+    }
+}
 /// Events buffered per turn between the relay and gRPC.
 pub const EVENT_QUEUE: usize = 16;
 
