@@ -233,7 +233,7 @@ impl Broker {
                     Ok(None) | Err(_) => {
                         warn!(
                             "no usable memory/pids cgroups: memory and process limits fall back to \
-                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found by process group only"
+                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found through the process tree only"
                         );
                         None
                     }
