@@ -57,8 +57,8 @@ impl Turn {
 }
 
 /// What an `Exited` says when the drain cut the output.
-const OUTPUT_CUT: &str = "output was cut: a process that outlived the turn kept its stdout or \
-                          stderr busy past the drain's deadline";
+const OUTPUT_CUT: &str = "output was cut: a process that outlived the turn still held its stdout \
+                          or stderr open; what it wrote after the drain ended was not relayed";
 
 /// The `Exited` of an outcome.
 fn exited(
