@@ -251,7 +251,7 @@ impl Broker {
                     Ok(None) | Err(_) => {
                         warn!(
                             "no usable memory/pids cgroups: memory and process limits fall back to \
-                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found by process group only"
+                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found through the process tree only"
                         );
                         None
                     }
@@ -362,7 +362,7 @@ impl Broker {
                     cg.clone(),
                     config.shim.clone(),
                     config.warm_spares,
-                    turn::cgroup_limits(&config.default_limits),
+                    turn::cgroup_limits(&config.default_limits, config.mode),
                     warm::TurnDirs {
                         spares: spares_dir.clone(),
                         tmp: config.mode == Mode::Direct,

@@ -1,6 +1,7 @@
 //! The broker side of the LLM relay. The agent's only way out of the jail is
-//! the turn's unix socket (`<turn>/llm.sock`, bind-mounted at
-//! `/run/turnstile/llm.sock`; the shim bridges 127.0.0.1:<port> to it). Each
+//! the turn's unix socket (`<turn>/llm.sock`, which the shim in a jail
+//! reaches through the turn dir's descriptor as `/proc/self/fd/6/llm.sock`;
+//! the shim bridges 127.0.0.1:<port> to it). Each
 //! connection accepted there gets an id and is multiplexed over the turn's
 //! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
 //! Credentials are added on the executor side; nothing here parses HTTP.

@@ -49,8 +49,23 @@ use turnstile_shim::{AgentStatus, FailureClass, Usage};
 
 /// Read size of the stdout/stderr relay; also the largest chunk per event.
 pub const RELAY_CHUNK: usize = 256 * 1024;
-/// Processes of a turn that are not the agent's: nsjail and the shim.
-pub(crate) const SUPERVISORS: u64 = 2;
+/// Tasks of a turn that are not the agent's and that run as the agent's
+/// uid (in its user namespace, under nsjail), so that they count against
+/// its `RLIMIT_NPROC`: the shim and its LLM bridge's one thread.
+pub(crate) const SHIM_TASKS: u64 = 2;
+
+/// Tasks in a turn's pids cgroup that are not the agent's: the shim and its
+/// bridge's thread ([`SHIM_TASKS`], fixed for the whole turn: the bridge
+/// serves every connection from that one thread), and under nsjail nsjail
+/// itself. The cgroup's limit is the agent's `max_processes` plus these, so
+/// the agent gets exactly its limit, cannot starve the bridge, and is never
+/// pushed over by it.
+pub(crate) fn supervisors(mode: crate::config::Mode) -> u64 {
+    match mode {
+        crate::config::Mode::Nsjail => SHIM_TASKS + 1,
+        crate::config::Mode::Direct => SHIM_TASKS,
+    }
+}
 
 /// An admitted turn: what the service hands over, and what every step of
 /// the turn reads.
@@ -95,6 +110,8 @@ struct Counters {
     stdout: u64,
     stderr: u64,
     stdin: u64,
+    /// The drain cut a pipe that a process outside the turn kept busy.
+    output_cut: bool,
 }
 
 impl Turn {
@@ -169,7 +186,7 @@ impl Turn {
         let Some(hello) = jail.handshake(&stop, &self.expected_isolation()).await else {
             return (jail.abort().await, Counters::default());
         };
-        let shim_pid = self.shim_pid(&jail);
+        let shim_pid = self.pin_shim(&mut jail);
         self.send_started(&hello, shim_pid).await;
         let start_record = self.record_start(prepared);
         // Let the task that sends `Started` out run before the relay is set up.
@@ -184,8 +201,7 @@ impl Turn {
             .admitted
             .take_signals()
             .unwrap_or_else(|| mpsc::channel(1).1);
-        jail.supervise(&stop, shim_pid, self.kill_grace(), &mut signals)
-            .await;
+        jail.supervise(&stop, self.kill_grace(), &mut signals).await;
         let counters = relay.drain().await;
         let mut outcome = jail.into_outcome().await;
         outcome.disk_exceeded = disk_watch.and_then(|w| w.exceeded());

@@ -25,6 +25,11 @@ const PIPE_SIZE: i32 = 1 << 20;
 /// After the jail is gone, how long an idle stdout/stderr may stay open
 /// (held by a process that escaped the turn) before the relay gives up.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// After the jail is gone, how long the relay goes on reading a pipe that a
+/// process outside the turn still holds open and keeps busy; then the pipe
+/// is cut and the turn ends with what was read (its `Exited` says so). A
+/// pipe whose writers are all gone is always read to its end.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Most of the jail's stderr kept when no agent ran.
 const EARLY_STDERR: u64 = 4096;
 /// How long reading that stderr may take (the jail is gone: EOF is near).
@@ -80,10 +85,30 @@ pub(super) async fn read_early(stderr: pipe::Receiver) -> String {
 
 /// The stdout and stderr pumps.
 pub(super) struct Output {
-    stdout: Option<JoinHandle<u64>>,
-    stderr: Option<JoinHandle<u64>>,
+    stdout: Option<JoinHandle<Pumped>>,
+    stderr: Option<JoinHandle<Pumped>>,
     /// Ends reads on an idle pipe, once the drain has waited long enough.
     stop_idle: CancellationToken,
+    /// Ends reads on a busy pipe that a writer still holds, at the drain's
+    /// deadline.
+    stop_busy: CancellationToken,
+}
+
+/// What one pump relayed, and whether it was cut while a writer still held
+/// its pipe (what that writer writes from then on is not relayed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Pumped {
+    pub bytes: u64,
+    pub cut: bool,
+}
+
+/// What the drain relayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Drained {
+    pub stdout: u64,
+    pub stderr: u64,
+    /// A pipe was cut (idle or at the deadline) while a writer still held it.
+    pub cut: bool,
 }
 
 impl Output {
@@ -94,62 +119,100 @@ impl Output {
         link: &Arc<Link>,
     ) -> Output {
         let stop_idle = CancellationToken::new();
+        let stop_busy = CancellationToken::new();
         let start = |r: pipe::Receiver, stderr: bool| {
             crate::process::grow_pipe(r.as_fd(), PIPE_SIZE);
-            let pump = pump(r, link.clone(), stderr, stop_idle.clone());
+            let stop = (stop_idle.clone(), stop_busy.clone());
+            let pump = pump(r, link.clone(), stderr, stop);
             tokio::spawn(pump.in_current_span())
         };
         Output {
             stdout: stdout.map(|r| start(r, false)),
             stderr: stderr.map(|r| start(r, true)),
             stop_idle,
+            stop_busy,
         }
     }
 
-    /// Waits for both pipes' end, once the jail is gone; a pipe that stays
-    /// open and idle for [`DRAIN_IDLE`] (held by a process that escaped) is
-    /// cut. The bytes relayed from each.
-    pub async fn drain(self) -> (u64, u64) {
-        let idle = self.stop_idle.clone();
-        let idle_timer = tokio::spawn(async move {
-            tokio::time::sleep(DRAIN_IDLE).await;
-            idle.cancel();
+    /// Waits for both pipes' end, once the jail is gone: a pipe that stays
+    /// open and idle for [`DRAIN_IDLE`], or open and busy past
+    /// [`DRAIN_DEADLINE`] (held by a process that escaped the turn), is cut.
+    pub async fn drain(self) -> Drained {
+        self.drain_within(DRAIN_IDLE, DRAIN_DEADLINE).await
+    }
+
+    async fn drain_within(self, idle: Duration, deadline: Duration) -> Drained {
+        let (stop_idle, stop_busy) = (self.stop_idle.clone(), self.stop_busy.clone());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(idle).await;
+            stop_idle.cancel();
+            tokio::time::sleep(deadline.saturating_sub(idle)).await;
+            stop_busy.cancel();
         });
-        let mut totals = (0, 0);
-        if let Some(h) = self.stdout {
-            totals.0 = h.await.unwrap_or(0);
+        let mut drained = Drained::default();
+        for (h, total) in [
+            (self.stdout, &mut drained.stdout),
+            (self.stderr, &mut drained.stderr),
+        ] {
+            if let Some(h) = h {
+                let pumped = h.await.unwrap_or_default();
+                *total = pumped.bytes;
+                drained.cut |= pumped.cut;
+            }
         }
-        if let Some(h) = self.stderr {
-            totals.1 = h.await.unwrap_or(0);
+        timer.abort();
+        if drained.cut {
+            warn!("a process outside the turn still held its output open; relay cut");
         }
-        idle_timer.abort();
-        if self.stop_idle.is_cancelled() {
-            warn!("an output pipe stayed open after the turn ended; relay cut");
-        }
-        totals
+        drained
     }
 }
 
+/// Whether every writer of the pipe `r` reads from is gone (`POLLHUP`): what
+/// is left in it is all there will be.
+fn writers_gone(r: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(r, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|e| e.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+}
+
 /// Relays one output pipe into the link. Reads stop early only when
-/// `stop_idle` fires while the pipe is idle; sends wait for an executor
-/// that is attached however slow it is (it slows the agent instead of
-/// losing bytes), and give up after `stop_idle` only with none attached.
-async fn pump<R: AsyncRead + Unpin>(
+/// `stop_idle` fires while the pipe is idle, or once `stop_busy` has fired
+/// while a writer still holds the pipe; sends wait for an executor that is
+/// attached however slow it is (it slows the agent instead of losing
+/// bytes), and give up after `stop_idle` only with none attached.
+async fn pump<R: AsyncRead + AsFd + Unpin>(
     mut r: R,
     link: Arc<Link>,
     stderr: bool,
-    stop_idle: CancellationToken,
-) -> u64 {
+    (stop_idle, stop_busy): (CancellationToken, CancellationToken),
+) -> Pumped {
     let mut total = 0u64;
     let mut buf = BytesMut::with_capacity(RELAY_CHUNK);
     loop {
+        if stop_busy.is_cancelled() && !writers_gone(r.as_fd()) {
+            return Pumped {
+                bytes: total,
+                cut: true,
+            };
+        }
         if buf.capacity() < RELAY_CHUNK / 4 {
             buf.reserve(RELAY_CHUNK);
         }
         let read = tokio::select! {
             biased;
             r = r.read_buf(&mut buf) => r,
-            _ = stop_idle.cancelled() => break,
+            _ = stop_idle.cancelled() => {
+                // Idle, but a writer may still write: what it would write
+                // is not relayed.
+                return Pumped {
+                    bytes: total,
+                    cut: !writers_gone(r.as_fd()),
+                };
+            }
         };
         let n = match read {
             Ok(0) | Err(_) => break,
@@ -167,7 +230,10 @@ async fn pump<R: AsyncRead + Unpin>(
             break;
         }
     }
-    total
+    Pumped {
+        bytes: total,
+        cut: false,
+    }
 }
 
 /// Writes the executors' stdin bytes to the agent.
@@ -191,7 +257,11 @@ impl StdioRelay {
     /// Drains the output once the jail is gone and stops the rest: the
     /// bytes relayed.
     pub async fn drain(self) -> Counters {
-        let (stdout, stderr) = self.output.drain().await;
+        let Drained {
+            stdout,
+            stderr,
+            cut,
+        } = self.output.drain().await;
         if let Some(r) = &self.llm {
             // No LLM frame may follow `Exited`.
             r.close();
@@ -200,6 +270,7 @@ impl StdioRelay {
             stdout,
             stderr,
             stdin: self.link.inputs.stdin_total.load(Ordering::Relaxed),
+            output_cut: cut,
         }
     }
 }
@@ -288,7 +359,11 @@ mod tests {
         nix::unistd::write(&err_w, b"oops").expect("write");
         drop((out_w, err_w));
         let output = Output::start(Some(out), Some(err), &link);
-        assert_eq!(output.drain().await, (11, 4));
+        let drained = output.drain().await;
+        assert_eq!(
+            (drained.stdout, drained.stderr, drained.cut),
+            (11, 4, false)
+        );
         assert_eq!(
             received(&mut stream, 2).await,
             (b"hello world".to_vec(), b"oops".to_vec())
@@ -303,7 +378,9 @@ mod tests {
         nix::unistd::write(&out_w, b"before").expect("write");
         let began = tokio::time::Instant::now();
         // `out_w` stays open: the drain must not wait for its EOF.
-        assert_eq!(output.drain().await, (6, 0));
+        let drained = output.drain().await;
+        // Its writer may still write: the turn is told its output was cut.
+        assert_eq!((drained.stdout, drained.stderr, drained.cut), (6, 0, true));
         assert!(began.elapsed() >= DRAIN_IDLE, "cut before the idle time");
         assert_eq!(received(&mut stream, 1).await.0, b"before");
         drop(out_w);
@@ -354,7 +431,45 @@ mod tests {
             }
         }
         assert_eq!(got, data.len());
-        assert_eq!(drain.await.expect("drain"), (data.len() as u64, 0));
+        // Past the deadline too: its writer is gone, so the pipe is read
+        // to its end.
+        let drained = drain.await.expect("drain");
+        assert!(3 * DRAIN_IDLE > DRAIN_DEADLINE);
+        assert_eq!((drained.stdout, drained.cut), (data.len() as u64, false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipe_kept_busy_by_an_escaped_writer_is_cut_at_the_deadline() {
+        // A writer that never pauses (as `yes` outside the turn would) and an
+        // executor slower than it: the pipe is always full, never idle, so
+        // only the deadline ends the drain. Real time, short limits.
+        let (link, mut stream) = link();
+        let (out, out_w) = pipe();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'y'; 64 * 1024];
+            // Until the relay closes its end (EPIPE: SIGPIPE is ignored).
+            while nix::unistd::write(&out_w, &chunk).is_ok() {}
+        });
+        let output = Output::start(Some(out), None, &link);
+        let executor = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(Ok(ev)) = stream.next().await {
+                if let Some(pb::turn_event::Kind::Stdout(b)) = ev.kind {
+                    n += b.len();
+                }
+                // Pacing, not synchronisation: an executor that reads slowly.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        });
+        let drained = output
+            .drain_within(Duration::from_millis(20), Duration::from_millis(200))
+            .await;
+        assert!(drained.cut, "{drained:?}");
+        link.finish(pb::Exited::default());
+        let relayed = executor.await.expect("executor") as u64;
+        assert_eq!(relayed, drained.stdout);
+        writer.join().expect("writer");
     }
 
     #[tokio::test(start_paused = true)]
