@@ -85,7 +85,6 @@ impl Raw {
             &jail::JailTurn {
                 home,
                 work,
-                turn_dir: turn.clone(),
                 shim: shim(),
                 bundle_mounts: vec![],
                 outside_uid: 100_000,
@@ -121,6 +120,10 @@ impl Raw {
                 let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
                 log_read = Some(r);
                 setup.fds.push((w, jail::LOG_FD));
+                // The turn dir, as the broker passes it (see jail::RUN_FD).
+                let run_dir = std::fs::File::open(self.payload.parent().expect("turn dir"))
+                    .expect("turn dir");
+                setup.fds.push((run_dir.into(), jail::RUN_FD));
                 (
                     nsjail(),
                     vec![OsStr::new("--config"), self.config.as_os_str()],

@@ -40,7 +40,7 @@ for field in exec_bin cwd time_limit uidmap gidmap log_fd log_file; do
         fail "profile sets per-turn field '$field'"; dups=1
     fi
 done
-for dst in /home/agent /work /run/turnstile /turnstile/shim; do
+for dst in /home/agent /work; do
     if grep -Eq "dst:[[:space:]]*\"$dst/?\"" <<<"$body"; then
         fail "profile mounts per-turn path $dst"; dups=1
     fi
@@ -54,9 +54,6 @@ mkdir -p "$tmp/home" "$tmp/work" "$tmp/turn"
 chown "$OUTSIDE_ID:$OUTSIDE_ID" "$tmp/home" "$tmp/work"
 chmod 755 "$tmp"
 printf 'payload' >"$tmp/turn/init.msgpack"
-# Any file proves that a single-file bind works; use the real shim when it is built.
-shim="$repo/target/x86_64-unknown-linux-gnu/shim/turnstile-shim"
-[[ -f "$shim" ]] || { shim="$tmp/shim"; printf '' >"$shim"; }
 
 render() { # render OUT EXEC_BIN_LINE
     cp "$cfg" "$1"
@@ -70,13 +67,14 @@ uidmap { inside_id: "1000" outside_id: "$OUTSIDE_ID" count: 1 }
 gidmap { inside_id: "1000" outside_id: "$OUTSIDE_ID" count: 1 }
 mount { src: "$tmp/home" dst: "/home/agent" is_bind: true rw: true }
 mount { src: "$tmp/work" dst: "/work" is_bind: true rw: true }
-mount { src: "$tmp/turn" dst: "/run/turnstile" is_bind: true rw: false }
-mount { src: "$shim" dst: "/turnstile/shim" is_bind: true rw: false }
+pass_fd: 6
 log_fd: 5
 EOF
 }
 
-# 3. Checks from inside (POSIX sh: the jail's /bin/sh is dash on Debian).
+# 3. Checks from inside (POSIX sh: the jail's /bin/sh is dash on Debian). The turn dir is
+#    not mounted: it reaches the jail's init as fd 6 (the broker's shim reaches llm.sock
+#    as /proc/self/fd/6/llm.sock), so no mountinfo entry names its host path.
 cat >"$tmp/turn/inside.sh" <<'EOF'
 c() { if eval "$2" >/dev/null 2>&1; then echo "ok    $1"; else echo "FAIL  $1"; fi; }
 c "uid 1000, gid 1000"           '[ "$(id -u):$(id -g)" = 1000:1000 ]'
@@ -90,9 +88,9 @@ c "/tmp writable"                'touch /tmp/x'
 c "/ read-only"                  '! touch /x'
 c "/etc read-only"               '! touch /etc/x'
 c "/usr read-only"               '! touch /usr/x'
-c "/run/turnstile read-only"     '! touch /run/turnstile/x'
-c "/run/turnstile listable"      'ls /run/turnstile | grep -q init.msgpack'
-c "/turnstile/shim is a file"    '[ -f /turnstile/shim ]'
+c "turn dir not mounted"         '[ ! -e /run/turnstile ]'
+c "turn dir reachable by fd 6"   'ls /proc/self/fd/6/ | grep -q init.msgpack'
+c "turn dir not writable by fd"  '! touch /proc/self/fd/6/x'
 c "/bin/sh runs"                 '/bin/sh -c true'
 # `find -type c` would trust readdir's d_type, which describes the mountpoint file in
 # the root tmpfs (regular), not the device bound over it: test each entry instead.
@@ -104,15 +102,16 @@ c "write to /dev/null"           'echo x >/dev/null'
 c "read /dev/urandom"            '[ "$(head -c 8 /dev/urandom | wc -c)" = 8 ]'
 c "/proc/1/environ empty"        '[ ! -s /proc/1/environ ]'
 c "environment empty"            '[ -z "$(env | grep -v -e ^PWD= -e ^SHLVL= -e ^_= -e ^OLDPWD=)" ]'
-c "fd 3 and 4 passed"            '[ -e /proc/self/fd/3 ] && [ -e /proc/self/fd/4 ]'
+c "fd 3, 4 and 6 passed"        '[ -e /proc/self/fd/3 ] && [ -e /proc/self/fd/4 ] && [ -e /proc/self/fd/6 ]'
 c "log fd 5 not passed"          '[ ! -e /proc/$$/fd/5 ]'
 c "no capabilities"              'grep -q "^CapEff:[[:space:]]*0000000000000000" /proc/self/status'
 c "no_new_privs"                 'grep -q "^NoNewPrivs:[[:space:]]*1" /proc/self/status'
 c "passwd names uid 1000 agent"  'grep -q "^agent:x:1000:1000:.*:/home/agent:" /etc/passwd'
 EOF
 
-render "$tmp/check.cfg" 'exec_bin { path: "/bin/sh" arg: "/run/turnstile/inside.sh" }'
-if out=$("$nsjail" --config "$tmp/check.cfg" 3</etc/hostname 4</etc/hostname 5>"$tmp/nsjail.log" 2>&1); then
+render "$tmp/check.cfg" 'exec_bin { path: "/bin/sh" arg: "/proc/self/fd/6/inside.sh" }'
+if out=$("$nsjail" --config "$tmp/check.cfg" 3</etc/hostname 4</etc/hostname 5>"$tmp/nsjail.log" \
+    6<"$tmp/turn" 2>&1); then
     printf '%s\n' "$out"
     fails=$((fails + $(grep -c '^FAIL' <<<"$out" || true)))
     if [[ $(stat -c %u:%g "$tmp/home/from-jail" "$tmp/work/from-jail" 2>/dev/null | sort -u) \
@@ -132,7 +131,8 @@ if ((bench > 0)); then
     render "$tmp/true.cfg" 'exec_bin { path: "/bin/true" }'
     for _ in $(seq $((bench + 3))); do
         s=$(date +%s%N)
-        "$nsjail" --config "$tmp/true.cfg" 3</dev/null 4</dev/null 5>/dev/null || die "spawn failed"
+        "$nsjail" --config "$tmp/true.cfg" 3</dev/null 4</dev/null 5>/dev/null 6<"$tmp/turn" ||
+            die "spawn failed"
         echo $((($(date +%s%N) - s) / 1000))
     done | tail -n +4 | sort -n | awk '{ v[NR] = $1 } END {
         printf "bench: %d spawns of /bin/true: p50 %.1f ms, p90 %.1f ms, min %.1f ms, max %.1f ms\n",

@@ -159,6 +159,7 @@ impl Served {
         match events.next().await {
             Some(Ok(pb::TurnEvent {
                 kind: Some(pb::turn_event::Kind::Started(_)),
+                ..
             })) => {}
             other => panic!("expected started, got {other:?}"),
         }

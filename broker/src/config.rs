@@ -307,6 +307,18 @@ pub struct Config {
     /// every call; the broker's own uid and root always are). Without
     /// `socket_group` the socket is then 0666 and this list is the gate.
     pub allowed_uids: Vec<u32>,
+    /// How long a turn keeps running once its executor's stream is gone,
+    /// waiting for an `Attach` (a `Start` may set its own); 0 ends it at once.
+    pub detach_grace_ms: u64,
+    /// Cap on a turn's event journal (its replay window, stdout and stderr
+    /// included). Events no executor has received yet are never dropped:
+    /// with that many bytes of them, the broker stops reading the agent's
+    /// output until an executor takes some. 0 turns the journal off (no
+    /// replay; a turn then cannot outlive its executor).
+    pub journal_max_bytes: u64,
+    /// How long a finished turn's journal stays, for a late `Attach` or a
+    /// `Start` with the same key.
+    pub finished_turn_retention_ms: u64,
 }
 
 /// How session disk limits are enforced.
@@ -369,6 +381,9 @@ impl Default for Config {
             profiles: crate::profile::Profiles::default(),
             socket_group: None,
             allowed_uids: Vec::new(),
+            detach_grace_ms: 60_000,
+            journal_max_bytes: 64 << 20,
+            finished_turn_retention_ms: 60 * 60 * 1000,
         }
     }
 }
@@ -543,6 +558,11 @@ impl Config {
             ("shutdown_grace_ms", Some(self.shutdown_grace_ms)),
             ("gc_interval_ms", Some(self.gc_interval_ms)),
             ("session_ttl_ms", self.session_ttl_ms),
+            ("detach_grace_ms", Some(self.detach_grace_ms)),
+            (
+                "finished_turn_retention_ms",
+                Some(self.finished_turn_retention_ms),
+            ),
         ] {
             if let Some(value) = value.filter(|v| *v > MAX_DURATION_MS) {
                 return Err(ConfigError::OverMax {
@@ -932,7 +952,13 @@ mod tests {
                 .checked_add(cfg.kill_grace_ms)
                 .ok_or("shutdown_grace_ms + kill_grace_ms")?;
             let now = std::time::Instant::now();
-            for ms in [grace, cfg.gc_interval_ms, cfg.session_ttl_ms.unwrap_or(0)] {
+            for ms in [
+                grace,
+                cfg.gc_interval_ms,
+                cfg.session_ttl_ms.unwrap_or(0),
+                cfg.detach_grace_ms,
+                cfg.finished_turn_retention_ms,
+            ] {
                 now.checked_add(std::time::Duration::from_millis(ms))
                     .ok_or(format!("now + {ms} ms"))?;
             }
@@ -989,6 +1015,9 @@ mod tests {
                     "warm_spares",
                     "disk_reserve_bytes",
                     "disk_backend",
+                    "detach_grace_ms",
+                    "journal_max_bytes",
+                    "finished_turn_retention_ms",
                 ])
                 .prop_map(str::to_string),
                 proptest::sample::select(LIMIT_FIELDS.to_vec()).prop_map(str::to_string),

@@ -10,6 +10,10 @@ pub enum InputError {
     SessionId(String),
     #[error("invalid turn id {0:?}: want [A-Za-z0-9][A-Za-z0-9._-]{{0,127}} without '..'")]
     TurnId(String),
+    #[error("invalid turn key {0:?}: want [A-Za-z0-9][A-Za-z0-9._-]{{0,127}} without '..'")]
+    TurnKey(String),
+    #[error("detach_grace_ms = {0} is out of range: at most {max}", max = crate::config::MAX_DURATION_MS)]
+    DetachGrace(u64),
     #[error("invalid env key {0:?}: want [A-Za-z_][A-Za-z0-9_]{{0,255}}")]
     EnvKey(String),
     #[error("env value of {0} holds a NUL or control character")]
@@ -48,8 +52,32 @@ pub enum InputError {
 pub enum BrokerError {
     #[error(transparent)]
     Input(#[from] InputError),
-    #[error("first message must be start, got {0}")]
+    #[error("first message must be start or attach, got {0}")]
     NotStart(&'static str),
+    #[error(
+        "turn key {key} of session {session} names turn {turn}, started with another argv, env or cwd"
+    )]
+    KeyMismatch {
+        key: String,
+        session: String,
+        turn: String,
+    },
+    #[error("no turn {what} in session {session} on this broker (running, or kept since it ended)")]
+    TurnNotFound { session: String, what: String },
+    #[error(
+        "turn {turn} (key {key}) of session {session} has ended and its events were not kept (the journal is off)"
+    )]
+    NotKept {
+        session: String,
+        turn: String,
+        key: String,
+    },
+    #[error("turn journal {path}: {source}")]
+    Journal {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("stream ended before start")]
     NoStart,
     #[error("init payload is {size} bytes, over the {cap}-byte cap (argv, env and cwd count)")]
@@ -117,7 +145,11 @@ impl BrokerError {
             BrokerError::BusyAfterWait { .. } => Code::DeadlineExceeded,
             BrokerError::SessionNotFound(_) => Code::NotFound,
             BrokerError::ShuttingDown => Code::Unavailable,
-            BrokerError::SessionExists(_) | BrokerError::TurnIdInUse { .. } => Code::AlreadyExists,
+            BrokerError::SessionExists(_)
+            | BrokerError::TurnIdInUse { .. }
+            | BrokerError::KeyMismatch { .. } => Code::AlreadyExists,
+            BrokerError::TurnNotFound { .. } => Code::NotFound,
+            BrokerError::NotKept { .. } => Code::FailedPrecondition,
             BrokerError::Damaged { .. } => Code::FailedPrecondition,
             BrokerError::Import(
                 crate::archive::ImportError::TooLarge { .. }
@@ -130,6 +162,7 @@ impl BrokerError {
             | BrokerError::Encode(_)
             | BrokerError::Cgroup(_)
             | BrokerError::Volume(_)
+            | BrokerError::Journal { .. }
             | BrokerError::Disk(_) => Code::Internal,
         }
     }

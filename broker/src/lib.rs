@@ -28,6 +28,7 @@ pub mod disk;
 pub mod error;
 pub mod fleet;
 pub mod jail;
+pub mod journal;
 pub mod llm;
 pub mod process;
 pub mod profile;
@@ -53,6 +54,18 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+/// A turn's signal channel: from its executors' streams and
+/// `InterruptTurn` to its supervision.
+pub type Signals = (
+    tokio::sync::mpsc::Sender<nix::sys::signal::Signal>,
+    tokio::sync::mpsc::Receiver<nix::sys::signal::Signal>,
+);
+
+/// A new [`Signals`] channel.
+pub fn signals() -> Signals {
+    tokio::sync::mpsc::channel(8)
+}
+
 /// Why the broker ended a turn itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopReason {
@@ -60,6 +73,9 @@ pub enum StopReason {
     Cancelled,
     BrokerShutdown,
     ExecutorGone,
+    /// No executor attached within the turn's detach grace (ms) after its
+    /// stream went.
+    NotReattached(u64),
     /// The session went over its disk limit (see [`disk`]).
     DiskLimit,
 }
@@ -135,6 +151,8 @@ pub struct Broker {
     pub config: Config,
     pub sessions: Sessions,
     pub turns_dir: PathBuf,
+    /// Turns an executor can attach to: running, and kept since they ended.
+    pub turns: turn::registry::Registry,
     /// The resolved nsjail binary and profile text (nsjail mode only).
     pub nsjail: Option<(PathBuf, String)>,
     pub cgroups: Option<Cgroups>,
@@ -236,7 +254,7 @@ impl Broker {
                     Ok(None) | Err(_) => {
                         warn!(
                             "no usable memory/pids cgroups: memory and process limits fall back to \
-                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found by process group only"
+                             RLIMIT_AS and RLIMIT_NPROC, and leftover processes are found through the process tree only"
                         );
                         None
                     }
@@ -277,6 +295,12 @@ impl Broker {
                 }
             }
         }
+        let turns = turn::registry::Registry::open(
+            state.join("journals"),
+            config.journal_max_bytes,
+            std::time::Duration::from_millis(config.finished_turn_retention_ms),
+        )
+        .map_err(io_err)?;
         let owner = (config.mode == Mode::Nsjail && root).then_some(outside_ids);
         let (detected, volumes) =
             disk::detect(&state, config.disk_backend, owner).map_err(BrokerError::Disk)?;
@@ -341,7 +365,7 @@ impl Broker {
                     cg.clone(),
                     config.shim.clone(),
                     config.warm_spares,
-                    turn::cgroup_limits(&config.default_limits),
+                    turn::cgroup_limits(&config.default_limits, config.mode),
                     warm::TurnDirs {
                         spares: spares_dir.clone(),
                         tmp: config.mode == Mode::Direct,
@@ -353,6 +377,7 @@ impl Broker {
             config,
             sessions,
             turns_dir,
+            turns,
             nsjail,
             cgroups,
             disk,
@@ -375,6 +400,7 @@ impl Broker {
         self: &Arc<Self>,
         turn_id: &str,
         session_id: &str,
+        (signals, signals_rx): Signals,
     ) -> Result<Admitted, BrokerError> {
         let mut adm = self
             .admission
@@ -391,7 +417,6 @@ impl Broker {
                 session: running.session_id.clone(),
             });
         }
-        let (signals, signals_rx) = tokio::sync::mpsc::channel(8);
         let turn = ActiveTurn {
             session_id: session_id.to_string(),
             token: CancellationToken::new(),

@@ -1,6 +1,7 @@
 //! The broker side of the LLM relay. The agent's only way out of the jail is
-//! the turn's unix socket (`<turn>/llm.sock`, bind-mounted at
-//! `/run/turnstile/llm.sock`; the shim bridges 127.0.0.1:<port> to it). Each
+//! the turn's unix socket (`<turn>/llm.sock`, which the shim in a jail
+//! reaches through the turn dir's descriptor as `/proc/self/fd/6/llm.sock`;
+//! the shim bridges 127.0.0.1:<port> to it). Each
 //! connection accepted there gets an id and is multiplexed over the turn's
 //! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
 //! Credentials are added on the executor side; nothing here parses HTTP.
@@ -18,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use tokio::io::AsyncWriteExt;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
 use turnstile_proto::flow::{self, Credit, Grants, Inbox};
@@ -31,6 +32,21 @@ const CHUNK: usize = 64 * 1024;
 /// the turn's event stream, which the relay is handed, not borrowed from
 /// the turn's types.
 pub type EventSink = mpsc::Sender<Result<pb::TurnEvent, tonic::Status>>;
+
+/// The executor stream attached to the turn now: the relay's frames go to
+/// it. Connections belong to the stream they were opened on: when it goes
+/// (detached, or taken over), they are reset, since the executor side that
+/// served them is gone; while no stream is attached, new connections wait
+/// (up to [`WAIT_FOR_EXECUTOR`]).
+#[derive(Debug, Clone)]
+pub struct Attached {
+    pub epoch: u64,
+    pub sink: EventSink,
+}
+
+/// How long a connection the agent opens while no executor is attached
+/// waits for one before it is refused.
+pub const WAIT_FOR_EXECUTOR: std::time::Duration = std::time::Duration::from_secs(30);
 
 enum ToAgent {
     Data(Bytes),
@@ -48,6 +64,8 @@ struct Conn {
     /// Directions finished (0..=2); the connection is forgotten at 2.
     halves_done: u8,
     gate: Gate,
+    /// The stream the connection was opened on.
+    epoch: u64,
 }
 
 /// Orders a connection's frames towards the executor around its reset:
@@ -89,8 +107,9 @@ pub struct Relay {
     /// Connections the broker reset: the executor's frames still in flight
     /// for them are dropped without a notice.
     gone: Arc<Mutex<HashSet<u64>>>,
-    events: EventSink,
+    attached: watch::Receiver<Option<Attached>>,
     accept: tokio::task::AbortHandle,
+    follow: tokio::task::AbortHandle,
 }
 
 fn frame(conn: u64, kind: pb::llm_frame::Kind) -> Result<pb::TurnEvent, tonic::Status> {
@@ -99,6 +118,7 @@ fn frame(conn: u64, kind: pb::llm_frame::Kind) -> Result<pb::TurnEvent, tonic::S
             conn,
             kind: Some(kind),
         })),
+        seq: 0,
     })
 }
 
@@ -122,7 +142,6 @@ pub fn bind(
 struct Shared {
     conns: Arc<Mutex<HashMap<u64, Conn>>>,
     gone: Arc<Mutex<HashSet<u64>>>,
-    events: EventSink,
 }
 
 /// One connection as each of its two tasks sees it.
@@ -131,30 +150,83 @@ struct ConnTask {
     shared: Shared,
     id: u64,
     gate: Gate,
+    /// The stream it was opened on.
+    events: EventSink,
 }
 
 impl Relay {
     /// Starts accepting the agent's connections (at most `max_conns` at once).
-    pub fn start(listener: UnixListener, events: EventSink, max_conns: usize) -> Relay {
+    pub fn start(
+        listener: UnixListener,
+        attached: watch::Receiver<Option<Attached>>,
+        max_conns: usize,
+    ) -> Relay {
         let shared = Shared {
             conns: Arc::default(),
             gone: Arc::default(),
-            events: events.clone(),
         };
-        let accept = accept_loop(listener, shared.clone(), max_conns);
+        let accept = accept_loop(listener, shared.clone(), attached.clone(), max_conns);
         let accept = tokio::spawn(accept.in_current_span()).abort_handle();
+        let follow = follow_streams(shared.clone(), attached.clone());
+        let follow = tokio::spawn(follow.in_current_span()).abort_handle();
         Relay {
             conns: shared.conns,
             gone: shared.gone,
-            events,
+            attached,
             accept,
+            follow,
+        }
+    }
+
+    /// The sink of the stream attached now.
+    fn sink(&self) -> Option<EventSink> {
+        self.attached.borrow().as_ref().map(|a| a.sink.clone())
+    }
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("open", &self.open())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Resets the connections of a stream that is no longer attached.
+async fn follow_streams(shared: Shared, mut attached: watch::Receiver<Option<Attached>>) {
+    while attached.changed().await.is_ok() {
+        let epoch = attached.borrow_and_update().as_ref().map(|a| a.epoch);
+        let stale: Vec<Conn> = match shared.conns.lock() {
+            Ok(mut m) => {
+                let ids: Vec<u64> = m
+                    .iter()
+                    .filter(|(_, c)| Some(c.epoch) != epoch)
+                    .map(|(id, _)| *id)
+                    .collect();
+                ids.iter().filter_map(|id| m.remove(id)).collect()
+            }
+            Err(_) => Vec::new(),
+        };
+        if !stale.is_empty() {
+            debug!(
+                conns = stale.len(),
+                "llm connections reset: their executor stream is gone"
+            );
+        }
+        for c in stale {
+            c.abort();
         }
     }
 }
 
 /// Accepts the agent's connections until the listener fails (or the relay
 /// is closed), refusing those over `max_conns`.
-async fn accept_loop(listener: UnixListener, shared: Shared, max_conns: usize) {
+async fn accept_loop(
+    listener: UnixListener,
+    shared: Shared,
+    mut attached: watch::Receiver<Option<Attached>>,
+    max_conns: usize,
+) {
     let mut next_id = 1u64;
     let mut per_conn = JoinSet::new();
     loop {
@@ -177,16 +249,37 @@ async fn accept_loop(listener: UnixListener, shared: Shared, max_conns: usize) {
             drop(stream);
             continue;
         }
+        // While no executor is attached, the connection waits for one.
+        let waited = tokio::time::timeout(WAIT_FOR_EXECUTOR, attached.wait_for(Option::is_some));
+        let current = match waited.await {
+            Ok(Ok(a)) => a.clone(),
+            Ok(Err(_)) => break,
+            Err(_) => {
+                warn!("llm connection refused: no executor attached to the turn");
+                drop(stream);
+                continue;
+            }
+        };
+        let Some(Attached { epoch, sink }) = current else {
+            continue;
+        };
         let id = next_id;
         next_id += 1;
-        shared.add_conn(id, stream, &mut per_conn);
+        shared.add_conn(id, stream, epoch, sink, &mut per_conn);
     }
     per_conn.shutdown().await;
 }
 
 impl Shared {
     /// Starts both directions of connection `id` and registers it.
-    fn add_conn(&self, id: u64, stream: UnixStream, per_conn: &mut JoinSet<()>) {
+    fn add_conn(
+        &self,
+        id: u64,
+        stream: UnixStream,
+        epoch: u64,
+        events: EventSink,
+        per_conn: &mut JoinSet<()>,
+    ) {
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (inbox, credit) = (Inbox::default(), Credit::default());
@@ -194,6 +287,7 @@ impl Shared {
             shared: self.clone(),
             id,
             gate: Gate::default(),
+            events,
         };
         // The reader announces the connection (`open`, before any of its
         // data) once it is in the map, so that the executor's first answer,
@@ -216,6 +310,7 @@ impl Shared {
                     writer,
                     halves_done: 0,
                     gate: task.gate,
+                    epoch,
                 },
             );
         }
@@ -233,7 +328,7 @@ impl ConnTask {
         credit: Credit,
         announced: tokio::sync::oneshot::Receiver<()>,
     ) {
-        let (id, events) = (self.id, &self.shared.events);
+        let (id, events) = (self.id, &self.events);
         let open = frame(id, pb::llm_frame::Kind::Open(pb::LlmOpen {}));
         if announced.await.is_err() || !self.gate.send(events, open).await {
             finish_half(&self.shared.conns, id);
@@ -271,7 +366,7 @@ impl ConnTask {
             inbox.handed_on(n);
             if let Some(bytes) = grants.add(n, rx.is_empty()) {
                 let w = pb::llm_frame::Kind::Window(pb::LlmWindow { bytes });
-                if self.shared.events.send(frame(self.id, w)).await.is_err() {
+                if self.events.send(frame(self.id, w)).await.is_err() {
                     break;
                 }
             }
@@ -287,7 +382,7 @@ impl ConnTask {
         let reason = format!("the agent's connection closed: {e}");
         debug!(conn = id, %reason, "llm connection reset");
         let c = forget(&shared.conns, &shared.gone, id);
-        self.gate.reset(&shared.events, id, reason).await;
+        self.gate.reset(&self.events, id, reason).await;
         if let Some(c) = c {
             c.reader.abort();
         }
@@ -297,12 +392,14 @@ impl ConnTask {
 impl Relay {
     async fn notice(&self, message: String) {
         warn!(%message, "llm frame refused");
-        let _ = self
-            .events
-            .send(Ok(pb::TurnEvent {
-                kind: Some(pb::turn_event::Kind::Notice(pb::Notice { message })),
-            }))
-            .await;
+        if let Some(sink) = self.sink() {
+            let _ = sink
+                .send(Ok(pb::TurnEvent {
+                    kind: Some(pb::turn_event::Kind::Notice(pb::Notice { message })),
+                    seq: 0,
+                }))
+                .await;
+        }
     }
 
     /// Handles one frame from the executor; never waits for a connection.
@@ -381,9 +478,11 @@ impl Relay {
             c.gate
         });
         let reason = format!("{what}; connection {conn} reset");
-        gate.unwrap_or_default()
-            .reset(&self.events, conn, reason.clone())
-            .await;
+        if let Some(sink) = self.sink() {
+            gate.unwrap_or_default()
+                .reset(&sink, conn, reason.clone())
+                .await;
+        }
         self.notice(reason).await;
     }
 
@@ -395,6 +494,7 @@ impl Relay {
     /// Ends every connection and the accept loop.
     pub fn close(&self) {
         self.accept.abort();
+        self.follow.abort();
         if let Ok(mut m) = self.conns.lock() {
             for (_, c) in m.drain() {
                 c.abort();

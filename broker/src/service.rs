@@ -4,6 +4,8 @@
 
 use crate::Broker;
 use crate::error::BrokerError;
+use crate::turn::link::{self, Link};
+use crate::turn::registry::{self, Begin, Found};
 use crate::turn::{self, Turn, TurnPaths, TurnSpec};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::pin::Pin;
@@ -13,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{info, warn};
+use tracing::{Instrument, info, warn};
 use turnstile_proto::v1 as pb;
 use turnstile_proto::v1::broker_server::Broker as BrokerApi;
 
@@ -26,6 +28,107 @@ impl Service {
     pub fn new(broker: Arc<Broker>) -> Self {
         Service { broker }
     }
+
+    /// A `Start`: a new turn, or the turn its key names.
+    async fn start(
+        &self,
+        start: pb::Start,
+        requests: Streaming<pb::TurnRequest>,
+        received: Instant,
+    ) -> Result<Response<EventStream>, Status> {
+        let broker = &self.broker;
+        let spec = TurnSpec::from_start(start, broker).map_err(BrokerError::from)?;
+        let paths = TurnPaths::new(broker, &spec);
+        let payload = turn::build_payload(broker, &spec, &paths)?;
+        // Below the reserve a turn would fail on a full disk, and take the
+        // broker's records with it: refused before anything is written.
+        broker.disk.check_reserve().map_err(BrokerError::from)?;
+        let (signals, signals_rx) = crate::signals();
+        let link = match broker.turns.begin(&spec, signals.clone())? {
+            Begin::New(link) => link,
+            Begin::Attach(link) => {
+                info!(session.id = %spec.session_id, turn.key = %spec.turn_key, "start with a running turn's key: attached to it");
+                let from = link.first_kept_seq().saturating_sub(1);
+                return join(&link, from, requests);
+            }
+            Begin::Replay(path) => {
+                info!(session.id = %spec.session_id, turn.key = %spec.turn_key, "start with an ended turn's key: replaying it");
+                let link = registry::replay(&path)?;
+                let from = link.first_kept_seq().saturating_sub(1);
+                return join(&link, from, requests);
+            }
+        };
+        // From here a refusal forgets the turn it registered.
+        let admission = async {
+            let lease = broker
+                .sessions
+                .lease(&spec.session_id, &spec.turn_id, spec.lease)
+                .await?;
+            let admitted = broker.admit(&spec.turn_id, &spec.session_id, (signals, signals_rx))?;
+            Ok::<_, BrokerError>((lease, admitted))
+        };
+        let (lease, admitted) = match admission.await {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                let status = Status::from(e);
+                link.fail(status.clone());
+                broker.turns.abandon(&spec.session_id, &spec.turn_id);
+                return Err(status);
+            }
+        };
+        info!(session.id = %spec.session_id, turn.id = %spec.turn_id, "turn admitted");
+        let response = join(&link, 0, requests)?;
+        let turn = Turn {
+            broker: broker.clone(),
+            spec,
+            paths,
+            payload,
+            lease,
+            admitted,
+            link,
+            received,
+        };
+        broker.tracker.spawn(turn.run_to_exit());
+        Ok(response)
+    }
+
+    /// An `Attach`: the turn it names, from the event after `after_seq`.
+    fn attach(
+        &self,
+        a: pb::Attach,
+        requests: Streaming<pb::TurnRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        use crate::validate;
+        validate::session_id(&a.session_id).map_err(BrokerError::from)?;
+        if !a.turn_id.is_empty() {
+            validate::turn_id(&a.turn_id).map_err(BrokerError::from)?;
+        }
+        if !a.turn_key.is_empty() {
+            validate::turn_key(&a.turn_key).map_err(BrokerError::from)?;
+        }
+        let link = match self
+            .broker
+            .turns
+            .find(&a.session_id, &a.turn_id, &a.turn_key)?
+        {
+            Found::Running(link) => link,
+            Found::Ended(path) => registry::replay(&path)?,
+        };
+        info!(session.id = %a.session_id, after_seq = a.after_seq, "executor attached");
+        join(&link, a.after_seq, requests)
+    }
+}
+
+/// Makes `requests` and a new event stream the turn's executor stream.
+fn join(
+    link: &Arc<Link>,
+    after_seq: u64,
+    requests: Streaming<pb::TurnRequest>,
+) -> Result<Response<EventStream>, Status> {
+    let attachment = link.attach(after_seq)?;
+    let forward = link::forward_requests(link.clone(), attachment.epoch, attachment.sink, requests);
+    tokio::spawn(forward.in_current_span());
+    Ok(Response::new(Box::pin(attachment.stream)))
 }
 
 fn kind_name(kind: &Option<pb::turn_request::Kind>) -> &'static str {
@@ -36,6 +139,7 @@ fn kind_name(kind: &Option<pb::turn_request::Kind>) -> &'static str {
         Some(Kind::StdinEof(_)) => "stdin_eof",
         Some(Kind::Signal(_)) => "signal",
         Some(Kind::Llm(_)) => "llm",
+        Some(Kind::Attach(_)) => "attach",
         None => "an empty request",
     }
 }
@@ -53,36 +157,11 @@ impl BrokerApi for Service {
         let received = Instant::now();
         let mut stream = request.into_inner();
         let first = stream.message().await?.ok_or(BrokerError::NoStart)?;
-        let start = match first.kind {
-            Some(pb::turn_request::Kind::Start(s)) => s,
-            other => return Err(BrokerError::NotStart(kind_name(&other)).into()),
-        };
-        let broker = &self.broker;
-        let spec = TurnSpec::from_start(start, broker).map_err(BrokerError::from)?;
-        let paths = TurnPaths::new(broker, &spec);
-        let payload = turn::build_payload(broker, &spec, &paths)?;
-        // Below the reserve a turn would fail on a full disk, and take the
-        // broker's records with it: refused before anything is written.
-        broker.disk.check_reserve().map_err(BrokerError::from)?;
-        let lease = broker
-            .sessions
-            .lease(&spec.session_id, &spec.turn_id, spec.lease)
-            .await?;
-        let admitted = broker.admit(&spec.turn_id, &spec.session_id)?;
-        info!(session.id = %spec.session_id, turn.id = %spec.turn_id, "turn admitted");
-        let (events, rx) = mpsc::channel(turn::EVENT_QUEUE);
-        let turn = Turn {
-            broker: broker.clone(),
-            spec,
-            paths,
-            payload,
-            lease,
-            admitted,
-            events,
-            received,
-        };
-        broker.tracker.spawn(turn.run_to_exit(stream));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        match first.kind {
+            Some(pb::turn_request::Kind::Start(s)) => self.start(s, stream, received).await,
+            Some(pb::turn_request::Kind::Attach(a)) => self.attach(a, stream),
+            other => Err(BrokerError::NotStart(kind_name(&other)).into()),
+        }
     }
 
     async fn cancel_turn(
@@ -283,6 +362,7 @@ impl BrokerApi for Service {
         crate::validate::session_id(&id).map_err(BrokerError::from)?;
         self.broker.sessions.delete(&id).await?;
         self.broker.disk.forget(&id);
+        self.broker.turns.forget_session(&id);
         info!(session.id = %id, "session deleted");
         Ok(Response::new(pb::DeleteSessionReply {}))
     }

@@ -34,6 +34,14 @@ pub fn session_id(id: &str) -> Result<(), InputError> {
     }
 }
 
+pub fn turn_key(key: &str) -> Result<(), InputError> {
+    if is_id(key) {
+        Ok(())
+    } else {
+        Err(InputError::TurnKey(key.to_string()))
+    }
+}
+
 pub fn turn_id(id: &str) -> Result<(), InputError> {
     if is_id(id) {
         Ok(())

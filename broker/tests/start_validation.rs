@@ -119,6 +119,15 @@ fn invalid_fields(start: &pb::Start) -> Vec<String> {
     if !cwd_ok(&start.cwd) {
         bad.push("cwd".to_string());
     }
+    if !start.turn_key.is_empty() && !id_ok(&start.turn_key) {
+        bad.push("turn key".to_string());
+    }
+    if start
+        .detach_grace_ms
+        .is_some_and(|g| g > turnstile_broker::config::MAX_DURATION_MS)
+    {
+        bad.push("detach_grace_ms".to_string());
+    }
     if let Some(l) = &start.limits {
         let caps = Limits::default_caps();
         let asked = [
@@ -335,9 +344,30 @@ fn start() -> impl Strategy<Value = pb::Start> {
             llm_env_vars(h[5]),
             prop_oneof![1 => Just(None), 3 => limits(h[6])],
             proptest::option::of((0i32..3, any::<u64>())),
+            (
+                if h[7] {
+                    hostile_id().boxed()
+                } else {
+                    prop_oneof![Just(String::new()), id()].boxed()
+                },
+                proptest::option::of(prop_oneof![
+                    0u64..=turnstile_broker::config::MAX_DURATION_MS,
+                    any::<u64>()
+                ]),
+            ),
         )
             .prop_map(
-                |(session_id, turn_id, argv, env, cwd, llm_env_vars, limits, lease)| pb::Start {
+                |(
+                    session_id,
+                    turn_id,
+                    argv,
+                    env,
+                    cwd,
+                    llm_env_vars,
+                    limits,
+                    lease,
+                    (turn_key, detach_grace_ms),
+                )| pb::Start {
                     session_id,
                     turn_id,
                     argv,
@@ -346,6 +376,8 @@ fn start() -> impl Strategy<Value = pb::Start> {
                     llm_env_vars,
                     limits,
                     lease: lease.map(|(policy, wait_ms)| pb::Lease { policy, wait_ms }),
+                    turn_key,
+                    detach_grace_ms,
                     ..Default::default()
                 },
             )
@@ -388,6 +420,8 @@ proptest! {
                 let named = match &e {
                     InputError::SessionId(v) => *v == start.session_id,
                     InputError::TurnId(v) => *v == start.turn_id,
+                    InputError::TurnKey(v) => *v == start.turn_key,
+                    InputError::DetachGrace(v) => Some(*v) == start.detach_grace_ms,
                     InputError::Cwd(v) => *v == start.cwd,
                     InputError::ArgvNul(i) => start.argv.get(*i).is_some_and(|a| a.contains('\0')),
                     InputError::EnvKey(k) | InputError::ProtectedEnv(k) | InputError::EnvValue(k) => {

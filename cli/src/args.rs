@@ -46,6 +46,10 @@ pub enum Command {
     /// turn, 126 when the agent never started, 127 when the broker is
     /// unreachable, 124 when the broker went away after the agent started.
     Run(RunArgs),
+    /// Join a turn that runs (or ran) on a broker: its events after --after,
+    /// then the live ones; stdin, Ctrl-C and LLM connections as with `run`.
+    /// Exit codes as `run`'s.
+    Attach(AttachArgs),
     /// Manage a broker's sessions.
     Sessions(SessionsArgs),
     /// Check that this machine can run nsjail-mode turns.
@@ -159,6 +163,16 @@ pub struct ServeArgs {
     /// are). Without --socket-group the socket is then 0666.
     #[arg(long = "allow-uid")]
     pub allowed_uids: Vec<u32>,
+    /// How long a turn keeps running once its executor's stream is gone,
+    /// waiting for an `attach` (0: it ends at once).
+    #[arg(long)]
+    pub detach_grace_ms: Option<u64>,
+    /// Cap on each turn's event journal (0 turns journals off).
+    #[arg(long)]
+    pub journal_max_bytes: Option<u64>,
+    /// How long an ended turn's journal is kept for a late `attach`.
+    #[arg(long)]
+    pub finished_turn_retention_ms: Option<u64>,
 }
 
 impl ServeArgs {
@@ -182,6 +196,9 @@ impl ServeArgs {
         set!(jail_config);
         set!(max_payload_bytes);
         set!(kill_grace_ms);
+        set!(detach_grace_ms);
+        set!(journal_max_bytes);
+        set!(finished_turn_retention_ms);
         if self.socket.is_some() {
             cfg.socket = self.socket;
         }
@@ -279,9 +296,53 @@ pub struct RunArgs {
     /// (repeatable; default: the profile's, ANTHROPIC_API_KEY without one).
     #[arg(long = "llm-credential-env-var")]
     pub llm_credential_env_vars: Vec<String>,
+    /// An idempotency key for the turn: a `run` with the same key (and the
+    /// same command) attaches to the turn if it runs, or replays it if it
+    /// ended, instead of starting the agent again.
+    #[arg(long)]
+    pub turn_key: Option<String>,
+    /// How long the turn keeps running when this process goes away, for an
+    /// `attach` (default: the broker's; 0 ends it at once).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS * 1000))]
+    pub detach_grace_ms: Option<u64>,
     /// The agent's command.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// The broker's unix socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    /// The turn's session.
+    #[arg(long)]
+    pub session: String,
+    /// The turn (default: the session's running turn, else its last one kept).
+    #[arg(long, conflicts_with = "turn_key")]
+    pub turn: Option<String>,
+    /// The turn by the key of its `Start`.
+    #[arg(long)]
+    pub turn_key: Option<String>,
+    /// The last event seq already seen: replay starts after it.
+    #[arg(long, default_value_t = 0)]
+    pub after: u64,
+    /// Print every turn event on stdout in this format instead of the
+    /// agent's raw stdio.
+    #[arg(long, value_enum)]
+    pub events: Option<EventsFormat>,
+    /// No summary on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+    /// As `run --llm-upstream`.
+    #[arg(long, requires = "llm_key_env")]
+    pub llm_upstream: Option<String>,
+    /// As `run --llm-key-env`.
+    #[arg(long, requires = "llm_upstream")]
+    pub llm_key_env: Option<String>,
+    /// As `run --llm-header` (default: as the turn's agent profile says).
+    #[arg(long, value_enum)]
+    pub llm_header: Option<LlmHeader>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

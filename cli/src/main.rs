@@ -50,5 +50,9 @@ fn main() -> ExitCode {
             let code = runtime.block_on(run::run_turn(args));
             ExitCode::from(u8::try_from(code).unwrap_or(1))
         }
+        Command::Attach(args) => {
+            let code = runtime.block_on(run::attach(args));
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
     }
 }

@@ -83,6 +83,14 @@ fn new_session_id() -> String {
 
 /// One event as a JSON line.
 fn event_json(ev: &pb::TurnEvent) -> serde_json::Value {
+    let mut json = event_body(ev);
+    if let Some(o) = json.as_object_mut() {
+        o.insert("seq".into(), ev.seq.into());
+    }
+    json
+}
+
+fn event_body(ev: &pb::TurnEvent) -> serde_json::Value {
     use pb::turn_event::Kind;
     match &ev.kind {
         Some(Kind::Started(s)) => serde_json::json!({
@@ -131,7 +139,19 @@ pub async fn run_turn(args: RunArgs) -> i32 {
 /// The forwarder for `--llm-upstream`, with the key read from
 /// `--llm-key-env` here, outside the jail.
 fn forwarder(args: &RunArgs) -> Result<Option<LlmForwarder>, String> {
-    let (Some(url), Some(var)) = (&args.llm_upstream, &args.llm_key_env) else {
+    forwarder_of(
+        args.llm_upstream.as_ref(),
+        args.llm_key_env.as_ref(),
+        args.llm_header,
+    )
+}
+
+fn forwarder_of(
+    upstream: Option<&String>,
+    key_env: Option<&String>,
+    header: Option<LlmHeader>,
+) -> Result<Option<LlmForwarder>, String> {
+    let (Some(url), Some(var)) = (upstream, key_env) else {
         return Ok(None);
     };
     let key = std::env::var(var).map_err(|_| {
@@ -139,7 +159,7 @@ fn forwarder(args: &RunArgs) -> Result<Option<LlmForwarder>, String> {
     })?;
     // Without --llm-header, the credential goes as the turn's agent
     // profile says (the broker names it in `Started`).
-    let config = match args.llm_header {
+    let config = match header {
         Some(LlmHeader::XApiKey) => {
             ForwarderConfig::new(url.clone(), key, CredentialHeader::XApiKey)
         }
@@ -199,6 +219,8 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
         llm_env_vars: args.llm_env_vars.clone(),
         llm_credential_env_vars: args.llm_credential_env_vars.clone(),
         profile: args.profile.clone().unwrap_or_default(),
+        turn_key: args.turn_key.clone().unwrap_or_default(),
+        detach_grace_ms: args.detach_grace_ms,
         ..Default::default()
     };
     // Ctrl-C is taken over before the turn starts: a press between the start
@@ -215,6 +237,92 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
             return EXIT_REFUSED;
         }
     };
+    let view = View {
+        events: args.events,
+        quiet: args.quiet,
+    };
+    let code = follow(&mut turn, client.clone(), &session, interrupts, view).await;
+    drop(turn);
+    if args.rm
+        && let Err(s) = client
+            .delete_session(pb::SessionRef {
+                session_id: session.clone(),
+            })
+            .await
+    {
+        eprintln!(
+            "turnstile: cannot delete session {session}: {}",
+            s.message()
+        );
+    }
+    code
+}
+
+/// `turnstile attach`: joins a turn and follows it as `run` does.
+pub async fn attach(args: crate::args::AttachArgs) -> i32 {
+    let forwarder = match forwarder_of(
+        args.llm_upstream.as_ref(),
+        args.llm_key_env.as_ref(),
+        args.llm_header,
+    ) {
+        Ok(f) => f,
+        Err(msg) => {
+            eprintln!("turnstile: {msg}");
+            return EXIT_NOT_STARTED;
+        }
+    };
+    let channel = match connect_unix(args.socket.clone()).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!(
+                "turnstile: cannot reach the broker at {}: {e}",
+                args.socket.display()
+            );
+            return EXIT_UNREACHABLE;
+        }
+    };
+    let mut client = pb::broker_client::BrokerClient::new(channel)
+        .max_decoding_message_size(turnstile_client::MAX_MESSAGE);
+    let interrupts = {
+        use tokio::signal::unix::{SignalKind, signal};
+        signal(SignalKind::interrupt()).ok()
+    };
+    let request = pb::Attach {
+        session_id: args.session.clone(),
+        turn_id: args.turn.clone().unwrap_or_default(),
+        turn_key: args.turn_key.clone().unwrap_or_default(),
+        after_seq: args.after,
+    };
+    let mut turn = match Turn::attach(&mut client, request, forwarder).await {
+        Ok(t) => t,
+        Err(status) => {
+            eprintln!("turnstile: cannot attach: {}", status.message());
+            return EXIT_REFUSED;
+        }
+    };
+    let view = View {
+        events: args.events,
+        quiet: args.quiet,
+    };
+    follow(&mut turn, client, &args.session, interrupts, view).await
+}
+
+/// How a followed turn is shown.
+#[derive(Debug, Clone, Copy)]
+struct View {
+    events: Option<EventsFormat>,
+    quiet: bool,
+}
+
+/// Relays this terminal's stdin and Ctrl-C into the turn and its events
+/// out, to its `Exited`: the exit code.
+async fn follow(
+    turn: &mut Turn,
+    client: pb::broker_client::BrokerClient<tonic::transport::Channel>,
+    session: &str,
+    interrupts: Option<tokio::signal::unix::Signal>,
+    view: View,
+) -> i32 {
     let input = turn.input();
     let stdin_task = tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
@@ -239,9 +347,9 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
     });
     // Ctrl-C: the first interrupts the agent, the second cancels the turn.
     let input = turn.input();
-    let mut cancel_client = client.clone();
-    let cancel_session = session.clone();
-    let quiet = args.quiet;
+    let mut cancel_client = client;
+    let cancel_session = session.to_string();
+    let quiet = view.quiet;
     let ctrl_c = tokio::spawn(async move {
         let Some(mut int) = interrupts else {
             return;
@@ -279,23 +387,23 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
                 break;
             }
         };
-        if args.events == Some(EventsFormat::Jsonl) {
+        if view.events == Some(EventsFormat::Jsonl) {
             let mut line = event_json(&event).to_string();
             line.push('\n');
             let _ = stdout.write_all(line.as_bytes()).await;
             let _ = stdout.flush().await;
         }
         match event.kind {
-            Some(pb::turn_event::Kind::Stdout(b)) if args.events.is_none() => {
+            Some(pb::turn_event::Kind::Stdout(b)) if view.events.is_none() => {
                 let _ = stdout.write_all(&b).await;
                 let _ = stdout.flush().await;
             }
-            Some(pb::turn_event::Kind::Stderr(b)) if args.events.is_none() => {
+            Some(pb::turn_event::Kind::Stderr(b)) if view.events.is_none() => {
                 let _ = stderr.write_all(&b).await;
                 let _ = stderr.flush().await;
             }
             Some(pb::turn_event::Kind::Started(s)) => spawn_us = Some(s.spawn_us),
-            Some(pb::turn_event::Kind::Notice(n)) if args.events.is_none() => {
+            Some(pb::turn_event::Kind::Notice(n)) if view.events.is_none() => {
                 eprintln!("turnstile: notice: {}", n.message);
             }
             Some(pb::turn_event::Kind::Exited(e)) => {
@@ -309,7 +417,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
                 if e.reason != pb::exited::Reason::Exited as i32 {
                     eprintln!("turnstile: turn ended: {reason}: {}", e.message);
                 }
-                if !args.quiet {
+                if !view.quiet {
                     eprintln!(
                         "turnstile: {reason} (code {code}) · spawn {} · wall {:.1} ms · stdout {} B · stderr {} B · stdin {} B · llm connections {}",
                         spawn_us
@@ -335,18 +443,5 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
     }
     stdin_task.abort();
     ctrl_c.abort();
-    drop(turn);
-    if args.rm
-        && let Err(s) = client
-            .delete_session(pb::SessionRef {
-                session_id: session.clone(),
-            })
-            .await
-    {
-        eprintln!(
-            "turnstile: cannot delete session {session}: {}",
-            s.message()
-        );
-    }
     code
 }

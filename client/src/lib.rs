@@ -40,7 +40,7 @@ mod turn;
 
 pub use forward::{CredentialHeader, ForwarderConfig, ForwarderError, LlmForwarder};
 pub use input::{TurnGone, TurnInput};
-pub use turn::Turn;
+pub use turn::{Resume, Turn};
 pub use turnstile_proto::v1 as pb;
 
 use std::path::PathBuf;

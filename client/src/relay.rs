@@ -78,6 +78,14 @@ impl LlmRelay {
         }
     }
 
+    /// Ends every connection: they belonged to a stream that broke (the
+    /// broker resets the agent's side of them).
+    pub(crate) fn reset_all(&mut self) {
+        for (_, c) in self.conns.drain() {
+            c.abort();
+        }
+    }
+
     /// Handles one frame from the broker. Never waits for a connection;
     /// only for the request queue, when it sends a frame itself.
     pub(crate) async fn handle(&mut self, frame: pb::LlmFrame) {

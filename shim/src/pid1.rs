@@ -176,14 +176,15 @@ pub fn hostname() -> String {
 
 // ----------------------------------------------------------------- bridge --
 
-/// Shim only (LLM bridge threads). `poll(2)` on `fds` with no timeout,
-/// retrying on EINTR; returns how many entries have events.
-pub fn poll(fds: &mut [libc::pollfd]) -> io::Result<usize> {
+/// Shim only (the LLM bridge's thread). `poll(2)` on `fds` for at most
+/// `timeout_ms` (-1: no timeout), retrying on EINTR; returns how many
+/// entries have events.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
     let n = libc::nfds_t::try_from(fds.len()).map_err(io::Error::other)?;
     loop {
         // SAFETY: `fds` is a live, exclusively borrowed slice of `n` pollfd
         // structs, which the kernel only reads and writes within bounds.
-        let got = unsafe { libc::poll(fds.as_mut_ptr(), n, -1) };
+        let got = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout_ms) };
         if got >= 0 {
             return Ok(got as usize);
         }

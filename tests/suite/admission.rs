@@ -259,7 +259,10 @@ async fn first_message_must_be_start(mode: Mode) {
         .await
         .expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert_eq!(err.message(), "first message must be start, got stdin");
+    assert_eq!(
+        err.message(),
+        "first message must be start or attach, got stdin"
+    );
     // A stream that ends before any message.
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::TurnRequest>(1);
     drop(tx);
@@ -334,7 +337,10 @@ async fn a_waiting_lease_gives_up_at_its_deadline(mode: Mode) {
 async fn a_shutdown_waits_for_a_turn_admitted_before_it() {
     let h = Harness::start(Mode::Direct).await;
     assert_eq!(h.broker.tracker.len(), 0);
-    let admitted = h.broker.admit("t-race", "s-race").expect("admitted");
+    let admitted = h
+        .broker
+        .admit("t-race", "s-race", turnstile_broker::signals())
+        .expect("admitted");
     assert_eq!(
         h.broker.tracker.len(),
         1,

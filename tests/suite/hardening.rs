@@ -3,7 +3,7 @@
 //! resolver that fails at once; and real agents' tools still working.
 
 use super::harness::*;
-use turnstile_broker::config::Mode;
+use turnstile_broker::config::{DiskBackend, Mode};
 
 /// Raw syscalls from Python (in the jail: Debian's /usr/bin/python3):
 /// each prints its name and the result (-errno on failure).
@@ -163,6 +163,63 @@ async fn agents_tools_keep_working_in_the_jail() {
             "{want}:\n{stdout}\n{}",
             out.stderr()
         );
+    }
+    h.stop().await;
+}
+
+/// `/proc/self/mountinfo` in the jail names no host state path: not the
+/// state dir, not the session id, not the turn id, not where the shim lives.
+/// (The session's home and work are on its disk image, whose mounts name
+/// paths within the image; on plain dirs, without a disk limit, a bind's
+/// root field is the dir's host path: see the README.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mountinfo_in_the_jail_names_no_host_state_path() {
+    let h = Harness::start_with(Mode::Nsjail, |cfg| {
+        cfg.disk_backend = DiskBackend::Image;
+        cfg.default_limits.disk_bytes = Some(16 << 20);
+    })
+    .await;
+    let session = format!("mnt-{}", token());
+    let out = h
+        .run(start(
+            &session,
+            "cat /proc/self/mountinfo; cat /proc/1/cmdline",
+        ))
+        .await;
+    out.assert_exited_ok();
+    let mountinfo = out.stdout();
+    let turn = &out.started.as_ref().expect("started").turn_id;
+    let state = h.state();
+    let shim = shim();
+    let shim_dir = shim.parent().expect("the shim's dir");
+    for (what, needle) in [
+        ("the state dir", state.to_string_lossy().into_owned()),
+        ("the session id", session.clone()),
+        ("the turn id", turn.clone()),
+        (
+            "the shim's host dir",
+            shim_dir.to_string_lossy().into_owned(),
+        ),
+    ] {
+        assert!(
+            !mountinfo.contains(&needle),
+            "{what} ({needle}) shows in the jail:\n{mountinfo}"
+        );
+    }
+    // The state dir's last parts are named too (a bind's root field is the
+    // path within its filesystem, which may not start with the full path).
+    for part in ["sessions", "turns", "spares"] {
+        assert!(
+            !mountinfo
+                .lines()
+                .any(|l| l.split(' ').nth(3).is_some_and(|r| r.contains(part))),
+            "a mount's root names {part}:\n{mountinfo}"
+        );
+    }
+    // The agent's paths are still there, and LLM connections still work
+    // (llm::* test that).
+    for dst in [" /home/agent ", " /work ", " /proc "] {
+        assert!(mountinfo.contains(dst), "{dst} missing:\n{mountinfo}");
     }
     h.stop().await;
 }

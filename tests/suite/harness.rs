@@ -78,6 +78,9 @@ pub fn config(mode: Mode, state: &Path) -> Config {
         jail_config: workspace().join("jail-configs/agent.cfg"),
         kill_grace_ms: 300,
         shutdown_grace_ms: 5_000,
+        // A turn ends with its executor's stream, as before durable turns;
+        // their tests set a grace.
+        detach_grace_ms: 0,
         cgroups: CgroupPolicy::Required,
         default_limits: Limits {
             wall_time_ms: Some(120_000),
@@ -216,6 +219,8 @@ pub struct Outcome {
     /// Event kinds in arrival order.
     pub order: Vec<&'static str>,
     pub notices: Vec<String>,
+    /// The `seq` of every event that has one, in arrival order.
+    pub seqs: Vec<u64>,
 }
 
 impl Outcome {
@@ -272,6 +277,41 @@ impl Turn {
             .await?
             .into_inner();
         Ok(Turn { tx, events })
+    }
+
+    /// Joins a turn with an `Attach` as the first request.
+    pub async fn attach(
+        mut client: BrokerClient<Channel>,
+        attach: pb::Attach,
+    ) -> Result<Turn, tonic::Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(pb::TurnRequest {
+            kind: Some(pb::turn_request::Kind::Attach(attach)),
+        })
+        .await
+        .expect("queue attach");
+        let events = client
+            .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok(Turn { tx, events })
+    }
+
+    /// Reads events until stderr contains `needle`.
+    pub async fn wait_stderr(&mut self, needle: &str, seen: &mut Outcome) {
+        while !seen.stderr().contains(needle) {
+            let ev = self
+                .events
+                .next()
+                .await
+                .unwrap_or_else(|| panic!("stream ended before {needle:?}; so far {seen:?}"))
+                .expect("event");
+            record(seen, ev);
+            assert!(
+                seen.exited.is_none(),
+                "turn ended before {needle:?}: {seen:?}"
+            );
+        }
     }
 
     pub async fn send(&self, kind: pb::turn_request::Kind) {
@@ -339,7 +379,10 @@ impl Turn {
     }
 }
 
-fn record(o: &mut Outcome, ev: pb::TurnEvent) {
+pub fn record(o: &mut Outcome, ev: pb::TurnEvent) {
+    if ev.seq != 0 {
+        o.seqs.push(ev.seq);
+    }
     match ev.kind {
         Some(pb::turn_event::Kind::Started(s)) => {
             o.order.push("started");
@@ -438,6 +481,8 @@ impl Daemon {
             .arg(workspace().join("jail-configs/agent.cfg"))
             .arg("--kill-grace-ms")
             .arg("300")
+            .arg("--detach-grace-ms")
+            .arg("0")
             .env("TURNSTILE_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped());

@@ -4,7 +4,8 @@ use super::harness::*;
 use crate::both_modes;
 use nix::sys::signal::Signal;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use turnstile_broker::config::Mode;
+use tokio_stream::StreamExt;
+use turnstile_broker::config::{CgroupPolicy, Mode};
 use turnstile_broker::{Broker, StartupError};
 use turnstile_proto::v1 as pb;
 
@@ -13,6 +14,7 @@ both_modes!(
     executor_disconnect_kills_the_agent_and_frees_the_session,
     broker_sigterm_ends_turns_as_broker_shutdown,
     broker_sigkill_takes_its_jails_and_restart_cleans_up,
+    without_cgroups_a_detached_writer_dies_with_its_turn,
 );
 
 async fn background_processes_do_not_survive_the_turn(mode: Mode) {
@@ -335,4 +337,106 @@ async fn starts_racing_shutdown_leave_no_turn_running() {
     }
     assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
     assert!(entries(&state.join("turns")).is_empty());
+}
+
+/// Kills, when dropped, what a test's agent left running (a test that
+/// fails must not leave a writer behind).
+struct Survivors(String);
+
+impl Drop for Survivors {
+    fn drop(&mut self) {
+        for pid in pids_with(&self.0) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// A daemon that ignores SIGTERM and SIGHUP and writes a line to stdout
+/// every 50 ms, detached from the agent: `setsid` and a double fork.
+fn detached_writer(tok: &str) -> String {
+    format!("(setsid sh -c 'trap \"\" TERM HUP; while :; do echo tick {tok}; sleep 0.05; done' &)")
+}
+
+/// Longest a turn may take to end once stopped, before the test calls it
+/// hung (a bound on a failure, not a timing assertion).
+const HUNG: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Without cgroups only the process tree ties the agent's processes to the
+/// turn. An agent that ignores SIGTERM leaves a detached daemon (setsid,
+/// double fork, ignoring SIGTERM) writing to stdout; the turn is cancelled:
+/// after the grace every process of the tree is killed, the daemon too, so
+/// the output reaches EOF and the turn ends.
+async fn without_cgroups_a_detached_writer_dies_with_its_turn(mode: Mode) {
+    let h = Harness::start_with(mode, |cfg| cfg.cgroups = CgroupPolicy::Off).await;
+    let tok = token();
+    let _survivors = Survivors(format!("tick {tok}"));
+    let script = format!("trap '' TERM; {}; sleep {tok}", detached_writer(&tok));
+    let session = format!("tree-{}", mode.as_str());
+    let mut t = h.turn(start(&session, &script)).await.expect("turn");
+    let mut seen = Outcome::default();
+    t.wait_stdout(&format!("tick {tok}"), &mut seen).await;
+    let mut client = h.client().await;
+    client
+        .cancel_turn(pb::SessionRef {
+            session_id: session.clone(),
+        })
+        .await
+        .expect("cancel");
+    tokio::time::timeout(HUNG, t.collect_into(&mut seen))
+        .await
+        .expect("the turn never ended: a survivor holds its stdout");
+    assert_eq!(seen.reason(), Reason::Cancelled, "{:?}", seen.exited);
+    assert_eq!(
+        pids_with(&format!("tick {tok}")),
+        Vec::<i32>::new(),
+        "the detached writer survived the turn"
+    );
+    assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
+    assert!(
+        !seen.exited().message.contains("output was cut"),
+        "{:?}",
+        seen.exited
+    );
+    h.stop().await;
+}
+
+/// Direct mode without cgroups: an agent that kills its own shim (it runs
+/// with the broker's uid there) takes its processes out of the turn's tree,
+/// to the host's init. One of them keeps stdout busy (`yes`, faster than
+/// this executor reads) and never ends. It cannot hold the turn: once the
+/// jail is gone the drain has a hard deadline, then the turn ends with what
+/// was read and its `Exited` says the output was cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_an_escaped_writer_cannot_hold_its_turn_open() {
+    let h = Harness::start_with(Mode::Direct, |cfg| cfg.cgroups = CgroupPolicy::Off).await;
+    let tok = token();
+    let _survivors = Survivors(format!("yes escaped-{tok}"));
+    let script = format!("(setsid yes escaped-{tok} &); kill -9 $PPID; sleep {tok}");
+    let mut t = h.turn(start("escape", &script)).await.expect("turn");
+    t.close_stdin().await;
+    let read = async {
+        let mut seen = Outcome::default();
+        let mut stdout = 0usize;
+        while let Some(ev) = t.events.next().await {
+            match ev.expect("event").kind {
+                // Counted, not kept: the writer never stops.
+                Some(pb::turn_event::Kind::Stdout(b)) => stdout += b.len(),
+                Some(pb::turn_event::Kind::Exited(e)) => seen.exited = Some(e),
+                Some(pb::turn_event::Kind::Started(s)) => seen.started = Some(s),
+                _ => {}
+            }
+            // Pacing, not synchronisation: an executor slower than `yes`.
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        (seen, stdout)
+    };
+    let (seen, stdout) = tokio::time::timeout(HUNG, read)
+        .await
+        .expect("the turn never ended: the escaped writer holds its stdout");
+    let exited = seen.exited();
+    assert!(exited.message.contains("output was cut"), "{exited:?}");
+    assert_eq!(exited.stdout_bytes, stdout as u64);
+    assert!(stdout > 0);
+    assert!(entries(&h.state().join("turns")).is_empty());
+    h.stop().await;
 }

@@ -13,6 +13,7 @@ both_modes!(
     frames_for_unknown_connections_get_a_notice_and_the_turn_goes_on,
     connections_over_the_cap_are_refused,
     data_beyond_the_window_resets_only_that_connection,
+    an_agent_at_its_process_limit_still_gets_its_connections_relayed,
 );
 
 /// The agent: opens `n` connections to its bridge URL, sends "ping-<i>" on
@@ -338,6 +339,95 @@ async fn another_users_connection_to_the_direct_mode_bridge_is_refused() {
         seen.stdout(),
         "intruder: <closed>\nagent: pong:ping-0\n",
         "stderr: {}",
+        seen.stderr()
+    );
+    h.stop().await;
+}
+
+/// The agent of the budget test: forks until it has `n` processes (itself
+/// and n - 1 children, each waiting on a pipe), says whether one more fork
+/// fails, then opens 3 connections to its bridge at once (as `agent`).
+fn at_the_limit(n: usize) -> String {
+    format!(
+        "import os, socket, urllib.parse
+r, w = os.pipe()
+kids = []
+for i in range({n} - 1):
+    pid = os.fork()
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    kids.append(pid)
+os.close(r)
+print('forked', len(kids) + 1, flush=True)
+try:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    print('one more: forked', flush=True)
+except OSError:
+    print('one more: refused', flush=True)
+u = urllib.parse.urlparse(os.environ['ANTHROPIC_BASE_URL'])
+socks = []
+for i in range(3):
+    s = socket.create_connection((u.hostname, u.port))
+    s.sendall(b'ping-%d' % i)
+    s.shutdown(socket.SHUT_WR)
+    socks.append(s)
+for s in socks:
+    got = b''
+    while True:
+        try:
+            b = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not b:
+            break
+        got += b
+    print(got.decode() or '<closed>', flush=True)
+os.close(w)
+for k in kids:
+    os.waitpid(k, 0)
+"
+    )
+}
+
+/// The process budget: `max_processes` is the agent's alone. The shim's
+/// LLM bridge (one thread, started before the agent) and the jail's
+/// supervisors have their own room in the turn's pids cgroup, so an agent
+/// at its limit still has its connections relayed, and the bridge never
+/// takes a process from the agent: it gets exactly its limit.
+async fn an_agent_at_its_process_limit_still_gets_its_connections_relayed(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let n = 6;
+    let start = pb::Start {
+        session_id: "budget".into(),
+        argv: vec!["python3".into(), "-c".into(), at_the_limit(n)],
+        limits: Some(pb::Limits {
+            max_processes: n as u64,
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut t = h.turn(start).await.expect("turn");
+    t.close_stdin().await;
+    let mut seen = Outcome::default();
+    serve(&mut t, &mut seen, 3).await;
+    t.collect_into(&mut seen).await;
+    assert_eq!(
+        (seen.reason(), seen.code()),
+        (Reason::Exited, Some(0)),
+        "{:?}\n{}\n{}",
+        seen.exited,
+        seen.stdout(),
+        seen.stderr()
+    );
+    assert_eq!(
+        seen.stdout(),
+        format!("forked {n}\none more: refused\npong:ping-0\npong:ping-1\npong:ping-2\n"),
+        "{}",
         seen.stderr()
     );
     h.stop().await;

@@ -339,7 +339,7 @@ async fn random_llm_frames_never_panic_grow_or_stall_the_broker(mode: Mode) {
             let ev = ev.expect("event");
             match ev.kind {
                 Some(pb::turn_event::Kind::Exited(e)) => seen.out.exited = Some(e),
-                kind => seen.take(pb::TurnEvent { kind }, seed),
+                kind => seen.take(pb::TurnEvent { kind, seq: 0 }, seed),
             }
         }
     };

@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod continuation;
 mod disk;
+mod durable;
 mod hardening;
 mod isolation;
 mod lifecycle;

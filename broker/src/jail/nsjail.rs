@@ -1,5 +1,6 @@
 //! Everything the broker knows about nsjail: checking the binary and the
-//! profile, rendering a turn's jail config, and finding the jail's init.
+//! profile, and rendering a turn's jail config. (The jail's init, nsjail's
+//! child, is found and held by a pidfd in `process::linux`.)
 //!
 //! A turn's config is the operator's profile (`jail-configs/agent.cfg`) with
 //! the per-turn fields appended. Protobuf text refuses a scalar field given
@@ -12,8 +13,13 @@ use std::path::{Path, PathBuf};
 /// Where the agent sees its session paths, on every turn.
 pub const JAIL_HOME: &str = "/home/agent";
 pub const JAIL_WORK: &str = "/work";
-pub const JAIL_RUN: &str = "/run/turnstile";
-pub const JAIL_SHIM: &str = "/turnstile/shim";
+/// The shim's `argv[0]` in the jail (nsjail runs it from a descriptor
+/// opened on the host: no mount names where it lives).
+pub const JAIL_SHIM_NAME: &str = "turnstile-shim";
+/// The descriptor on which the shim holds the turn dir (`O_PATH`), so that
+/// it reaches the LLM socket as `/proc/self/fd/6/llm.sock` and the turn dir
+/// is not mounted in the jail (a bind's mountinfo entry names its host path).
+pub const RUN_FD: i32 = 6;
 /// The agent's uid and gid inside the jail.
 pub const JAIL_ID: u32 = 1000;
 /// The descriptor nsjail writes its own log to (a pipe the broker reads).
@@ -33,7 +39,8 @@ const PER_TURN_FIELDS: &[&str] = &[
 pub struct JailTurn {
     pub home: PathBuf,
     pub work: PathBuf,
-    pub turn_dir: PathBuf,
+    /// The shim on the host: nsjail opens it before it builds the jail and
+    /// executes the descriptor (`exec_fd`), so nothing mounts it.
     pub shim: PathBuf,
     pub bundle_mounts: Vec<(PathBuf, PathBuf)>,
     /// Host uid/gid the jail's [`JAIL_ID`] maps to.
@@ -63,7 +70,7 @@ pub fn check_profile(text: &str) -> Result<(), String> {
                 n + 1
             ));
         }
-        for dst in [JAIL_HOME, JAIL_WORK, JAIL_RUN, JAIL_SHIM] {
+        for dst in [JAIL_HOME, JAIL_WORK] {
             if line.starts_with("dst:") && line.contains(&format!("\"{dst}\"")) {
                 return Err(format!(
                     "line {}: the profile mounts {dst}, which the broker mounts for each turn",
@@ -123,15 +130,15 @@ pub fn render(profile: &str, t: &JailTurn) -> String {
     };
     bind(&mut s, &t.home, JAIL_HOME, true);
     bind(&mut s, &t.work, JAIL_WORK, true);
-    bind(&mut s, &t.turn_dir, JAIL_RUN, false);
-    bind(&mut s, &t.shim, JAIL_SHIM, false);
     for (src, dst) in &t.bundle_mounts {
         bind(&mut s, src, &dst.to_string_lossy(), false);
     }
+    let _ = writeln!(s, "pass_fd: {RUN_FD}");
     let _ = writeln!(
         s,
-        "exec_bin {{ path: {} arg: \"--max-payload\" arg: \"{}\" }}",
-        quote(JAIL_SHIM),
+        "exec_bin {{ path: {} arg0: {} exec_fd: true arg: \"--max-payload\" arg: \"{}\" }}",
+        q(&t.shim),
+        quote(JAIL_SHIM_NAME),
         t.max_payload
     );
     s
@@ -174,11 +181,6 @@ fn which(name: &Path) -> Option<PathBuf> {
             .map(|d| d.join(name))
             .find(|p| p.is_file())
     })
-}
-
-/// The jail's init (the shim) as the host sees it: nsjail's only child.
-pub fn init_pid(nsjail_pid: i32) -> Option<i32> {
-    crate::process::children_of(nsjail_pid).into_iter().next()
 }
 
 /// nsjail's warnings and errors from its log (at most `max` bytes, the
@@ -230,7 +232,6 @@ mod tests {
         JailTurn {
             home: "/s/sessions/a/home".into(),
             work: "/s/sessions/a/work".into(),
-            turn_dir: "/s/turns/t1".into(),
             shim: "/opt/ts/turnstile-shim".into(),
             bundle_mounts: vec![("/opt/claude".into(), "/opt/claude".into())],
             outside_uid: 100000,
@@ -252,13 +253,16 @@ mod tests {
             "gidmap { inside_id: \"1000\" outside_id: \"100001\" count: 1 }",
             "mount { src: \"/s/sessions/a/home\" dst: \"/home/agent\" is_bind: true rw: true }",
             "mount { src: \"/s/sessions/a/work\" dst: \"/work\" is_bind: true rw: true }",
-            "mount { src: \"/s/turns/t1\" dst: \"/run/turnstile\" is_bind: true rw: false }",
-            "mount { src: \"/opt/ts/turnstile-shim\" dst: \"/turnstile/shim\" is_bind: true rw: false }",
             "mount { src: \"/opt/claude\" dst: \"/opt/claude\" is_bind: true rw: false }",
-            "exec_bin { path: \"/turnstile/shim\" arg: \"--max-payload\" arg: \"1048576\" }",
+            "pass_fd: 6\n",
+            "exec_bin { path: \"/opt/ts/turnstile-shim\" arg0: \"turnstile-shim\" exec_fd: true \
+             arg: \"--max-payload\" arg: \"1048576\" }",
         ] {
             assert!(out.contains(want), "missing {want}\n{out}");
         }
+        // Neither the turn dir nor the shim is mounted: a bind's entry in the
+        // jail's mountinfo would name its host path.
+        assert_eq!(out.matches("mount {").count(), 3, "{out}");
     }
 
     #[test]

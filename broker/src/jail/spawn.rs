@@ -326,6 +326,19 @@ impl Child {
         self.pid
     }
 
+    /// The child's pidfd while it is unreaped; `None` once reaped (its pid
+    /// may then be another process's).
+    pub fn pidfd(&self) -> Option<BorrowedFd<'_>> {
+        self.pidfd.as_ref().map(|fd| fd.get_ref().as_fd())
+    }
+
+    /// Sends `sig` through the child's pidfd; nothing once it is reaped.
+    pub fn signal(&self, sig: Signal) {
+        if let Some(fd) = self.pidfd() {
+            crate::process::tree::signal_pidfd(fd, sig);
+        }
+    }
+
     /// Why a child started by a [`Launcher`] never became its program (the
     /// launcher's report), once it has exited; `None` if it did, or if the
     /// child was spawned directly (a failed [`spawn`] returns its error).

@@ -5,11 +5,13 @@
 //! children of a process, pipe sizes). Spawning lives in [`crate::jail::spawn`].
 //!
 //! The shape is a syscall seam: the trait here, the real implementation in
-//! [`linux`], a test double in `test` (unit tests only).
+//! [`linux`], a test double in `test` (unit tests only); [`tree`] finds and
+//! kills processes through the process tree, by pidfd.
 
 pub mod linux;
 #[cfg(test)]
 pub mod test;
+pub mod tree;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
@@ -20,7 +22,9 @@ use std::process::ExitStatus;
 /// The process-control calls of a running turn: wait for its first process
 /// (nsjail, or the shim in direct mode), signal the shim, kill every process
 /// of the turn. [`linux::TurnProcesses`] makes them; unit tests use
-/// `test::FakeProcesses`.
+/// `test::FakeProcesses`. No signal goes to a bare pid that may have been
+/// reaped: the first process is signalled while unreaped, the shim through
+/// a pidfd.
 pub trait ProcessControl: Send {
     /// The first process's pid, which is also its process group id.
     fn pid(&self) -> i32;
@@ -29,14 +33,20 @@ pub trait ProcessControl: Send {
     /// gives the same status again once reaped.
     fn wait(&mut self) -> impl Future<Output = io::Result<ExitStatus>> + Send;
 
-    /// `kill(2)`: `sig` to one process of the turn (the shim, which forwards
-    /// it to the agent); a pid of 0 or below, or a process already gone, is
-    /// not an error.
-    fn signal(&self, pid: i32, sig: Signal);
+    /// Finds the shim and holds it by a pidfd for [`Self::signal_shim`]: the
+    /// first process itself, or under nsjail the jail's init (nsjail's
+    /// child). Its host pid, or 0 if it cannot be found (then no signal
+    /// reaches the agent before the stop sequence's SIGKILL).
+    fn pin_shim(&mut self, under_nsjail: bool) -> i32;
 
-    /// SIGKILLs every process of the turn: the first process's group and,
-    /// with cgroups, everything in the turn's cgroup.
-    fn kill_all(&self);
+    /// `sig` to the shim, which forwards it to the agent; nothing if the
+    /// shim was not found or is gone.
+    fn signal_shim(&self, sig: Signal);
+
+    /// SIGKILLs every process of the turn: with cgroups everything in the
+    /// turn's cgroup; without, every descendant of the first process (it
+    /// waits until they are gone), then the first process and its group.
+    fn kill_all(&self) -> impl Future<Output = ()> + Send;
 
     /// Why a process started by a ready launcher never became its program,
     /// once it has exited; `None` if it did, or if it was spawned directly.
@@ -68,21 +78,43 @@ pub fn kill_pid(pid: i32, sig: Signal) {
     }
 }
 
-/// The children of `pid` (from `/proc/<pid>/task/*/children`).
+/// The children of `pid`: from `/proc/<pid>/task/*/children`, or where the
+/// kernel has no such file (`CONFIG_PROC_CHILDREN` off), from a scan of
+/// every `/proc/<pid>/stat`.
 pub fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-        return out;
-    };
+    children_from_tasks(pid).unwrap_or_else(|| children_by_scan(pid))
+}
+
+/// `/proc/<pid>/task/*/children`; `None` if no such file can be read.
+fn children_from_tasks(pid: i32) -> Option<Vec<i32>> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut found = None;
     for task in tasks.flatten() {
         if let Ok(text) = std::fs::read_to_string(task.path().join("children")) {
-            out.extend(
+            found.get_or_insert_with(Vec::new).extend(
                 text.split_whitespace()
                     .filter_map(|p| p.parse::<i32>().ok()),
             );
         }
     }
-    out
+    found
+}
+
+/// The processes whose parent is `pid`, from every `/proc/<pid>/stat`.
+pub fn children_by_scan(pid: i32) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| tree::parse_stat(&stat))
+                .is_some_and(|(_, ppid)| ppid == pid)
+        })
+        .collect()
 }
 
 /// Whether this process may set up namespaces and cgroups for others.
@@ -95,4 +127,36 @@ pub fn is_root() -> bool {
 /// through the relay.
 pub fn grow_pipe(fd: std::os::fd::BorrowedFd<'_>, bytes: i32) {
     let _ = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETPIPE_SZ(bytes));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_scan_finds_the_children_the_task_files_list() {
+        let mut kids: Vec<std::process::Child> = (0..2)
+            .map(|_| {
+                std::process::Command::new("/bin/sleep")
+                    .arg("1000")
+                    .spawn()
+                    .expect("sleep")
+            })
+            .collect();
+        let me = std::process::id() as i32;
+        let mut want: Vec<i32> = kids.iter().map(|k| k.id() as i32).collect();
+        want.sort_unstable();
+        let mut by_tasks = children_from_tasks(me).expect("task children files");
+        let mut by_scan = children_by_scan(me);
+        for k in &mut kids {
+            let _ = k.kill();
+            let _ = k.wait();
+        }
+        // Other tests of this process may have children of their own.
+        by_tasks.retain(|p| want.contains(p));
+        by_scan.retain(|p| want.contains(p));
+        by_tasks.sort_unstable();
+        by_scan.sort_unstable();
+        assert_eq!((by_tasks, by_scan), (want.clone(), want));
+    }
 }

@@ -15,7 +15,8 @@ use tokio::time::Instant;
 /// A call made on a [`FakeProcesses`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Call {
-    Signal(i32, Signal),
+    /// A signal to the shim.
+    Signal(Signal),
     KillAll,
 }
 
@@ -86,14 +87,18 @@ impl ProcessControl for FakeProcesses {
         (*status).ok_or_else(|| io::Error::other("no status"))
     }
 
-    fn signal(&self, pid: i32, sig: Signal) {
-        self.record(Call::Signal(pid, sig));
+    fn pin_shim(&mut self, _under_nsjail: bool) -> i32 {
+        self.0.pid
+    }
+
+    fn signal_shim(&self, sig: Signal) {
+        self.record(Call::Signal(sig));
         if self.0.dies_of.contains(&sig) {
             self.exit((128 + sig as i32) << 8);
         }
     }
 
-    fn kill_all(&self) {
+    async fn kill_all(&self) {
         self.record(Call::KillAll);
         self.exit(Signal::SIGKILL as i32);
     }

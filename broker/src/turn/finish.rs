@@ -56,6 +56,10 @@ impl Turn {
     }
 }
 
+/// What an `Exited` says when the drain cut the output.
+const OUTPUT_CUT: &str = "output was cut: a process that outlived the turn still held its stdout \
+                          or stderr open; what it wrote after the drain ended was not relayed";
+
 /// The `Exited` of an outcome.
 fn exited(
     outcome: &Outcome,
@@ -65,7 +69,13 @@ fn exited(
     received: Instant,
 ) -> pb::Exited {
     let (oom, fork_failed) = (stats.oom_kills > 0, stats.fork_failures > 0);
-    let (reason, message) = classify(outcome, oom, fork_failed, spec);
+    let (reason, mut message) = classify(outcome, oom, fork_failed, spec);
+    if counters.output_cut {
+        if !message.is_empty() {
+            message.push_str("; ");
+        }
+        message.push_str(OUTPUT_CUT);
+    }
     let mut limits_hit = Vec::new();
     if oom {
         limits_hit.push("memory".to_string());
@@ -168,6 +178,10 @@ fn stopped(stop: StopReason, outcome: &Outcome, spec: &TurnSpec) -> (Reason, Str
         StopReason::Cancelled => (Reason::Cancelled, "turn cancelled".to_string()),
         StopReason::BrokerShutdown => (Reason::BrokerShutdown, "broker shutting down".to_string()),
         StopReason::ExecutorGone => (Reason::Cancelled, "executor disconnected".to_string()),
+        StopReason::NotReattached(ms) => (
+            Reason::Cancelled,
+            format!("executor did not reattach within {ms} ms"),
+        ),
         StopReason::DiskLimit => (Reason::DiskLimit, disk_message(outcome.disk_exceeded, spec)),
     }
 }
@@ -309,6 +323,8 @@ mod tests {
             llm_credential_env_vars: vec![],
             profile: Default::default(),
             disk_file_cap: None,
+            turn_key: String::new(),
+            detach_grace_ms: 0,
         }
     }
 
@@ -581,6 +597,7 @@ mod tests {
             stdout: 10,
             stderr: 20,
             stdin: 30,
+            output_cut: false,
         };
         let e = exited(&outcome, stats, counters, &spec(), Instant::now());
         assert_eq!(e.reason, Reason::ProcessLimit as i32);
@@ -612,5 +629,47 @@ mod tests {
         assert_eq!(e.status, Some(pb::exited::Status::Signal(9)));
         assert_eq!(e.usage, None);
         assert_eq!(e.limits_hit, ["memory"]);
+    }
+
+    #[test]
+    fn a_cut_output_is_said_in_the_message() {
+        let outcome = Outcome {
+            agent: Some((AgentStatus::Code(0), Usage::default())),
+            agent_started: true,
+            ..Default::default()
+        };
+        let cut = Counters {
+            output_cut: true,
+            ..Counters::default()
+        };
+        let e = exited(
+            &outcome,
+            CgroupStats::default(),
+            cut,
+            &spec(),
+            Instant::now(),
+        );
+        assert_eq!(e.reason, Reason::Exited as i32);
+        assert_eq!(e.message, OUTPUT_CUT);
+        let silent = Outcome {
+            agent_started: true,
+            ..Default::default()
+        };
+        let cut = Counters {
+            output_cut: true,
+            ..Counters::default()
+        };
+        let e = exited(
+            &silent,
+            CgroupStats::default(),
+            cut,
+            &spec(),
+            Instant::now(),
+        );
+        assert_eq!(e.reason, Reason::Killed as i32);
+        assert_eq!(
+            e.message,
+            format!("the jail died before reporting; {OUTPUT_CUT}")
+        );
     }
 }

@@ -14,7 +14,6 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use turnstile_proto::v1 as pb;
 use turnstile_shim::{SelfCheck, ShimMsg};
 
 /// The pid of the fake jail.
@@ -34,15 +33,11 @@ pub fn fake_jail_dying_of(sigs: &[Signal]) -> (Jail<FakeProcesses>, FakeProcesse
     (jail, fake, shim)
 }
 
-/// Stop triggers with `deadline`, and the receiving end of the events
-/// (dropping it is the executor going away).
-pub fn stop_when(
-    deadline: Option<Instant>,
-) -> (
-    StopWhen,
-    mpsc::Receiver<Result<pb::TurnEvent, tonic::Status>>,
-) {
-    let (events, rx) = mpsc::channel(8);
+/// Stop triggers with `deadline` (and no detach grace), and the stream of
+/// the executor attached (dropping it is the executor going away).
+pub fn stop_when(deadline: Option<Instant>) -> (StopWhen, super::link::EventStream) {
+    let link = super::link::Link::new(None, 0, mpsc::channel(1).0);
+    let rx = link.attach(0).expect("attach").stream;
     let turn = ActiveTurn {
         session_id: "s".into(),
         token: CancellationToken::new(),
@@ -52,8 +47,8 @@ pub fn stop_when(
     let stop = StopWhen {
         deadline,
         turn,
-        events,
-        gone: CancellationToken::new(),
+        link,
+        detach_grace: std::time::Duration::ZERO,
     };
     (stop, rx)
 }

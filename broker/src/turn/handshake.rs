@@ -148,14 +148,11 @@ impl Turn {
         }
     }
 
-    /// The shim's pid as the broker sees it: the spawned process in direct
-    /// mode, the jail's init in nsjail mode (0 if it cannot be found: no
-    /// signal then reaches the agent until the stop sequence's SIGKILL).
-    pub(super) fn shim_pid<P: ProcessControl>(&self, jail: &Jail<P>) -> i32 {
-        match self.broker.mode() {
-            Mode::Direct => jail.procs.pid(),
-            Mode::Nsjail => crate::jail::init_pid(jail.procs.pid()).unwrap_or(0),
-        }
+    /// Finds the shim and holds it for the executor's signals (see
+    /// [`ProcessControl::pin_shim`]): its pid as the broker sees it, 0 if it
+    /// cannot be found.
+    pub(super) fn pin_shim<P: ProcessControl>(&self, jail: &mut Jail<P>) -> i32 {
+        jail.procs.pin_shim(self.broker.mode() == Mode::Nsjail)
     }
 
     /// Sends `Started`: the mode, the agent's paths, the isolation the shim
@@ -189,12 +186,7 @@ impl Turn {
             llm_profile: Some(self.spec.profile.started_info()),
         };
         info!(spawn_us, shim.pid = shim_pid, "agent started");
-        let _ = self
-            .events
-            .send(Ok(pb::TurnEvent {
-                kind: Some(pb::turn_event::Kind::Started(started)),
-            }))
-            .await;
+        self.link.send(pb::turn_event::Kind::Started(started));
     }
 
     /// Writes the session's start record, off the start path and off the

@@ -7,9 +7,13 @@
 //! | prepare | `prepare.rs` | paths, environment, payload, turn dir, a spare's take-over |
 //! | spawn | `spawn.rs` | nsjail (or the shim) with the payload and control socket |
 //! | handshake | `handshake.rs` | Hello, GO, AgentStarted, then `Started`; the one abort path |
-//! | stdio | `stdio.rs` | stdin, stdout, stderr, signals and the LLM relay to the executor |
+//! | stdio | `stdio.rs` | the agent's stdin, stdout, stderr and its LLM relay |
 //! | supervise | `supervise.rs` | waiting for the jail, and the stop sequence |
 //! | finish | `finish.rs` | the outcome classified into `Exited`, cleanup |
+//!
+//! Every event goes to the executor through the turn's [`link::Link`]
+//! (numbered, journaled, replayed to a stream that reattaches), and every
+//! request of the executor's streams comes in through it.
 //!
 //! Once spawned, the jail is a `spawn::Jail` that touches processes only
 //! through [`crate::process::ProcessControl`], so the handshake, the stop
@@ -19,7 +23,9 @@ mod finish;
 #[cfg(test)]
 mod fixtures;
 mod handshake;
+pub mod link;
 mod prepare;
+pub mod registry;
 mod spawn;
 mod spec;
 mod stdio;
@@ -43,13 +49,23 @@ use turnstile_shim::{AgentStatus, FailureClass, Usage};
 
 /// Read size of the stdout/stderr relay; also the largest chunk per event.
 pub const RELAY_CHUNK: usize = 256 * 1024;
-/// Processes of a turn that are not the agent's: nsjail and the shim.
-pub(crate) const SUPERVISORS: u64 = 2;
-/// Events buffered per turn between the relay and gRPC.
-pub const EVENT_QUEUE: usize = 16;
+/// Tasks of a turn that are not the agent's and that run as the agent's
+/// uid (in its user namespace, under nsjail), so that they count against
+/// its `RLIMIT_NPROC`: the shim and its LLM bridge's one thread.
+pub(crate) const SHIM_TASKS: u64 = 2;
 
-/// The turn's events towards the executor (the LLM relay sends on it too).
-pub type EventTx = crate::llm::EventSink;
+/// Tasks in a turn's pids cgroup that are not the agent's: the shim and its
+/// bridge's thread ([`SHIM_TASKS`], fixed for the whole turn: the bridge
+/// serves every connection from that one thread), and under nsjail nsjail
+/// itself. The cgroup's limit is the agent's `max_processes` plus these, so
+/// the agent gets exactly its limit, cannot starve the bridge, and is never
+/// pushed over by it.
+pub(crate) fn supervisors(mode: crate::config::Mode) -> u64 {
+    match mode {
+        crate::config::Mode::Nsjail => SHIM_TASKS + 1,
+        crate::config::Mode::Direct => SHIM_TASKS,
+    }
+}
 
 /// An admitted turn: what the service hands over, and what every step of
 /// the turn reads.
@@ -62,7 +78,8 @@ pub struct Turn {
     pub(crate) payload: Vec<u8>,
     pub(crate) lease: Lease,
     pub(crate) admitted: Admitted,
-    pub(crate) events: EventTx,
+    /// Where its events go, and its executors' input comes from.
+    pub(crate) link: Arc<link::Link>,
     /// When the `Start` arrived: the wall-time limit counts from here.
     pub(crate) received: Instant,
 }
@@ -93,15 +110,17 @@ struct Counters {
     stdout: u64,
     stderr: u64,
     stdin: u64,
+    /// The drain cut a pipe that a process outside the turn kept busy.
+    output_cut: bool,
 }
 
 impl Turn {
     /// Runs the turn to its end and sends its `Exited` (after every output
     /// byte, after cleanup and after the lease is released).
-    pub async fn run_to_exit(self, requests: tonic::Streaming<pb::TurnRequest>) {
+    pub async fn run_to_exit(self) {
         let span = tracing::info_span!("turn", session.id = %self.spec.session_id, turn.id = %self.spec.turn_id, jail.pid = tracing::field::Empty);
         async move {
-            let exited = self.execute(requests).await;
+            let exited = self.execute().await;
             info!(
                 reason = ?Reason::try_from(exited.reason).unwrap_or(Reason::Unspecified),
                 status = ?exited.status,
@@ -111,23 +130,22 @@ impl Turn {
             let Turn {
                 lease,
                 admitted,
-                events,
+                link,
+                broker,
+                spec,
                 ..
             } = self;
             drop(lease);
             drop(admitted);
-            let _ = events
-                .send(Ok(pb::TurnEvent {
-                    kind: Some(pb::turn_event::Kind::Exited(exited)),
-                }))
-                .await;
+            link.finish(exited);
+            broker.turns.ended(&spec.session_id, &spec.turn_id);
         }
         .instrument(span)
         .await
     }
 
     /// Prepares, runs and finishes the turn: its `Exited`.
-    async fn execute(&self, requests: tonic::Streaming<pb::TurnRequest>) -> pb::Exited {
+    async fn execute(&self) -> pb::Exited {
         let disk = self
             .broker
             .prepare_session_disk(&self.spec.session_id, disk_limit(&self.spec.limits));
@@ -143,7 +161,7 @@ impl Turn {
             }
         };
         let launcher = prepared.launcher.take();
-        let (outcome, counters) = self.run_jail(&prepared, launcher, requests).await;
+        let (outcome, counters) = self.run_jail(&prepared, launcher).await;
         self.finish(prepared, outcome, counters).await
     }
 
@@ -153,7 +171,6 @@ impl Turn {
         &self,
         prepared: &Prepared,
         launcher: Option<crate::jail::spawn::Launcher>,
-        requests: tonic::Streaming<pb::TurnRequest>,
     ) -> (Outcome, Counters) {
         let mut jail = match self.spawn(prepared, launcher) {
             Ok(jail) => jail,
@@ -169,7 +186,7 @@ impl Turn {
         let Some(hello) = jail.handshake(&stop, &self.expected_isolation()).await else {
             return (jail.abort().await, Counters::default());
         };
-        let shim_pid = self.shim_pid(&jail);
+        let shim_pid = self.pin_shim(&mut jail);
         self.send_started(&hello, shim_pid).await;
         let start_record = self.record_start(prepared);
         // Let the task that sends `Started` out run before the relay is set up.
@@ -179,15 +196,12 @@ impl Turn {
             w.refill();
         }
         let disk_watch = self.watch_disk();
-        let relay = self
-            .relay(jail.take_stdio(), prepared, requests, &stop.gone)
-            .await;
+        let relay = self.relay(jail.take_stdio(), prepared).await;
         let mut signals = self
             .admitted
             .take_signals()
             .unwrap_or_else(|| mpsc::channel(1).1);
-        jail.supervise(&stop, shim_pid, self.kill_grace(), &mut signals)
-            .await;
+        jail.supervise(&stop, self.kill_grace(), &mut signals).await;
         let counters = relay.drain().await;
         let mut outcome = jail.into_outcome().await;
         outcome.disk_exceeded = disk_watch.and_then(|w| w.exceeded());

@@ -3,7 +3,7 @@
 //! the turn dir with its payload, jail config and LLM socket, and its
 //! cgroup: a ready spare's taken over, or new ones made.
 
-use super::{SUPERVISORS, Turn, TurnSpec};
+use super::{SHIM_TASKS, Turn, TurnSpec, supervisors};
 use crate::config::{Limits, Mode};
 use crate::error::BrokerError;
 use crate::jail::cgroup::{CgroupLimits, TurnCgroup};
@@ -61,7 +61,7 @@ impl TurnPaths {
         };
         let llm_socket = turn_dir.join("llm.sock");
         let llm_socket_jail = match broker.mode() {
-            Mode::Nsjail => format!("{}/llm.sock", jail::JAIL_RUN),
+            Mode::Nsjail => format!("/proc/self/fd/{}/llm.sock", jail::RUN_FD),
             Mode::Direct => llm_socket.to_string_lossy().into_owned(),
         };
         let llm_port = match broker.mode() {
@@ -170,7 +170,12 @@ pub fn build_payload(
                 (a, b) => a.or(b),
             },
             address_space_bytes: if no_cgroups { l.memory_bytes } else { None },
-            processes: if no_cgroups { l.max_processes } else { None },
+            // The shim and its bridge's thread count against it too.
+            processes: if no_cgroups {
+                l.max_processes.map(|n| n.saturating_add(SHIM_TASKS))
+            } else {
+                None
+            },
         },
         llm: Some(turnstile_shim::LlmBridge {
             port: paths.llm_port,
@@ -190,12 +195,15 @@ pub fn build_payload(
     Ok(bytes)
 }
 
-/// The cgroup's share of a turn's limits.
-pub(crate) fn cgroup_limits(limits: &Limits) -> CgroupLimits {
+/// The cgroup's share of a turn's limits in `mode`.
+pub(crate) fn cgroup_limits(limits: &Limits, mode: Mode) -> CgroupLimits {
     CgroupLimits {
         memory_bytes: limits.memory_bytes,
-        // nsjail and the shim live in the turn's cgroup too.
-        processes: limits.max_processes.map(|n| n + SUPERVISORS),
+        // The shim, its bridge's thread and nsjail live in the turn's
+        // cgroup too.
+        processes: limits
+            .max_processes
+            .map(|n| n.saturating_add(supervisors(mode))),
     }
 }
 
@@ -268,7 +276,10 @@ impl Turn {
     /// to the turn id, its dir renamed to the turn dir.
     fn take_spare(&self) -> Option<Spare> {
         let mut spare = self.broker.warm.as_ref()?.take()?;
-        if let Err(e) = spare.cgroup.set_limits(cgroup_limits(&self.spec.limits)) {
+        if let Err(e) = spare
+            .cgroup
+            .set_limits(cgroup_limits(&self.spec.limits, self.broker.mode()))
+        {
             warn!(error = %e, "cannot set limits on a spare cgroup; making a new one");
             spare.discard();
             return None;
@@ -318,7 +329,7 @@ impl Turn {
         let Some(cg) = &self.broker.cgroups else {
             return Ok(None);
         };
-        let limits = cgroup_limits(&self.spec.limits);
+        let limits = cgroup_limits(&self.spec.limits, self.broker.mode());
         let cgroup = cg.create(&self.spec.turn_id, limits);
         cgroup.map(Some).map_err(BrokerError::Cgroup)
     }
@@ -370,7 +381,6 @@ impl Turn {
             &jail::JailTurn {
                 home: paths.session.home.clone(),
                 work: paths.session.work.clone(),
-                turn_dir: paths.turn_dir.clone(),
                 shim: config.shim.clone(),
                 bundle_mounts,
                 outside_uid: self.broker.outside_ids.0,

@@ -11,6 +11,7 @@ use crate::jail;
 use crate::jail::spawn::{Child, ChildSetup, LaunchError, Launcher};
 use crate::process::ProcessControl;
 use crate::process::linux::TurnProcesses;
+use nix::fcntl::OFlag;
 use std::ffi::{OsStr, OsString};
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -69,7 +70,7 @@ impl<P: ProcessControl> Jail<P> {
     pub async fn abort(mut self) -> Outcome {
         // Without GO the shim exits by itself once the control socket
         // closes; killing it directly is faster and certain.
-        self.procs.kill_all();
+        self.procs.kill_all().await;
         self.outcome.child_status = self.procs.wait().await.ok();
         // A ready launcher that could not exec the program says why.
         if let Some(e) = self.procs.launch_failure() {
@@ -144,12 +145,20 @@ impl Turn {
             let args = vec!["--max-payload".into(), max_payload.into()];
             return Ok((shim.as_path(), args, None));
         };
-        let (r, w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| BrokerError::Spawn {
-                what: "nsjail log pipe",
-                source: e.into(),
-            })?;
+        let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| BrokerError::Spawn {
+            what: "nsjail log pipe",
+            source: e.into(),
+        })?;
         setup.fds.push((w, jail::LOG_FD));
+        // The turn dir reaches the shim as a descriptor, not a mount (see
+        // `jail::RUN_FD`).
+        let run_dir = nix::fcntl::open(
+            &self.paths.turn_dir,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| BrokerError::io("cannot open", &self.paths.turn_dir, e.into()))?;
+        setup.fds.push((run_dir, jail::RUN_FD));
         crate::session::check_mount_sources(&self.paths.session, &prepared.dirs)?;
         let args = vec!["--config".into(), self.paths.jail_config.clone().into()];
         Ok((bin.as_path(), args, Some(r)))

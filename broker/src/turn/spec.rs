@@ -35,6 +35,10 @@ pub struct TurnSpec {
     pub profile: Arc<AgentProfile>,
     /// `RLIMIT_FSIZE` from the session's disk limit: what is left of it.
     pub disk_file_cap: Option<u64>,
+    /// The executor's idempotency key ("" for none).
+    pub turn_key: String,
+    /// How long the turn outlives its executor's stream.
+    pub detach_grace_ms: u64,
 }
 
 /// A fresh unique id (turns, spool files).
@@ -166,6 +170,15 @@ impl TurnSpec {
             validate::env_entry(k, v, &llm_env_vars)?;
         }
         let cwd = validate::cwd(&start.cwd)?;
+        if !start.turn_key.is_empty() {
+            validate::turn_key(&start.turn_key)?;
+        }
+        let detach_grace_ms = start
+            .detach_grace_ms
+            .unwrap_or(broker.config.detach_grace_ms);
+        if detach_grace_ms > crate::config::MAX_DURATION_MS {
+            return Err(InputError::DetachGrace(detach_grace_ms));
+        }
         let limits = effective_limits(
             start.limits.as_ref(),
             &broker.config.default_limits,
@@ -192,7 +205,32 @@ impl TurnSpec {
             llm_env_vars,
             llm_credential_env_vars,
             profile: Arc::new(profile),
+            turn_key: start.turn_key,
+            detach_grace_ms,
         })
+    }
+
+    /// What makes two `Start`s with one key the same turn: a hash of argv,
+    /// env and cwd (hex SHA-256; env values may hold secrets, so only the
+    /// hash is ever written down).
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut field = |b: &[u8]| {
+            h.update((b.len() as u64).to_le_bytes());
+            h.update(b);
+        };
+        for a in &self.argv {
+            field(a.as_bytes());
+        }
+        field(b"\0env");
+        for (k, v) in &self.env {
+            field(k.as_bytes());
+            field(v.as_bytes());
+        }
+        field(b"\0cwd");
+        field(self.cwd.as_bytes());
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 

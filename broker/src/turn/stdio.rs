@@ -1,32 +1,35 @@
-//! The turn's stdio relay: the agent's stdout and stderr pumped to the
-//! executor as events (a slow executor slows the agent; no byte is lost),
-//! the executor's stdin, signals and LLM frames taken from its request
-//! stream, and the drain once the jail is gone.
+//! The turn's stdio relay: the agent's stdout and stderr pumped into the
+//! turn's link as events (when the executors fall a journal behind, the
+//! agent waits; no byte is lost), its stdin written from the link's queue,
+//! its LLM relay started, and the drain once the jail is gone.
 
-use super::{Counters, EventTx, RELAY_CHUNK, Turn};
+use super::link::Link;
+use super::{Counters, RELAY_CHUNK, Turn};
 use crate::jail::spawn::Child;
 use crate::llm;
 use bytes::{Bytes, BytesMut};
-use nix::sys::signal::Signal;
 use std::os::fd::AsFd;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, warn};
 use turnstile_proto::v1 as pb;
 
 /// Kernel buffer of the agent's stdout/stderr pipes.
 const PIPE_SIZE: i32 = 1 << 20;
-/// Stdin chunks buffered per turn.
-const STDIN_QUEUE: usize = 16;
 /// After the jail is gone, how long an idle stdout/stderr may stay open
 /// (held by a process that escaped the turn) before the relay gives up.
 const DRAIN_IDLE: Duration = Duration::from_secs(2);
+/// After the jail is gone, how long the relay goes on reading a pipe that a
+/// process outside the turn still holds open and keeps busy; then the pipe
+/// is cut and the turn ends with what was read (its `Exited` says so). A
+/// pipe whose writers are all gone is always read to its end.
+const DRAIN_DEADLINE: Duration = Duration::from_secs(5);
 /// Most of the jail's stderr kept when no agent ran.
 const EARLY_STDERR: u64 = 4096;
 /// How long reading that stderr may take (the jail is gone: EOF is near).
@@ -82,75 +85,134 @@ pub(super) async fn read_early(stderr: pipe::Receiver) -> String {
 
 /// The stdout and stderr pumps.
 pub(super) struct Output {
-    stdout: Option<JoinHandle<u64>>,
-    stderr: Option<JoinHandle<u64>>,
+    stdout: Option<JoinHandle<Pumped>>,
+    stderr: Option<JoinHandle<Pumped>>,
     /// Ends reads on an idle pipe, once the drain has waited long enough.
     stop_idle: CancellationToken,
+    /// Ends reads on a busy pipe that a writer still holds, at the drain's
+    /// deadline.
+    stop_busy: CancellationToken,
+}
+
+/// What one pump relayed, and whether it was cut while a writer still held
+/// its pipe (what that writer writes from then on is not relayed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Pumped {
+    pub bytes: u64,
+    pub cut: bool,
+}
+
+/// What the drain relayed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) struct Drained {
+    pub stdout: u64,
+    pub stderr: u64,
+    /// A pipe was cut (idle or at the deadline) while a writer still held it.
+    pub cut: bool,
 }
 
 impl Output {
-    /// Starts pumping both pipes to `events`.
+    /// Starts pumping both pipes into `link`.
     pub fn start(
         stdout: Option<pipe::Receiver>,
         stderr: Option<pipe::Receiver>,
-        events: &EventTx,
+        link: &Arc<Link>,
     ) -> Output {
         let stop_idle = CancellationToken::new();
+        let stop_busy = CancellationToken::new();
         let start = |r: pipe::Receiver, stderr: bool| {
             crate::process::grow_pipe(r.as_fd(), PIPE_SIZE);
-            let pump = pump(r, events.clone(), stderr, stop_idle.clone());
+            let stop = (stop_idle.clone(), stop_busy.clone());
+            let pump = pump(r, link.clone(), stderr, stop);
             tokio::spawn(pump.in_current_span())
         };
         Output {
             stdout: stdout.map(|r| start(r, false)),
             stderr: stderr.map(|r| start(r, true)),
             stop_idle,
+            stop_busy,
         }
     }
 
-    /// Waits for both pipes' end, once the jail is gone; a pipe that stays
-    /// open and idle for [`DRAIN_IDLE`] (held by a process that escaped) is
-    /// cut. The bytes relayed from each.
-    pub async fn drain(self) -> (u64, u64) {
-        let idle = self.stop_idle.clone();
-        let idle_timer = tokio::spawn(async move {
-            tokio::time::sleep(DRAIN_IDLE).await;
-            idle.cancel();
+    /// Waits for both pipes' end, once the jail is gone: a pipe that stays
+    /// open and idle for [`DRAIN_IDLE`], or open and busy past
+    /// [`DRAIN_DEADLINE`] (held by a process that escaped the turn), is cut.
+    pub async fn drain(self) -> Drained {
+        self.drain_within(DRAIN_IDLE, DRAIN_DEADLINE).await
+    }
+
+    async fn drain_within(self, idle: Duration, deadline: Duration) -> Drained {
+        let (stop_idle, stop_busy) = (self.stop_idle.clone(), self.stop_busy.clone());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(idle).await;
+            stop_idle.cancel();
+            tokio::time::sleep(deadline.saturating_sub(idle)).await;
+            stop_busy.cancel();
         });
-        let mut totals = (0, 0);
-        if let Some(h) = self.stdout {
-            totals.0 = h.await.unwrap_or(0);
+        let mut drained = Drained::default();
+        for (h, total) in [
+            (self.stdout, &mut drained.stdout),
+            (self.stderr, &mut drained.stderr),
+        ] {
+            if let Some(h) = h {
+                let pumped = h.await.unwrap_or_default();
+                *total = pumped.bytes;
+                drained.cut |= pumped.cut;
+            }
         }
-        if let Some(h) = self.stderr {
-            totals.1 = h.await.unwrap_or(0);
+        timer.abort();
+        if drained.cut {
+            warn!("a process outside the turn still held its output open; relay cut");
         }
-        idle_timer.abort();
-        if self.stop_idle.is_cancelled() {
-            warn!("an output pipe stayed open after the turn ended; relay cut");
-        }
-        totals
+        drained
     }
 }
 
-/// Relays one output pipe to the executor. Reads stop early only when
-/// `stop_idle` fires while the pipe is idle; sends never time out, so a slow
-/// executor slows the agent instead of losing bytes.
-async fn pump<R: AsyncRead + Unpin>(
+/// Whether every writer of the pipe `r` reads from is gone (`POLLHUP`): what
+/// is left in it is all there will be.
+fn writers_gone(r: std::os::fd::BorrowedFd<'_>) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(r, PollFlags::POLLIN)];
+    poll(&mut fds, PollTimeout::ZERO).is_ok()
+        && fds[0]
+            .revents()
+            .is_some_and(|e| e.intersects(PollFlags::POLLHUP | PollFlags::POLLERR))
+}
+
+/// Relays one output pipe into the link. Reads stop early only when
+/// `stop_idle` fires while the pipe is idle, or once `stop_busy` has fired
+/// while a writer still holds the pipe; sends wait for an executor that is
+/// attached however slow it is (it slows the agent instead of losing
+/// bytes), and give up after `stop_idle` only with none attached.
+async fn pump<R: AsyncRead + AsFd + Unpin>(
     mut r: R,
-    tx: EventTx,
+    link: Arc<Link>,
     stderr: bool,
-    stop_idle: CancellationToken,
-) -> u64 {
+    (stop_idle, stop_busy): (CancellationToken, CancellationToken),
+) -> Pumped {
     let mut total = 0u64;
     let mut buf = BytesMut::with_capacity(RELAY_CHUNK);
     loop {
+        if stop_busy.is_cancelled() && !writers_gone(r.as_fd()) {
+            return Pumped {
+                bytes: total,
+                cut: true,
+            };
+        }
         if buf.capacity() < RELAY_CHUNK / 4 {
             buf.reserve(RELAY_CHUNK);
         }
         let read = tokio::select! {
             biased;
             r = r.read_buf(&mut buf) => r,
-            _ = stop_idle.cancelled() => break,
+            _ = stop_idle.cancelled() => {
+                // Idle, but a writer may still write: what it would write
+                // is not relayed.
+                return Pumped {
+                    bytes: total,
+                    cut: !writers_gone(r.as_fd()),
+                };
+            }
         };
         let n = match read {
             Ok(0) | Err(_) => break,
@@ -163,79 +225,18 @@ async fn pump<R: AsyncRead + Unpin>(
         } else {
             pb::turn_event::Kind::Stdout(chunk)
         };
-        if tx
-            .send(Ok(pb::TurnEvent { kind: Some(kind) }))
-            .await
-            .is_err()
-        {
+        if !link.send_output(kind, &stop_idle).await {
+            warn!("output cut: no executor attached to take it, and the turn is over");
             break;
         }
     }
-    total
-}
-
-/// Where the executor's frames after `Start` go: stdin to the stdin writer
-/// (with backpressure), signals to supervision, LLM frames to the relay.
-struct Inbound {
-    /// `None` once the agent's stdin is closed.
-    stdin: Option<mpsc::Sender<Bytes>>,
-    signals: mpsc::Sender<Signal>,
-    /// Cancelled when the executor's stream fails: the executor is gone.
-    gone: CancellationToken,
-    stdin_total: Arc<AtomicU64>,
-    llm: Option<Arc<llm::Relay>>,
-}
-
-impl Inbound {
-    /// Reads the request stream to its end. Its end closes the agent's
-    /// stdin; an error means the executor is gone.
-    async fn forward(mut self, mut stream: tonic::Streaming<pb::TurnRequest>) {
-        loop {
-            match stream.message().await {
-                Ok(Some(req)) => self.take(req.kind).await,
-                Ok(None) => break,
-                Err(status) => {
-                    debug!(error = %status, "executor stream failed");
-                    self.gone.cancel();
-                    break;
-                }
-            }
-        }
-    }
-
-    async fn take(&mut self, kind: Option<pb::turn_request::Kind>) {
-        use pb::turn_request::Kind;
-        match kind {
-            Some(Kind::Stdin(bytes)) => {
-                self.stdin_total
-                    .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                if let Some(tx) = &self.stdin
-                    && tx.send(bytes).await.is_err()
-                {
-                    // The agent closed its stdin; later bytes have nowhere to go.
-                    self.stdin = None;
-                }
-            }
-            Some(Kind::StdinEof(_)) => self.stdin = None,
-            Some(Kind::Signal(s)) => match pb::signal_request::Signal::try_from(s.signal) {
-                Ok(pb::signal_request::Signal::Interrupt) => {
-                    let _ = self.signals.try_send(Signal::SIGINT);
-                }
-                Ok(pb::signal_request::Signal::Terminate) => {
-                    let _ = self.signals.try_send(Signal::SIGTERM);
-                }
-                _ => warn!(signal = s.signal, "ignoring an unknown signal request"),
-            },
-            Some(Kind::Start(_)) => warn!("ignoring a second start on a running turn"),
-            Some(Kind::Llm(frame)) => match &self.llm {
-                Some(r) => r.from_executor(frame).await,
-                None => warn!("ignoring an llm frame: no relay on this turn"),
-            },
-            None => warn!("ignoring an empty turn request"),
-        }
+    Pumped {
+        bytes: total,
+        cut: false,
     }
 }
 
+/// Writes the executors' stdin bytes to the agent.
 async fn stdin_writer(mut w: pipe::Sender, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(chunk) = rx.recv().await {
         if w.write_all(&chunk).await.is_err() {
@@ -248,8 +249,7 @@ async fn stdin_writer(mut w: pipe::Sender, mut rx: mpsc::Receiver<Bytes>) {
 /// The running relay of a turn.
 pub(super) struct StdioRelay {
     output: Output,
-    inbound: JoinHandle<()>,
-    stdin_total: Arc<AtomicU64>,
+    link: Arc<Link>,
     llm: Option<Arc<llm::Relay>>,
 }
 
@@ -257,8 +257,11 @@ impl StdioRelay {
     /// Drains the output once the jail is gone and stops the rest: the
     /// bytes relayed.
     pub async fn drain(self) -> Counters {
-        let (stdout, stderr) = self.output.drain().await;
-        self.inbound.abort();
+        let Drained {
+            stdout,
+            stderr,
+            cut,
+        } = self.output.drain().await;
         if let Some(r) = &self.llm {
             // No LLM frame may follow `Exited`.
             r.close();
@@ -266,40 +269,25 @@ impl StdioRelay {
         Counters {
             stdout,
             stderr,
-            stdin: self.stdin_total.load(Ordering::Relaxed),
+            stdin: self.link.inputs.stdin_total.load(Ordering::Relaxed),
+            output_cut: cut,
         }
     }
 }
 
 impl Turn {
-    /// Starts relaying the jail's stdio, the executor's requests and the
-    /// agent's LLM connections.
-    pub(super) async fn relay(
-        &self,
-        stdio: Stdio,
-        prepared: &super::Prepared,
-        requests: tonic::Streaming<pb::TurnRequest>,
-        gone: &CancellationToken,
-    ) -> StdioRelay {
-        let output = Output::start(stdio.stdout, stdio.stderr, &self.events);
-        let (stdin_tx, stdin_rx) = mpsc::channel(STDIN_QUEUE);
-        if let Some(w) = stdio.stdin {
-            tokio::spawn(stdin_writer(w, stdin_rx).in_current_span());
+    /// Starts relaying the jail's stdio and the agent's LLM connections
+    /// (the executors' requests come through the link).
+    pub(super) async fn relay(&self, stdio: Stdio, prepared: &super::Prepared) -> StdioRelay {
+        let output = Output::start(stdio.stdout, stdio.stderr, &self.link);
+        if let (Some(w), Some(rx)) = (stdio.stdin, self.link.inputs.take_stdin()) {
+            tokio::spawn(stdin_writer(w, rx).in_current_span());
         }
         let llm = self.llm_relay(prepared).await;
-        let stdin_total = Arc::new(AtomicU64::new(0));
-        let inbound = Inbound {
-            stdin: Some(stdin_tx),
-            signals: self.admitted.turn.signals.clone(),
-            gone: gone.clone(),
-            stdin_total: stdin_total.clone(),
-            llm: llm.clone(),
-        };
-        let inbound = tokio::spawn(inbound.forward(requests).in_current_span());
+        self.link.inputs.set_llm(llm.clone());
         StdioRelay {
             output,
-            inbound,
-            stdin_total,
+            link: self.link.clone(),
             llm,
         }
     }
@@ -317,18 +305,15 @@ impl Turn {
             Err(e) => {
                 warn!(error = %e, "the LLM relay cannot listen for this turn");
                 let message = format!("the LLM relay is unavailable for this turn: {e}");
-                let notice = pb::turn_event::Kind::Notice(pb::Notice { message });
-                let _ = self
-                    .events
-                    .send(Ok(pb::TurnEvent { kind: Some(notice) }))
-                    .await;
+                self.link
+                    .send(pb::turn_event::Kind::Notice(pb::Notice { message }));
                 return None;
             }
         };
         let max = self.broker.config.llm_max_connections;
         Some(Arc::new(llm::Relay::start(
             listener,
-            self.events.clone(),
+            self.link.watch_attached(),
             max,
         )))
     }
@@ -337,21 +322,28 @@ impl Turn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::turn::link::EventStream;
+    use tokio_stream::StreamExt;
 
     fn pipe() -> (pipe::Receiver, std::os::fd::OwnedFd) {
         let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe");
         (pipe::Receiver::from_owned_fd(r).expect("receiver"), w)
     }
 
-    /// The stdout and stderr bytes of the events received so far.
-    fn received(
-        rx: &mut mpsc::Receiver<Result<pb::TurnEvent, tonic::Status>>,
-    ) -> (Vec<u8>, Vec<u8>) {
+    /// A link (no journal) with a stream attached.
+    fn link() -> (Arc<Link>, EventStream) {
+        let link = Link::new(None, 0, mpsc::channel(1).0);
+        let stream = link.attach(0).expect("attach").stream;
+        (link, stream)
+    }
+
+    /// The stdout and stderr bytes of `n` events.
+    async fn received(stream: &mut EventStream, n: usize) -> (Vec<u8>, Vec<u8>) {
         let (mut out, mut err) = (Vec::new(), Vec::new());
-        while let Ok(Ok(ev)) = rx.try_recv() {
-            match ev.kind {
-                Some(pb::turn_event::Kind::Stdout(b)) => out.extend_from_slice(&b),
-                Some(pb::turn_event::Kind::Stderr(b)) => err.extend_from_slice(&b),
+        for _ in 0..n {
+            match stream.next().await.map(|e| e.map(|e| e.kind)) {
+                Some(Ok(Some(pb::turn_event::Kind::Stdout(b)))) => out.extend_from_slice(&b),
+                Some(Ok(Some(pb::turn_event::Kind::Stderr(b)))) => err.extend_from_slice(&b),
                 other => panic!("unexpected event {other:?}"),
             }
         }
@@ -360,69 +352,124 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_drain_relays_every_byte_up_to_eof() {
-        let (tx, mut rx) = mpsc::channel(64);
+        let (link, mut stream) = link();
         let (out, out_w) = pipe();
         let (err, err_w) = pipe();
-        let output = Output::start(Some(out), Some(err), &tx);
-        nix::unistd::write(&out_w, b"hello ").expect("write");
-        nix::unistd::write(&out_w, b"world").expect("write");
+        nix::unistd::write(&out_w, b"hello world").expect("write");
         nix::unistd::write(&err_w, b"oops").expect("write");
         drop((out_w, err_w));
-        assert_eq!(output.drain().await, (11, 4));
+        let output = Output::start(Some(out), Some(err), &link);
+        let drained = output.drain().await;
         assert_eq!(
-            received(&mut rx),
+            (drained.stdout, drained.stderr, drained.cut),
+            (11, 4, false)
+        );
+        assert_eq!(
+            received(&mut stream, 2).await,
             (b"hello world".to_vec(), b"oops".to_vec())
         );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_pipe_held_open_by_an_escaped_process_is_cut_after_the_idle_time() {
-        let (tx, mut rx) = mpsc::channel(64);
+        let (link, mut stream) = link();
         let (out, out_w) = pipe();
-        let output = Output::start(Some(out), None, &tx);
+        let output = Output::start(Some(out), None, &link);
         nix::unistd::write(&out_w, b"before").expect("write");
         let began = tokio::time::Instant::now();
         // `out_w` stays open: the drain must not wait for its EOF.
-        assert_eq!(output.drain().await, (6, 0));
+        let drained = output.drain().await;
+        // Its writer may still write: the turn is told its output was cut.
+        assert_eq!((drained.stdout, drained.stderr, drained.cut), (6, 0, true));
         assert!(began.elapsed() >= DRAIN_IDLE, "cut before the idle time");
-        assert_eq!(received(&mut rx).0, b"before");
+        assert_eq!(received(&mut stream, 1).await.0, b"before");
         drop(out_w);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_executor_loses_no_bytes_even_past_the_idle_time() {
-        // The executor takes nothing for longer than the idle time: the
-        // pump waits on its send (sends never time out), then relays the
-        // rest.
-        let (tx, mut rx) = mpsc::channel(1);
-        tx.send(Ok(pb::TurnEvent::default())).await.expect("fill");
+        // The executor takes nothing for longer than the idle time, with
+        // more output than the journal's cap: the pump waits (an executor
+        // is attached), then relays the rest.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let header = crate::journal::Header {
+            session_id: "s".into(),
+            turn_id: "t".into(),
+            turn_key: String::new(),
+            fingerprint: String::new(),
+            created_unix_ms: 0,
+        };
+        let journal = crate::journal::Journal::create(&dir.path().join("t"), &header);
+        let link = Link::new(
+            Some(journal.expect("journal")),
+            64 * 1024,
+            mpsc::channel(1).0,
+        );
+        let attachment = link.attach(0).expect("attach");
+        let mut stream = attachment.stream;
+        // The stream's queue is full: nothing more is delivered until the
+        // executor reads.
+        while attachment
+            .sink
+            .try_send(Ok(pb::TurnEvent::default()))
+            .is_ok()
+        {}
         let (out, out_w) = pipe();
-        let data = vec![b'y'; 48 * 1024];
+        crate::process::grow_pipe(out.as_fd(), PIPE_SIZE);
+        let data = vec![b'y'; 512 * 1024];
         nix::unistd::write(&out_w, &data).expect("write");
         drop(out_w);
-        let output = Output::start(Some(out), None, &tx);
-        drop(tx);
+        let output = Output::start(Some(out), None, &link);
         let drain = tokio::spawn(output.drain());
         tokio::time::sleep(3 * DRAIN_IDLE).await;
-        assert_eq!(
-            rx.recv().await.map(|e| e.ok()),
-            Some(Some(pb::TurnEvent::default()))
-        );
-        assert_eq!(received_until_closed(&mut rx).await.len(), data.len());
-        assert_eq!(drain.await.expect("drain"), (data.len() as u64, 0));
-    }
-
-    async fn received_until_closed(
-        rx: &mut mpsc::Receiver<Result<pb::TurnEvent, tonic::Status>>,
-    ) -> Vec<u8> {
-        let mut out = Vec::new();
-        while let Some(ev) = rx.recv().await {
-            match ev.map(|e| e.kind) {
-                Ok(Some(pb::turn_event::Kind::Stdout(b))) => out.extend_from_slice(&b),
+        let mut got = 0;
+        while got < data.len() {
+            match stream.next().await.map(|e| e.map(|e| e.kind)) {
+                Some(Ok(Some(pb::turn_event::Kind::Stdout(b)))) => got += b.len(),
+                Some(Ok(None)) => {}
                 other => panic!("unexpected event {other:?}"),
             }
         }
-        out
+        assert_eq!(got, data.len());
+        // Past the deadline too: its writer is gone, so the pipe is read
+        // to its end.
+        let drained = drain.await.expect("drain");
+        assert!(3 * DRAIN_IDLE > DRAIN_DEADLINE);
+        assert_eq!((drained.stdout, drained.cut), (data.len() as u64, false));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pipe_kept_busy_by_an_escaped_writer_is_cut_at_the_deadline() {
+        // A writer that never pauses (as `yes` outside the turn would) and an
+        // executor slower than it: the pipe is always full, never idle, so
+        // only the deadline ends the drain. Real time, short limits.
+        let (link, mut stream) = link();
+        let (out, out_w) = pipe();
+        let writer = std::thread::spawn(move || {
+            let chunk = vec![b'y'; 64 * 1024];
+            // Until the relay closes its end (EPIPE: SIGPIPE is ignored).
+            while nix::unistd::write(&out_w, &chunk).is_ok() {}
+        });
+        let output = Output::start(Some(out), None, &link);
+        let executor = tokio::spawn(async move {
+            let mut n = 0;
+            while let Some(Ok(ev)) = stream.next().await {
+                if let Some(pb::turn_event::Kind::Stdout(b)) = ev.kind {
+                    n += b.len();
+                }
+                // Pacing, not synchronisation: an executor that reads slowly.
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            n
+        });
+        let drained = output
+            .drain_within(Duration::from_millis(20), Duration::from_millis(200))
+            .await;
+        assert!(drained.cut, "{drained:?}");
+        link.finish(pb::Exited::default());
+        let relayed = executor.await.expect("executor") as u64;
+        assert_eq!(relayed, drained.stdout);
+        writer.join().expect("writer");
     }
 
     #[tokio::test(start_paused = true)]

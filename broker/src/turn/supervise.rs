@@ -4,18 +4,19 @@
 //! every process of the turn after the grace; at once for the disk limit).
 
 use super::handshake::read_frame;
+use super::link::Link;
 use super::spawn::Jail;
-use super::{EventTx, Turn, disk_limit};
+use super::{Turn, disk_limit};
 use crate::config::Mode;
 use crate::process::ProcessControl;
 use crate::{ActiveTurn, StopReason};
 use nix::sys::signal::Signal;
 use std::io;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::info;
 use turnstile_shim::ShimMsg;
 
@@ -25,10 +26,10 @@ pub(super) struct StopWhen {
     pub deadline: Option<Instant>,
     /// The broker's handle on the turn: cancel, shutdown, disk limit.
     pub turn: ActiveTurn,
-    /// The executor's events: closed when the executor is gone.
-    pub events: EventTx,
-    /// Cancelled when the executor's request stream fails.
-    pub gone: CancellationToken,
+    /// The turn's executor streams: the turn ends once none has been
+    /// attached for `detach_grace`.
+    pub link: Arc<Link>,
+    pub detach_grace: Duration,
 }
 
 impl StopWhen {
@@ -43,8 +44,7 @@ impl StopWhen {
         tokio::select! {
             _ = timed_out => StopReason::TimedOut,
             _ = self.turn.token.cancelled() => self.turn.reason.get().copied().unwrap_or(StopReason::Cancelled),
-            _ = self.events.closed() => StopReason::ExecutorGone,
-            _ = self.gone.cancelled() => StopReason::ExecutorGone,
+            r = self.link.abandoned(self.detach_grace) => r,
         }
     }
 }
@@ -65,7 +65,6 @@ impl<P: ProcessControl> Jail<P> {
     pub async fn supervise(
         &mut self,
         stop: &StopWhen,
-        shim_pid: i32,
         grace: Duration,
         signals: &mut mpsc::Receiver<Signal>,
     ) {
@@ -76,21 +75,22 @@ impl<P: ProcessControl> Jail<P> {
                 reason = stop.reason(), if self.outcome.stopped.is_none() => {
                     info!(?reason, "ending the turn");
                     self.outcome.stopped = Some(reason);
-                    kill_at = self.begin_stop(reason, shim_pid, grace);
+                    kill_at = self.begin_stop(reason, grace).await;
                 }
                 _ = sleep_until(kill_at) => {
-                    self.procs.kill_all();
+                    self.procs.kill_all().await;
                     kill_at = None;
                 }
-                Some(sig) = signals.recv() => self.procs.signal(shim_pid, sig),
+                Some(sig) = signals.recv() => self.procs.signal_shim(sig),
                 frame = read_frame(&mut self.ctl), if self.ctl_open => self.take_report(frame),
             }
         };
         self.outcome.child_status = status;
         // The jail's init is gone (and with it the pid namespace); in direct
-        // mode the shim killed what it could see. Kill anything left, by
-        // group and cgroup, so the output pipes reach EOF.
-        self.procs.kill_all();
+        // mode the shim killed what it had adopted. Kill anything left in
+        // the cgroup, so the output pipes reach EOF (without one, the drain's
+        // deadline ends a pipe that an escaped process keeps busy).
+        self.procs.kill_all().await;
         if self.ctl_open {
             self.collect_rest().await;
         }
@@ -98,15 +98,15 @@ impl<P: ProcessControl> Jail<P> {
 
     /// The first move of the stop sequence; when to kill everything, if not
     /// now.
-    fn begin_stop(&self, reason: StopReason, shim_pid: i32, grace: Duration) -> Option<Instant> {
+    async fn begin_stop(&self, reason: StopReason, grace: Duration) -> Option<Instant> {
         if reason == StopReason::DiskLimit {
             // A grace would be time to write more.
-            self.procs.kill_all();
+            self.procs.kill_all().await;
             return None;
         }
         // SIGTERM first: the shim forwards it, and the agent may save its
         // state; everything is SIGKILLed after the grace.
-        self.procs.signal(shim_pid, Signal::SIGTERM);
+        self.procs.signal_shim(Signal::SIGTERM);
         Some(Instant::now() + grace)
     }
 
@@ -133,8 +133,8 @@ impl Turn {
         StopWhen {
             deadline: wall.map(|w| Instant::from_std(self.received) + w),
             turn: self.admitted.turn.clone(),
-            events: self.events.clone(),
-            gone: CancellationToken::new(),
+            link: self.link.clone(),
+            detach_grace: Duration::from_millis(self.spec.detach_grace_ms),
         }
     }
 
@@ -177,7 +177,6 @@ mod tests {
     use std::os::unix::process::ExitStatusExt;
     use turnstile_shim::{AgentStatus, Usage};
 
-    const SHIM: i32 = 101;
     const GRACE: Duration = Duration::from_secs(5);
 
     fn no_signals() -> mpsc::Receiver<Signal> {
@@ -193,7 +192,7 @@ mod tests {
         let (mut jail, fake, _) = fake_jail_dying_of(dies_of);
         let (stop, _events) = stop_when(None);
         stop.turn.stop(reason);
-        jail.supervise(&stop, SHIM, GRACE, &mut no_signals()).await;
+        jail.supervise(&stop, GRACE, &mut no_signals()).await;
         (jail, fake)
     }
 
@@ -204,11 +203,7 @@ mod tests {
         let kinds: Vec<Call> = calls.iter().map(|c| c.0).collect();
         assert_eq!(
             kinds,
-            [
-                Call::Signal(SHIM, Signal::SIGTERM),
-                Call::KillAll,
-                Call::KillAll
-            ]
+            [Call::Signal(Signal::SIGTERM), Call::KillAll, Call::KillAll]
         );
         assert!(calls[1].1 - calls[0].1 >= GRACE, "SIGKILL before the grace");
         assert_eq!(jail.outcome.stopped, Some(StopReason::Cancelled));
@@ -222,10 +217,7 @@ mod tests {
         let (jail, fake) = stopped_for(StopReason::BrokerShutdown, &[Signal::SIGTERM]).await;
         assert!(began.elapsed() < GRACE, "waited for the grace");
         // The one SIGKILL is the sweep after the jail exited.
-        assert_eq!(
-            fake.calls(),
-            [Call::Signal(SHIM, Signal::SIGTERM), Call::KillAll]
-        );
+        assert_eq!(fake.calls(), [Call::Signal(Signal::SIGTERM), Call::KillAll]);
         let status = jail.outcome.child_status.expect("reaped");
         assert_eq!(status.code(), Some(128 + Signal::SIGTERM as i32));
     }
@@ -242,22 +234,29 @@ mod tests {
         let (mut jail, fake, _) = fake_jail();
         let deadline = Instant::now() + Duration::from_secs(60);
         let (stop, _events) = stop_when(Some(deadline));
-        jail.supervise(&stop, SHIM, GRACE, &mut no_signals()).await;
+        jail.supervise(&stop, GRACE, &mut no_signals()).await;
         assert_eq!(jail.outcome.stopped, Some(StopReason::TimedOut));
         assert!(fake.timed_calls()[0].1 >= deadline, "stopped early");
 
         let (mut jail, fake, _) = fake_jail();
         let (stop, events) = stop_when(None);
         drop(events);
-        jail.supervise(&stop, SHIM, GRACE, &mut no_signals()).await;
+        jail.supervise(&stop, GRACE, &mut no_signals()).await;
         assert_eq!(jail.outcome.stopped, Some(StopReason::ExecutorGone));
-        assert_eq!(fake.calls()[0], Call::Signal(SHIM, Signal::SIGTERM));
+        assert_eq!(fake.calls()[0], Call::Signal(Signal::SIGTERM));
 
+        // With a grace, a stream that went is waited for, then given up.
         let (mut jail, _fake, _) = fake_jail();
-        let (stop, _events) = stop_when(None);
-        stop.gone.cancel();
-        jail.supervise(&stop, SHIM, GRACE, &mut no_signals()).await;
-        assert_eq!(jail.outcome.stopped, Some(StopReason::ExecutorGone));
+        let (mut stop, events) = stop_when(None);
+        stop.detach_grace = Duration::from_secs(60);
+        drop(events);
+        let began = Instant::now();
+        jail.supervise(&stop, GRACE, &mut no_signals()).await;
+        assert_eq!(
+            jail.outcome.stopped,
+            Some(StopReason::NotReattached(60_000))
+        );
+        assert!(began.elapsed() >= Duration::from_secs(60), "ended early");
     }
 
     #[tokio::test(start_paused = true)]
@@ -266,11 +265,8 @@ mod tests {
         let (stop, _events) = stop_when(None);
         let (tx, mut signals) = mpsc::channel(1);
         tx.send(Signal::SIGINT).await.expect("send");
-        jail.supervise(&stop, SHIM, GRACE, &mut signals).await;
-        assert_eq!(
-            fake.calls(),
-            [Call::Signal(SHIM, Signal::SIGINT), Call::KillAll]
-        );
+        jail.supervise(&stop, GRACE, &mut signals).await;
+        assert_eq!(fake.calls(), [Call::Signal(Signal::SIGINT), Call::KillAll]);
         assert_eq!(jail.outcome.stopped, None);
     }
 
@@ -290,7 +286,7 @@ mod tests {
         drop(shim);
         // The shim reported and exited (code 3) before the broker looked.
         fake.exit(3 << 8);
-        jail.supervise(&stop, SHIM, GRACE, &mut no_signals()).await;
+        jail.supervise(&stop, GRACE, &mut no_signals()).await;
         assert_eq!(jail.outcome.agent, Some((AgentStatus::Code(3), usage)));
         assert!(!jail.ctl_open);
         assert_eq!(fake.calls(), [Call::KillAll]);

@@ -120,6 +120,7 @@ class Broker:
         stdin: StdinSource = None,
         turn_id: str = "",
         wait_ms: int | None = None,
+        detach_grace_ms: int = 0,
     ) -> TurnStart:
         """Starts a turn of ``session_id`` (a new id creates the session) running
         ``argv`` (``argv[0]`` is looked up in the agent's PATH).
@@ -131,7 +132,10 @@ class Broker:
         and then closed; :data:`PIPE` leaves it to :meth:`Turn.write_stdin` and
         :meth:`Turn.close_stdin`. ``wait_ms``: when the session has a running
         turn, wait up to that long for it to end instead of failing at once with
-        :class:`~turnstile_client.SessionBusy`.
+        :class:`~turnstile_client.SessionBusy`. ``detach_grace_ms``: how long the
+        turn keeps running once this client's stream is gone; this client does
+        not reattach, so the default 0 ends the turn with its stream, as leaving
+        the ``async with`` block does.
 
         Returns once the agent started (or could not: then the first event is an
         ``Exited`` with reason ``SPAWN_FAILED``); a refusal raises the exception
@@ -148,6 +152,7 @@ class Broker:
             argv=list(argv),
             env=dict(env or {}),
             cwd=cwd,
+            detach_grace_ms=detach_grace_ms,
         )
         if limits is not None:
             start.limits.CopyFrom(limits.to_pb())

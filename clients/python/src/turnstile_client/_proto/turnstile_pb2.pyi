@@ -110,18 +110,32 @@ class DeleteSessionReply(_message.Message):
     def __init__(self) -> None: ...
 
 class TurnRequest(_message.Message):
-    __slots__ = ("start", "stdin", "stdin_eof", "signal", "llm")
+    __slots__ = ("start", "stdin", "stdin_eof", "signal", "llm", "attach")
     START_FIELD_NUMBER: _ClassVar[int]
     STDIN_FIELD_NUMBER: _ClassVar[int]
     STDIN_EOF_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
+    ATTACH_FIELD_NUMBER: _ClassVar[int]
     start: Start
     stdin: bytes
     stdin_eof: StdinEof
     signal: SignalRequest
     llm: LlmFrame
-    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_eof: _Optional[_Union[StdinEof, _Mapping]] = ..., signal: _Optional[_Union[SignalRequest, _Mapping]] = ..., llm: _Optional[_Union[LlmFrame, _Mapping]] = ...) -> None: ...
+    attach: Attach
+    def __init__(self, start: _Optional[_Union[Start, _Mapping]] = ..., stdin: _Optional[bytes] = ..., stdin_eof: _Optional[_Union[StdinEof, _Mapping]] = ..., signal: _Optional[_Union[SignalRequest, _Mapping]] = ..., llm: _Optional[_Union[LlmFrame, _Mapping]] = ..., attach: _Optional[_Union[Attach, _Mapping]] = ...) -> None: ...
+
+class Attach(_message.Message):
+    __slots__ = ("session_id", "turn_id", "turn_key", "after_seq")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_KEY_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    turn_id: str
+    turn_key: str
+    after_seq: int
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., turn_key: _Optional[str] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class LlmFrame(_message.Message):
     __slots__ = ("conn", "open", "data", "eof", "reset", "window")
@@ -160,7 +174,7 @@ class LlmReset(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("session_id", "turn_id", "argv", "env", "cwd", "limits", "lease", "llm_env_vars", "profile", "llm_credential_env_vars")
+    __slots__ = ("session_id", "turn_id", "argv", "env", "cwd", "limits", "lease", "llm_env_vars", "profile", "llm_credential_env_vars", "turn_key", "detach_grace_ms")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +192,8 @@ class Start(_message.Message):
     LLM_ENV_VARS_FIELD_NUMBER: _ClassVar[int]
     PROFILE_FIELD_NUMBER: _ClassVar[int]
     LLM_CREDENTIAL_ENV_VARS_FIELD_NUMBER: _ClassVar[int]
+    TURN_KEY_FIELD_NUMBER: _ClassVar[int]
+    DETACH_GRACE_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -188,7 +204,9 @@ class Start(_message.Message):
     llm_env_vars: _containers.RepeatedScalarFieldContainer[str]
     profile: str
     llm_credential_env_vars: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., llm_env_vars: _Optional[_Iterable[str]] = ..., profile: _Optional[str] = ..., llm_credential_env_vars: _Optional[_Iterable[str]] = ...) -> None: ...
+    turn_key: str
+    detach_grace_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., llm_env_vars: _Optional[_Iterable[str]] = ..., profile: _Optional[str] = ..., llm_credential_env_vars: _Optional[_Iterable[str]] = ..., turn_key: _Optional[str] = ..., detach_grace_ms: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("wall_time_ms", "memory_bytes", "cpu_time_ms", "max_processes", "max_open_files", "max_file_size_bytes", "disk_bytes", "disk_inodes")
@@ -243,20 +261,22 @@ class SignalRequest(_message.Message):
     def __init__(self, signal: _Optional[_Union[SignalRequest.Signal, str]] = ...) -> None: ...
 
 class TurnEvent(_message.Message):
-    __slots__ = ("started", "stdout", "stderr", "exited", "llm", "notice")
+    __slots__ = ("started", "stdout", "stderr", "exited", "llm", "notice", "seq")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXITED_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     started: Started
     stdout: bytes
     stderr: bytes
     exited: Exited
     llm: LlmFrame
     notice: Notice
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exited: _Optional[_Union[Exited, _Mapping]] = ..., llm: _Optional[_Union[LlmFrame, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ...) -> None: ...
+    seq: int
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exited: _Optional[_Union[Exited, _Mapping]] = ..., llm: _Optional[_Union[LlmFrame, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("message",)
@@ -338,6 +358,7 @@ class Exited(_message.Message):
         ISOLATION_CHECK_FAILED: _ClassVar[Exited.Reason]
         PROCESS_LIMIT: _ClassVar[Exited.Reason]
         DISK_LIMIT: _ClassVar[Exited.Reason]
+        BROKER_RESTART: _ClassVar[Exited.Reason]
     REASON_UNSPECIFIED: Exited.Reason
     EXITED: Exited.Reason
     TIMED_OUT: Exited.Reason
@@ -352,6 +373,7 @@ class Exited(_message.Message):
     ISOLATION_CHECK_FAILED: Exited.Reason
     PROCESS_LIMIT: Exited.Reason
     DISK_LIMIT: Exited.Reason
+    BROKER_RESTART: Exited.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]

@@ -90,10 +90,14 @@ class BrokerServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def Turn(self, request_iterator, context):
-        """Runs one turn of a session. The first request must be `start`; the first
-        event is `started` (or the stream ends with an error status and nothing
-        ran). The last event is exactly one `exited`, sent only after every byte
-        the agent wrote to stdout and stderr has been sent.
+        """Runs one turn of a session. The first request is `start` (or `attach`,
+        to join a turn that runs or ran); the first event is `started` (or the
+        stream ends with an error status and nothing ran). The last event is
+        exactly one `exited`, sent only after every byte the agent wrote to
+        stdout and stderr has been sent. Every event but LLM frames carries a
+        `seq`. The agent's stdin closes on `stdin_eof`, never on the stream's
+        end: a stream that breaks leaves the turn running for its detach grace,
+        for an `attach` that resumes from the last `seq` it has.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
