@@ -190,7 +190,7 @@ async fn an_executor_that_does_not_come_back_within_the_grace_gets_the_turn_canc
 async fn with_the_journal_full_and_no_executor_the_agent_waits_and_nothing_is_lost(mode: Mode) {
     let cap = 1u64 << 20;
     let h = Harness::start_with(mode, |c| c.journal_max_bytes = cap).await;
-    let total = 8u64 << 20;
+    let total = 40u64 << 20;
     let script = format!("head -c {total} /dev/zero | tr '\\0' x; echo written >&2");
     let mut t = h.turn(durable("full", "f1", &script)).await.expect("turn");
     let mut seen = Outcome::default();
@@ -227,9 +227,12 @@ async fn with_the_journal_full_and_no_executor_the_agent_waits_and_nothing_is_lo
             m.blocks() * 512
         })
         .expect("journal");
+    // It keeps its cap, or what an executor may not have received of what
+    // its stream took (16 MiB), with a MiB of granularity: not the output.
+    let bound = cap.max(16 << 20) + (2 << 20);
     assert!(
-        changed <= 4 * cap,
-        "the journal keeps about its cap on disk: {changed}"
+        changed <= bound,
+        "the journal keeps about its window on disk: {changed}"
     );
     h.stop().await;
 }
