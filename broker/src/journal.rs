@@ -260,12 +260,12 @@ impl Journal {
 
     /// Drops records from the front, a checkpoint at a time, while more
     /// than `cap` bytes are kept, never the event `keep_from` or any after
-    /// it.
-    pub fn trim(&mut self, cap: u64, keep_from: u64) {
+    /// it, nor any record that ends past the offset `keep_offset`.
+    pub fn trim(&mut self, cap: u64, keep_from: u64, keep_offset: u64) {
         let mut new_first = None;
         while self.kept() > cap && self.checkpoints.len() > 1 {
             let next = self.checkpoints[1];
-            if next.seq > keep_from {
+            if next.seq > keep_from || next.offset > keep_offset {
                 break;
             }
             self.checkpoints.pop_front();
@@ -458,10 +458,13 @@ mod tests {
             j.append(&stdout(seq, &chunk)).expect("append");
         }
         // Nothing delivered yet: nothing may go, whatever the cap.
-        j.trim(1 << 20, 0);
+        j.trim(1 << 20, 0, u64::MAX);
+        assert_eq!(j.first_seq(), 1);
+        // Nothing before an offset that must stay either.
+        j.trim(1 << 20, 40, RECORDS);
         assert_eq!(j.first_seq(), 1);
         // All delivered: the front goes, a checkpoint at a time, to the cap.
-        j.trim(4 << 20, 40);
+        j.trim(4 << 20, 40, u64::MAX);
         assert!(
             j.kept() <= (4 << 20) + CHECKPOINT_EVERY + 512 * 1024,
             "{}",

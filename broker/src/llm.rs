@@ -249,37 +249,55 @@ async fn accept_loop(
             drop(stream);
             continue;
         }
-        // While no executor is attached, the connection waits for one.
-        let waited = tokio::time::timeout(WAIT_FOR_EXECUTOR, attached.wait_for(Option::is_some));
-        let current = match waited.await {
-            Ok(Ok(a)) => a.clone(),
-            Ok(Err(_)) => break,
-            Err(_) => {
-                warn!("llm connection refused: no executor attached to the turn");
-                drop(stream);
-                continue;
-            }
-        };
-        let Some(Attached { epoch, sink }) = current else {
-            continue;
-        };
+        // While no executor is attached, the connection waits for one; a
+        // stream that goes as the connection opens hands it to the next.
         let id = next_id;
         next_id += 1;
-        shared.add_conn(id, stream, epoch, sink, &mut per_conn);
+        let mut stream = Some(stream);
+        let placed = tokio::time::timeout(WAIT_FOR_EXECUTOR, async {
+            while let Some(s) = stream.take() {
+                let current = attached.wait_for(Option::is_some).await.ok()?.clone()?;
+                if current.sink.is_closed() {
+                    // Gone, and not yet seen detached: wait for what is next.
+                    stream = Some(s);
+                    attached.changed().await.ok()?;
+                    continue;
+                }
+                let conn = (current.epoch, current.sink);
+                if let Err(s) = shared.add_conn(id, s, conn, &attached, &mut per_conn) {
+                    stream = Some(s);
+                }
+            }
+            Some(())
+        });
+        match placed.await {
+            Ok(Some(())) => {}
+            Ok(None) => break,
+            Err(_) => warn!("llm connection refused: no executor attached to the turn"),
+        }
     }
     per_conn.shutdown().await;
 }
 
 impl Shared {
-    /// Starts both directions of connection `id` and registers it.
+    /// Starts both directions of connection `id` and registers it, unless
+    /// the stream of `epoch` is no longer attached by then: checked under
+    /// the map's lock, which [`follow_streams`] takes after each change, so
+    /// no connection of a gone stream stays. The connection comes back then.
     fn add_conn(
         &self,
         id: u64,
         stream: UnixStream,
-        epoch: u64,
-        events: EventSink,
+        (epoch, events): (u64, EventSink),
+        attached: &watch::Receiver<Option<Attached>>,
         per_conn: &mut JoinSet<()>,
-    ) {
+    ) -> Result<(), UnixStream> {
+        let Ok(mut m) = self.conns.lock() else {
+            return Err(stream);
+        };
+        if attached.borrow().as_ref().map(|a| a.epoch) != Some(epoch) {
+            return Err(stream);
+        }
         let (rd, wr) = stream.into_split();
         let (tx, rx) = mpsc::unbounded_channel::<ToAgent>();
         let (inbox, credit) = (Inbox::default(), Credit::default());
@@ -299,23 +317,23 @@ impl Shared {
         let reader = per_conn.spawn(reader.in_current_span());
         let writer = task.clone().relay_executor_bytes(wr, rx, inbox.clone());
         let writer = per_conn.spawn(writer.in_current_span());
-        if let Ok(mut m) = self.conns.lock() {
-            m.insert(
-                id,
-                Conn {
-                    tx: Some(tx),
-                    inbox,
-                    credit,
-                    reader,
-                    writer,
-                    halves_done: 0,
-                    gate: task.gate,
-                    epoch,
-                },
-            );
-        }
+        m.insert(
+            id,
+            Conn {
+                tx: Some(tx),
+                inbox,
+                credit,
+                reader,
+                writer,
+                halves_done: 0,
+                gate: task.gate,
+                epoch,
+            },
+        );
+        drop(m);
         debug!(conn = id, "llm connection opened");
         let _ = announce.send(());
+        Ok(())
     }
 }
 

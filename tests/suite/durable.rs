@@ -18,6 +18,8 @@ both_modes!(
     a_turn_running_when_the_broker_was_killed_answers_broker_restart,
     bad_attaches_get_precise_statuses_and_change_nothing,
     an_llm_response_cut_by_a_vanished_executor_is_a_clean_error_and_the_retry_succeeds,
+    the_client_resumes_a_broken_stream_by_itself,
+    turnstile_attach_replays_a_turn_from_the_terminal,
 );
 
 /// A `Start` with a key and a detach grace of a minute.
@@ -188,7 +190,7 @@ async fn an_executor_that_does_not_come_back_within_the_grace_gets_the_turn_canc
 async fn with_the_journal_full_and_no_executor_the_agent_waits_and_nothing_is_lost(mode: Mode) {
     let cap = 1u64 << 20;
     let h = Harness::start_with(mode, |c| c.journal_max_bytes = cap).await;
-    let total = 8u64 << 20;
+    let total = 40u64 << 20;
     let script = format!("head -c {total} /dev/zero | tr '\\0' x; echo written >&2");
     let mut t = h.turn(durable("full", "f1", &script)).await.expect("turn");
     let mut seen = Outcome::default();
@@ -225,9 +227,12 @@ async fn with_the_journal_full_and_no_executor_the_agent_waits_and_nothing_is_lo
             m.blocks() * 512
         })
         .expect("journal");
+    // It keeps its cap, or what an executor may not have received of what
+    // its stream took (16 MiB), with a MiB of granularity: not the output.
+    let bound = cap.max(16 << 20) + (2 << 20);
     assert!(
-        changed <= 4 * cap,
-        "the journal keeps about its cap on disk: {changed}"
+        changed <= bound,
+        "the journal keeps about its window on disk: {changed}"
     );
     h.stop().await;
 }
@@ -437,5 +442,129 @@ async fn an_llm_response_cut_by_a_vanished_executor_is_a_clean_error_and_the_ret
         stdout.contains("retry 200 {\"len\": 1000,"),
         "the retry is answered in full:\n{stdout}"
     );
+    h.stop().await;
+}
+
+/// A unix-socket proxy in front of the broker whose connections the test
+/// can cut (as a network or a restarted sidecar would).
+struct Proxy {
+    socket: std::path::PathBuf,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    fn start(dir: &std::path::Path, broker: std::path::PathBuf) -> Proxy {
+        let socket = dir.join("proxy.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).expect("bind");
+        let conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> =
+            std::sync::Arc::default();
+        let list = conns.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let broker = broker.clone();
+                let task = tokio::spawn(async move {
+                    let mut upstream = tokio::net::UnixStream::connect(&broker)
+                        .await
+                        .expect("connect the broker");
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+                list.lock().expect("conns").push(task.abort_handle());
+            }
+        });
+        Proxy {
+            socket,
+            conns,
+            accept,
+        }
+    }
+
+    /// Drops every connection through the proxy.
+    fn cut(&self) {
+        for c in self.conns.lock().expect("conns").drain(..) {
+            c.abort();
+        }
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.cut();
+    }
+}
+
+async fn the_client_resumes_a_broken_stream_by_itself(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let dir = tempdir();
+    let proxy = Proxy::start(dir.path(), h.socket.clone());
+    let mut client = client(&proxy.socket).await;
+    let start = durable("resume", "", "seq 1 1600000; echo done >&2");
+    let mut turn = turnstile_client::Turn::start(&mut client, start, None)
+        .await
+        .expect("turn");
+    let (mut stdout, mut stderr, mut exited) = (Vec::new(), String::new(), None);
+    // The connection breaks under the client twice while the output flows
+    // (after its first bytes, then past 5 MB; each time more is left than
+    // the stream's 4 MiB window holds); it attaches again from the last seq
+    // it returned, each time.
+    let mut cuts = [1usize, 5_000_000].into_iter().peekable();
+    while let Some(ev) = turn.next().await {
+        match ev.expect("no error reaches the caller").kind {
+            Some(pb::turn_event::Kind::Stdout(b)) => stdout.extend_from_slice(&b),
+            Some(pb::turn_event::Kind::Stderr(b)) => stderr.push_str(&String::from_utf8_lossy(&b)),
+            Some(pb::turn_event::Kind::Exited(e)) => exited = Some(e),
+            _ => {}
+        }
+        if cuts.next_if(|at| stdout.len() >= *at).is_some() {
+            proxy.cut();
+        }
+    }
+    let exited = exited.expect("exited");
+    assert_eq!(exited.reason, Reason::Exited as i32, "{exited:?}");
+    assert_eq!(exited.status, Some(pb::exited::Status::ExitCode(0)));
+    assert!(
+        String::from_utf8_lossy(&stdout) == numbered(1_600_000),
+        "each line once, in order ({} bytes)",
+        stdout.len()
+    );
+    assert_eq!(stderr, "done\n");
+    assert_eq!(turn.resumes(), 2, "one resume per cut");
+    h.stop().await;
+}
+
+async fn turnstile_attach_replays_a_turn_from_the_terminal(mode: Mode) {
+    let h = Harness::start(mode).await;
+    let o = h
+        .run(durable("cli-attach", "ck", "echo one; echo two; exit 3"))
+        .await;
+    assert_eq!(o.code(), Some(3));
+    let attach = |extra: &[&str]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"));
+        cmd.arg("attach")
+            .arg("--socket")
+            .arg(&h.socket)
+            .args(["--session", "cli-attach", "--quiet"])
+            .args(extra);
+        cmd.output().expect("turnstile attach")
+    };
+    // The whole turn, by key, with the agent's exit code.
+    let all = attach(&["--turn-key", "ck"]);
+    assert_eq!(String::from_utf8_lossy(&all.stdout), "one\ntwo\n");
+    assert_eq!(all.status.code(), Some(3));
+    // After the first event (`Started`, seq 1): all of the agent's output
+    // still.
+    let after = attach(&["--after", "1"]);
+    assert_eq!(String::from_utf8_lossy(&after.stdout), "one\ntwo\n");
+    // A bad seq or an unknown key: refused (exit 125) with the reason.
+    let past = attach(&["--after", "1000"]);
+    assert_eq!(past.status.code(), Some(125));
+    assert!(
+        String::from_utf8_lossy(&past.stderr).contains("past the turn's last event"),
+        "{}",
+        String::from_utf8_lossy(&past.stderr)
+    );
+    let unknown = attach(&["--turn-key", "nope"]);
+    assert_eq!(unknown.status.code(), Some(125));
     h.stop().await;
 }

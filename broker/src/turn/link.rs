@@ -40,6 +40,12 @@ pub const STREAM_QUEUE: usize = 16;
 const BATCH: u64 = 1 << 20;
 /// How long a stream that was taken over gets to take its last status.
 const TAKEOVER_NOTICE: Duration = Duration::from_secs(5);
+/// Of the events handed to a stream, how many bytes the executor may not
+/// have received yet when it goes (the stream's queue of 16 events of at
+/// most a MiB, and HTTP/2's windows): the journal always keeps them, so
+/// that an executor that attaches again with the last seq it has finds the
+/// events after it.
+pub const IN_FLIGHT: u64 = 16 << 20;
 /// Stdin chunks queued towards the agent.
 const STDIN_QUEUE: usize = 16;
 
@@ -601,11 +607,12 @@ impl Link {
             c.cursor = cursor;
         }
         let keep_from = st.delivered_seq.saturating_add(1).min(cursor);
+        let keep_offset = st.delivered_end.saturating_sub(IN_FLIGHT);
         let cap = self.cap;
         if let Some(j) = &mut st.journal
             && j.kept() > cap
         {
-            j.trim(cap, keep_from);
+            j.trim(cap, keep_from, keep_offset);
         }
         drop(st);
         self.bump();
