@@ -33,19 +33,8 @@ async fn reattach(
     mpsc::Sender<pb::TurnRequest>,
     tonic::Streaming<pb::TurnEvent>,
 ) {
-    let (tx, rx) = mpsc::channel(4);
     let t0 = Instant::now();
-    tx.send(pb::TurnRequest {
-        kind: Some(pb::turn_request::Kind::Attach(attach)),
-    })
-    .await
-    .expect("send");
-    let mut events = served
-        .client
-        .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .expect("attached")
-        .into_inner();
+    let (tx, mut events) = served.open(pb::turn_request::Kind::Attach(attach)).await;
     let first = events.next().await;
     let d = t0.elapsed();
     assert!(matches!(first, Some(Ok(_))), "{first:?}");

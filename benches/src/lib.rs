@@ -143,19 +143,8 @@ impl Served {
         mpsc::Sender<pb::TurnRequest>,
         tonic::Streaming<pb::TurnEvent>,
     ) {
-        let (tx, rx) = mpsc::channel(4);
         let t0 = Instant::now();
-        tx.send(pb::TurnRequest {
-            kind: Some(pb::turn_request::Kind::Start(start)),
-        })
-        .await
-        .expect("send");
-        let mut events = self
-            .client
-            .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-            .expect("admitted")
-            .into_inner();
+        let (tx, mut events) = self.open(pb::turn_request::Kind::Start(start)).await;
         match events.next().await {
             Some(Ok(pb::TurnEvent {
                 kind: Some(pb::turn_event::Kind::Started(_)),
@@ -164,6 +153,27 @@ impl Served {
             other => panic!("expected started, got {other:?}"),
         }
         (t0.elapsed(), tx, events)
+    }
+
+    /// Opens a `Turn` stream whose first request is `first`.
+    pub async fn open(
+        &mut self,
+        first: pb::turn_request::Kind,
+    ) -> (
+        mpsc::Sender<pb::TurnRequest>,
+        tonic::Streaming<pb::TurnEvent>,
+    ) {
+        let (tx, rx) = mpsc::channel(4);
+        tx.send(pb::TurnRequest { kind: Some(first) })
+            .await
+            .expect("send");
+        let events = self
+            .client
+            .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .expect("admitted")
+            .into_inner();
+        (tx, events)
     }
 
     pub fn stop(mut self) {

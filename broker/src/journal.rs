@@ -214,19 +214,60 @@ impl Journal {
             return Err(bad(&self.path, format!("event of {len} bytes")));
         }
         self.buf.clear();
-        self.buf.reserve(4 + len);
         self.buf.extend_from_slice(&(len as u32).to_le_bytes());
-        event
-            .encode(&mut self.buf)
-            .map_err(|e| bad(&self.path, e))?;
-        self.file.write_all_at(&self.buf, self.end)?;
+        // Output, most of what a journal holds, is written from its own
+        // buffer (no copy into ours): the message's few bytes around it are
+        // encoded by hand, as prost does (field, length, bytes; then seq).
+        let written = match &event.kind {
+            Some(pb::turn_event::Kind::Stdout(data) | pb::turn_event::Kind::Stderr(data))
+                if data.len() >= 4096 =>
+            {
+                let field = match &event.kind {
+                    Some(pb::turn_event::Kind::Stdout(_)) => 2,
+                    _ => 3,
+                };
+                use prost::encoding::{WireType, encode_key, encode_varint, uint64};
+                encode_key(field, WireType::LengthDelimited, &mut self.buf);
+                encode_varint(data.len() as u64, &mut self.buf);
+                let mut seq = Vec::new();
+                if event.seq != 0 {
+                    uint64::encode(15, &event.seq, &mut seq);
+                }
+                self.write_parts(&[&self.buf[..], &data[..], &seq[..]])?
+            }
+            _ => {
+                event
+                    .encode(&mut self.buf)
+                    .map_err(|e| bad(&self.path, e))?;
+                self.file.write_all_at(&self.buf, self.end)?;
+                self.buf.len() as u64
+            }
+        };
+        if written != 4 + len as u64 {
+            return Err(bad(&self.path, "record length mismatch"));
+        }
         let place = Place {
             seq: event.seq,
             offset: self.end,
-            end: self.end + self.buf.len() as u64,
+            end: self.end + written,
         };
         self.note(place);
         Ok(place)
+    }
+
+    /// Writes `parts` one after the other at the end: the bytes written.
+    fn write_parts(&self, parts: &[&[u8]]) -> io::Result<u64> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let slices: Vec<std::io::IoSlice<'_>> =
+            parts.iter().map(|p| std::io::IoSlice::new(p)).collect();
+        let n = nix::sys::uio::pwritev(&*self.file, &slices, self.end as i64)
+            .map_err(io::Error::from)?;
+        if n < total {
+            // A short write (rare on a regular file): the rest, plainly.
+            let rest: Vec<u8> = parts.concat();
+            self.file.write_all_at(&rest[n..], self.end + n as u64)?;
+        }
+        Ok(total as u64)
     }
 
     /// Offset after the last record.
@@ -404,6 +445,28 @@ mod tests {
                 .map(|s| stdout(s, format!("line {s}\n").as_bytes()))
                 .collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn big_output_written_from_its_own_buffer_reads_back_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.journal");
+        let mut j = Journal::create(&path, &header()).expect("create");
+        let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let events = [
+            stdout(1, &big),
+            pb::TurnEvent {
+                kind: Some(pb::turn_event::Kind::Stderr(Bytes::copy_from_slice(
+                    &big[..5000],
+                ))),
+                seq: 2,
+            },
+            stdout(300, b"small"),
+        ];
+        for e in &events {
+            j.append(e).expect("append");
+        }
+        assert_eq!(read_all(&j), events);
     }
 
     #[test]

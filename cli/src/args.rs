@@ -268,19 +268,8 @@ pub struct RunArgs {
     /// No session line and no summary on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// Serve the agent's LLM connections by forwarding its requests to this
-    /// base URL (http or https), with the key of --llm-key-env added.
-    #[arg(long, requires = "llm_key_env")]
-    pub llm_upstream: Option<String>,
-    /// The environment variable of this process holding the LLM key (read
-    /// here, outside the jail; the agent never sees it).
-    #[arg(long, requires = "llm_upstream")]
-    pub llm_key_env: Option<String>,
-    /// How the key is sent upstream: `x-api-key: KEY` or
-    /// `authorization: Bearer KEY` (default: as the agent profile says;
-    /// x-api-key without one).
-    #[arg(long, value_enum)]
-    pub llm_header: Option<LlmHeader>,
+    #[command(flatten)]
+    pub llm: LlmArgs,
     /// The agent profile: `claude-code`, `codex`, or one of the broker's
     /// config file. It sets the agent's LLM variables, a placeholder
     /// credential, offline settings and config files, and how the key is
@@ -310,6 +299,24 @@ pub struct RunArgs {
     pub argv: Vec<String>,
 }
 
+/// How the executor side serves the agent's LLM connections (`run`, `attach`).
+#[derive(Debug, Args)]
+pub struct LlmArgs {
+    /// Serve the agent's LLM connections by forwarding its requests to this
+    /// base URL (http or https), with the key of --llm-key-env added.
+    #[arg(long, requires = "llm_key_env")]
+    pub llm_upstream: Option<String>,
+    /// The environment variable of this process holding the LLM key (read
+    /// here, outside the jail; the agent never sees it).
+    #[arg(long, requires = "llm_upstream")]
+    pub llm_key_env: Option<String>,
+    /// How the key is sent upstream: `x-api-key: KEY` or
+    /// `authorization: Bearer KEY` (default: as the agent profile says;
+    /// x-api-key without one).
+    #[arg(long, value_enum)]
+    pub llm_header: Option<LlmHeader>,
+}
+
 #[derive(Debug, Args)]
 pub struct AttachArgs {
     /// The broker's unix socket.
@@ -334,15 +341,8 @@ pub struct AttachArgs {
     /// No summary on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// As `run --llm-upstream`.
-    #[arg(long, requires = "llm_key_env")]
-    pub llm_upstream: Option<String>,
-    /// As `run --llm-key-env`.
-    #[arg(long, requires = "llm_upstream")]
-    pub llm_key_env: Option<String>,
-    /// As `run --llm-header` (default: as the turn's agent profile says).
-    #[arg(long, value_enum)]
-    pub llm_header: Option<LlmHeader>,
+    #[command(flatten)]
+    pub llm: LlmArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

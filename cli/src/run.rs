@@ -138,20 +138,9 @@ pub async fn run_turn(args: RunArgs) -> i32 {
 
 /// The forwarder for `--llm-upstream`, with the key read from
 /// `--llm-key-env` here, outside the jail.
-fn forwarder(args: &RunArgs) -> Result<Option<LlmForwarder>, String> {
-    forwarder_of(
-        args.llm_upstream.as_ref(),
-        args.llm_key_env.as_ref(),
-        args.llm_header,
-    )
-}
-
-fn forwarder_of(
-    upstream: Option<&String>,
-    key_env: Option<&String>,
-    header: Option<LlmHeader>,
-) -> Result<Option<LlmForwarder>, String> {
-    let (Some(url), Some(var)) = (upstream, key_env) else {
+fn forwarder(args: &crate::args::LlmArgs) -> Result<Option<LlmForwarder>, String> {
+    let header = args.llm_header;
+    let (Some(url), Some(var)) = (&args.llm_upstream, &args.llm_key_env) else {
         return Ok(None);
     };
     let key = std::env::var(var).map_err(|_| {
@@ -174,7 +163,7 @@ fn forwarder_of(
 }
 
 async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
-    let forwarder = match forwarder(args) {
+    let forwarder = match forwarder(&args.llm) {
         Ok(f) => f,
         Err(msg) => {
             eprintln!("turnstile: {msg}");
@@ -260,11 +249,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
 
 /// `turnstile attach`: joins a turn and follows it as `run` does.
 pub async fn attach(args: crate::args::AttachArgs) -> i32 {
-    let forwarder = match forwarder_of(
-        args.llm_upstream.as_ref(),
-        args.llm_key_env.as_ref(),
-        args.llm_header,
-    ) {
+    let forwarder = match forwarder(&args.llm) {
         Ok(f) => f,
         Err(msg) => {
             eprintln!("turnstile: {msg}");

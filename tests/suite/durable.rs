@@ -420,10 +420,11 @@ async fn an_llm_response_cut_by_a_vanished_executor_is_a_clean_error_and_the_ret
     let mut turn = turnstile_client::Turn::attach(&mut client, attach, Some(forwarder()))
         .await
         .expect("attach");
-    let mut exited = None;
+    let (mut exited, mut stderr) = (None, String::new());
     while let Some(ev) = turn.next().await {
         match ev.expect("event").kind {
             Some(pb::turn_event::Kind::Stdout(b)) => stdout.push_str(&String::from_utf8_lossy(&b)),
+            Some(pb::turn_event::Kind::Stderr(b)) => stderr.push_str(&String::from_utf8_lossy(&b)),
             Some(pb::turn_event::Kind::Exited(e)) => exited = Some(e),
             _ => {}
         }
@@ -440,7 +441,7 @@ async fn an_llm_response_cut_by_a_vanished_executor_is_a_clean_error_and_the_ret
     );
     assert!(
         stdout.contains("retry 200 {\"len\": 1000,"),
-        "the retry is answered in full:\n{stdout}"
+        "the retry is answered in full:\n{stdout}\n{stderr}"
     );
     h.stop().await;
 }

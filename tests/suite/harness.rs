@@ -263,33 +263,28 @@ impl Outcome {
 
 impl Turn {
     pub async fn start(
-        mut client: BrokerClient<Channel>,
+        client: BrokerClient<Channel>,
         start: pb::Start,
     ) -> Result<Turn, tonic::Status> {
-        let (tx, rx) = mpsc::channel(16);
-        tx.send(pb::TurnRequest {
-            kind: Some(pb::turn_request::Kind::Start(start)),
-        })
-        .await
-        .expect("queue start");
-        let events = client
-            .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Turn { tx, events })
+        Turn::open(client, pb::turn_request::Kind::Start(start)).await
     }
 
     /// Joins a turn with an `Attach` as the first request.
     pub async fn attach(
-        mut client: BrokerClient<Channel>,
+        client: BrokerClient<Channel>,
         attach: pb::Attach,
     ) -> Result<Turn, tonic::Status> {
+        Turn::open(client, pb::turn_request::Kind::Attach(attach)).await
+    }
+
+    async fn open(
+        mut client: BrokerClient<Channel>,
+        first: pb::turn_request::Kind,
+    ) -> Result<Turn, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
-        tx.send(pb::TurnRequest {
-            kind: Some(pb::turn_request::Kind::Attach(attach)),
-        })
-        .await
-        .expect("queue attach");
+        tx.send(pb::TurnRequest { kind: Some(first) })
+            .await
+            .expect("queue the first request");
         let events = client
             .turn(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await?
