@@ -362,7 +362,9 @@ async fn bad_attaches_get_precise_statuses_and_change_nothing(mode: Mode) {
 }
 
 /// The agent: a streamed response it reads to the end, then (whatever
-/// happened to it) one more request, whose answer it prints.
+/// happened to it) one more request, whose answer it prints; as real agents
+/// do, it retries a request whose connection was reset (one opened just as
+/// the executor changes may be).
 const LLM_AGENT: &str = concat!(
     "import http.client, os, sys, urllib.parse\n",
     "u = urllib.parse.urlparse(os.environ['ANTHROPIC_BASE_URL'])\n",
@@ -375,10 +377,15 @@ const LLM_AGENT: &str = concat!(
     "    print('complete', len(rest), flush=True)\n",
     "except Exception as e:\n",
     "    print('broken', type(e).__name__, flush=True)\n",
-    "c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)\n",
-    "c.request('POST', '/v1/echo', body=b'x' * 1000)\n",
-    "r = c.getresponse()\n",
-    "print('retry', r.status, r.read().decode(), flush=True)\n",
+    "for attempt in range(3):\n",
+    "    try:\n",
+    "        c = http.client.HTTPConnection(u.hostname, u.port, timeout=120)\n",
+    "        c.request('POST', '/v1/echo', body=b'x' * 1000)\n",
+    "        r = c.getresponse()\n",
+    "        print('retry', r.status, r.read().decode(), flush=True)\n",
+    "        break\n",
+    "    except (ConnectionError, http.client.HTTPException) as e:\n",
+    "        print('reset', type(e).__name__, flush=True)\n",
 );
 
 async fn an_llm_response_cut_by_a_vanished_executor_is_a_clean_error_and_the_retry_succeeds(
