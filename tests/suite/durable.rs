@@ -576,3 +576,49 @@ async fn turnstile_attach_replays_a_turn_from_the_terminal(mode: Mode) {
     assert_eq!(unknown.status.code(), Some(125));
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversize_stdin_message_ends_its_stream_with_the_reason() {
+    let h = Harness::start(Mode::Direct).await;
+    let mut t = h
+        .turn(start("big-stdin", "echo ready; cat >/dev/null"))
+        .await
+        .expect("turn");
+    let mut seen = Outcome::default();
+    t.wait_stdout("ready", &mut seen).await;
+    // Over the broker's 4 MiB message cap.
+    t.stdin(&vec![b'x'; 5 << 20]).await;
+    let err = loop {
+        match t.events.next().await {
+            Some(Ok(ev)) => record(&mut seen, ev),
+            Some(Err(s)) => break s,
+            None => panic!("the stream ended without saying why: {seen:?}"),
+        }
+    };
+    assert!(
+        err.message().contains("the turn's request stream failed")
+            && err.message().contains("too large"),
+        "{err:?}"
+    );
+    // With no grace (the harness's), the turn ends with its stream; the
+    // next one of the session runs once it has.
+    let next = pb::Start {
+        lease: Some(pb::Lease {
+            policy: pb::lease::Policy::Wait as i32,
+            wait_ms: 60_000,
+        }),
+        ..start("big-stdin", "true")
+    };
+    h.run(next).await.assert_exited_ok();
+    let info = h
+        .client()
+        .await
+        .get_session(pb::SessionRef {
+            session_id: "big-stdin".into(),
+        })
+        .await
+        .expect("session")
+        .into_inner();
+    assert_eq!(info.turn_count, 2);
+    h.stop().await;
+}
