@@ -46,8 +46,11 @@ const TAKEOVER_NOTICE: Duration = Duration::from_secs(5);
 /// that an executor that attaches again with the last seq it has finds the
 /// events after it.
 pub const IN_FLIGHT: u64 = 16 << 20;
-/// Stdin chunks queued towards the agent.
-const STDIN_QUEUE: usize = 16;
+/// Bytes of stdin queued towards an agent that has not read them yet.
+/// Below it, a stream's stdin never holds up its other requests (LLM
+/// frames, window grants, signals); past it, the stream is read no further
+/// until the agent reads (back-pressure to the executor).
+pub const STDIN_BUFFER: usize = 8 << 20;
 
 /// Where events for one executor stream go.
 pub type Sink = llm::EventSink;
@@ -172,9 +175,12 @@ enum Step {
 /// The executor's input into the turn, shared by every stream that attaches.
 #[derive(Debug)]
 pub struct Inputs {
-    /// `None` once the agent's stdin is closed.
-    stdin: Mutex<Option<mpsc::Sender<Bytes>>>,
-    stdin_rx: Mutex<Option<mpsc::Receiver<Bytes>>>,
+    /// `None` once the agent's stdin is closed. Unbounded, but holds at
+    /// most [`STDIN_BUFFER`] bytes: each chunk takes that many of `room`'s
+    /// permits first, and the writer gives them back once written.
+    stdin: Mutex<Option<mpsc::UnboundedSender<Bytes>>>,
+    stdin_rx: Mutex<Option<mpsc::UnboundedReceiver<Bytes>>>,
+    room: Arc<tokio::sync::Semaphore>,
     pub stdin_total: AtomicU64,
     pub signals: mpsc::Sender<Signal>,
     /// The turn's LLM relay: `Pending` until the agent starts (frames that
@@ -194,10 +200,11 @@ pub enum Relay {
 
 impl Inputs {
     fn new(signals: mpsc::Sender<Signal>) -> Inputs {
-        let (tx, rx) = mpsc::channel(STDIN_QUEUE);
+        let (tx, rx) = mpsc::unbounded_channel();
         Inputs {
             stdin: Mutex::new(Some(tx)),
             stdin_rx: Mutex::new(Some(rx)),
+            room: Arc::new(tokio::sync::Semaphore::new(STDIN_BUFFER)),
             stdin_total: AtomicU64::new(0),
             signals,
             llm: watch::Sender::new(Relay::Pending),
@@ -220,9 +227,13 @@ impl Inputs {
         }
     }
 
-    /// The queue the stdin writer reads (once).
-    pub fn take_stdin(&self) -> Option<mpsc::Receiver<Bytes>> {
-        self.stdin_rx.lock().ok()?.take()
+    /// The queue the stdin writer reads (once), and the room it gives back
+    /// ([`stdin_cost`] permits per chunk written).
+    pub fn take_stdin(
+        &self,
+    ) -> Option<(mpsc::UnboundedReceiver<Bytes>, Arc<tokio::sync::Semaphore>)> {
+        let rx = self.stdin_rx.lock().ok()?.take()?;
+        Some((rx, self.room.clone()))
     }
 
     pub fn close_stdin(&self) {
@@ -231,17 +242,36 @@ impl Inputs {
         }
     }
 
+    /// The turn is over: stdin sent from now on goes nowhere, and no stream
+    /// waits for room in its queue.
+    fn end(&self) {
+        self.close_stdin();
+        self.room.close();
+        self.set_llm(None);
+    }
+
+    /// Queues stdin for the agent; waits only while [`STDIN_BUFFER`] bytes
+    /// are queued already.
     async fn stdin(&self, bytes: Bytes) {
         self.stdin_total
             .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-        let tx = self.stdin.lock().ok().and_then(|s| s.clone());
-        if let Some(tx) = tx
-            && tx.send(bytes).await.is_err()
-        {
+        let Some(tx) = self.stdin.lock().ok().and_then(|s| s.clone()) else {
+            return;
+        };
+        match self.room.acquire_many(stdin_cost(&bytes)).await {
+            Ok(permit) => permit.forget(),
+            Err(_) => return,
+        }
+        if tx.send(bytes).is_err() {
             // The agent closed its stdin; later bytes have nowhere to go.
             self.close_stdin();
         }
     }
+}
+
+/// The permits a stdin chunk takes (a chunk over the buffer takes all).
+pub fn stdin_cost(bytes: &Bytes) -> u32 {
+    bytes.len().clamp(1, STDIN_BUFFER) as u32
 }
 
 /// One turn's link to its executors.
@@ -287,8 +317,7 @@ impl Link {
             st.finished = true;
             drop(st);
         }
-        link.inputs.close_stdin();
-        link.inputs.set_llm(None);
+        link.inputs.end();
         link
     }
 
@@ -353,7 +382,7 @@ impl Link {
 
     /// Sends the turn's `Exited`, its last event.
     pub fn finish(&self, exited: pb::Exited) {
-        self.inputs.set_llm(None);
+        self.inputs.end();
         let mut st = self.lock();
         if st.finished {
             return;
@@ -448,7 +477,7 @@ impl Link {
     /// Ends the turn's streams with `status`: the turn never ran (its
     /// admission failed after a `Start` with its key attached).
     pub fn fail(&self, status: Status) {
-        self.inputs.set_llm(None);
+        self.inputs.end();
         let mut st = self.lock();
         st.failed = Some(status);
         st.finished = true;
@@ -861,6 +890,42 @@ mod tests {
             })
             .sum();
         assert_eq!(bytes, 2 + 12 * chunk.len(), "nothing lost");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stdin_the_agent_does_not_read_holds_up_no_signal_below_its_buffer() {
+        let (signals, mut signals_rx) = mpsc::channel(8);
+        let link = Link::new(None, 0, signals);
+        // No agent reads: the queue is never drained.
+        let (_queue, _room) = link.inputs.take_stdin().expect("queue");
+        let chunk = Bytes::from(vec![b'i'; 64 * 1024]);
+        let below = STDIN_BUFFER / chunk.len();
+        // Far more chunks than a chunk-counted queue held, within the bytes.
+        for _ in 0..below {
+            let sent = take(&link, Some(pb::turn_request::Kind::Stdin(chunk.clone())));
+            tokio::time::timeout(Duration::from_secs(1), sent)
+                .await
+                .expect("stdin below the buffer never waits");
+        }
+        let signal = pb::turn_request::Kind::Signal(pb::SignalRequest {
+            signal: pb::signal_request::Signal::Interrupt as i32,
+        });
+        take(&link, Some(signal)).await;
+        assert_eq!(signals_rx.try_recv().ok(), Some(Signal::SIGINT));
+        // Past the buffer, the stream waits for the agent (back-pressure)…
+        let over = take(&link, Some(pb::turn_request::Kind::Stdin(chunk.clone())));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), over)
+                .await
+                .is_err(),
+            "past the buffer, stdin waits"
+        );
+        // …and never once the turn is over.
+        link.finish(pb::Exited::default());
+        let after = take(&link, Some(pb::turn_request::Kind::Stdin(chunk)));
+        tokio::time::timeout(Duration::from_secs(1), after)
+            .await
+            .expect("no wait after the end");
     }
 
     #[tokio::test(start_paused = true)]

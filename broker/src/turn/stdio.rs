@@ -237,12 +237,19 @@ async fn pump<R: AsyncRead + AsFd + Unpin>(
 }
 
 /// Writes the executors' stdin bytes to the agent.
-async fn stdin_writer(mut w: pipe::Sender, mut rx: mpsc::Receiver<Bytes>) {
+async fn stdin_writer(
+    mut w: pipe::Sender,
+    (mut rx, room): (mpsc::UnboundedReceiver<Bytes>, Arc<tokio::sync::Semaphore>),
+) {
     while let Some(chunk) = rx.recv().await {
         if w.write_all(&chunk).await.is_err() {
             break;
         }
+        room.add_permits(super::link::stdin_cost(&chunk) as usize);
     }
+    // Whatever was queued has nowhere to go: its room is given back, so no
+    // stream waits for an agent that is gone.
+    room.close();
     // Dropping `w` closes the agent's stdin.
 }
 
@@ -280,8 +287,8 @@ impl Turn {
     /// (the executors' requests come through the link).
     pub(super) async fn relay(&self, stdio: Stdio, prepared: &super::Prepared) -> StdioRelay {
         let output = Output::start(stdio.stdout, stdio.stderr, &self.link);
-        if let (Some(w), Some(rx)) = (stdio.stdin, self.link.inputs.take_stdin()) {
-            tokio::spawn(stdin_writer(w, rx).in_current_span());
+        if let (Some(w), Some(queue)) = (stdio.stdin, self.link.inputs.take_stdin()) {
+            tokio::spawn(stdin_writer(w, queue).in_current_span());
         }
         let llm = self.llm_relay(prepared).await;
         self.link.inputs.set_llm(llm.clone());
