@@ -124,17 +124,22 @@ impl Journal {
         block.extend_from_slice(&encoded);
         block.resize(RECORDS as usize, 0);
         file.write_all_at(&block, 0)?;
-        Ok(Journal {
+        Ok(Journal::empty(file, path, RECORDS))
+    }
+
+    /// A journal over `file` with no record known yet, appending at `end`.
+    fn empty(file: File, path: &Path, end: u64) -> Journal {
+        Journal {
             file: Arc::new(file),
             path: path.to_path_buf(),
-            end: RECORDS,
+            end,
             first: None,
             last_seq: 0,
             checkpoints: VecDeque::new(),
             since_checkpoint: 0,
             cannot_punch: false,
             buf: BytesMut::new(),
-        })
+        }
     }
 
     /// Opens a journal an earlier broker (or an earlier turn) left, cutting
@@ -163,17 +168,7 @@ impl Journal {
         file.read_exact_at(&mut encoded, 20)
             .map_err(|e| bad(path, format!("cannot read the header: {e}")))?;
         let header: Header = rmp_serde::from_slice(&encoded).map_err(|e| bad(path, e))?;
-        let mut journal = Journal {
-            file: Arc::new(file),
-            path: path.to_path_buf(),
-            end: first,
-            first: None,
-            last_seq: 0,
-            checkpoints: VecDeque::new(),
-            since_checkpoint: 0,
-            cannot_punch: false,
-            buf: BytesMut::new(),
-        };
+        let mut journal = Journal::empty(file, path, first);
         let reader = journal.reader();
         let mut offset = first;
         let mut exited = false;

@@ -294,19 +294,8 @@ impl Turn {
 
     /// Reads events until stderr contains `needle`.
     pub async fn wait_stderr(&mut self, needle: &str, seen: &mut Outcome) {
-        while !seen.stderr().contains(needle) {
-            let ev = self
-                .events
-                .next()
-                .await
-                .unwrap_or_else(|| panic!("stream ended before {needle:?}; so far {seen:?}"))
-                .expect("event");
-            record(seen, ev);
-            assert!(
-                seen.exited.is_none(),
-                "turn ended before {needle:?}: {seen:?}"
-            );
-        }
+        self.wait_until(needle, seen, |o| o.stderr().contains(needle))
+            .await
     }
 
     pub async fn send(&self, kind: pb::turn_request::Kind) {
@@ -334,17 +323,29 @@ impl Turn {
 
     /// Reads events until stdout contains `needle`; returns what was read.
     pub async fn wait_stdout(&mut self, needle: &str, seen: &mut Outcome) {
-        while !seen.stdout().contains(needle) {
+        self.wait_until(needle, seen, |o| o.stdout().contains(needle))
+            .await
+    }
+
+    /// Reads events into `seen` until `done` holds; the turn must not end
+    /// first.
+    async fn wait_until(
+        &mut self,
+        what: &str,
+        seen: &mut Outcome,
+        done: impl Fn(&Outcome) -> bool,
+    ) {
+        while !done(seen) {
             let ev = self
                 .events
                 .next()
                 .await
-                .unwrap_or_else(|| panic!("stream ended before {needle:?}; so far {seen:?}"))
+                .unwrap_or_else(|| panic!("stream ended before {what:?}; so far {seen:?}"))
                 .expect("event");
             record(seen, ev);
             assert!(
                 seen.exited.is_none(),
-                "turn ended before {needle:?}: {seen:?}"
+                "turn ended before {what:?}: {seen:?}"
             );
         }
     }
