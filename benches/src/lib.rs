@@ -45,10 +45,35 @@ pub fn nsjail() -> PathBuf {
 
 /// A broker served in-process, and a connected client.
 pub struct Served {
-    pub dir: tempfile::TempDir,
     pub broker: Arc<Broker>,
     pub client: pb::broker_client::BrokerClient<tonic::transport::Channel>,
     stop: Option<oneshot::Sender<()>>,
+    /// Declared before `dir`: unmounts before the dir goes.
+    _mounts: Unmount,
+    pub dir: tempfile::TempDir,
+}
+
+/// Unmounts, when dropped, whatever is still mounted below a dir (the
+/// session disk images and ready spares of a broker the bench did not wait
+/// for), deepest first, so that the temp dir above it can go.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+            return;
+        };
+        let mut below: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .map(PathBuf::from)
+            .filter(|m| m.starts_with(&self.0) && *m != self.0)
+            .collect();
+        below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+        for m in below {
+            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
 }
 
 impl Served {
@@ -108,6 +133,7 @@ impl Served {
         let client =
             pb::broker_client::BrokerClient::new(channel).max_decoding_message_size(64 << 20);
         Served {
+            _mounts: Unmount(dir.path().to_path_buf()),
             dir,
             broker,
             client,

@@ -674,8 +674,20 @@ impl Spares {
                 {
                     match inner.make() {
                         Ok(name) => {
-                            if let Ok(mut r) = inner.ready.lock() {
-                                r.push(name);
+                            // Checked under the lock `close` takes after
+                            // setting `closed`: an image made while the pool
+                            // closed is unmounted here, not left mounted.
+                            let kept = inner.ready.lock().is_ok_and(|mut r| {
+                                let open = !inner.closed.load(Ordering::Acquire);
+                                if open {
+                                    r.push(name.clone());
+                                }
+                                open
+                            });
+                            if !kept {
+                                let path = inner.root.join(&name);
+                                detach(&path);
+                                let _ = std::fs::remove_dir_all(&path);
                             }
                             inner.made.notify_all();
                         }
@@ -695,9 +707,15 @@ impl Spares {
     /// Unmounts and removes the ready images (a clean stop); no more are
     /// made.
     pub fn close(&self) {
-        self.inner
-            .closed
-            .store(true, std::sync::atomic::Ordering::Release);
+        use std::sync::atomic::Ordering;
+        self.inner.closed.store(true, Ordering::Release);
+        // An image being made is unmounted by its maker once done (it sees
+        // `closed`): wait for that (a few hundred ms at most; bounded), so
+        // that a broker exiting right after this leaves nothing mounted.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.inner.refilling.load(Ordering::Acquire) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
         let names = match self.inner.ready.lock() {
             Ok(mut r) => std::mem::take(&mut *r),
             Err(_) => Vec::new(),
