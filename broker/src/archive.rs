@@ -306,14 +306,7 @@ impl<'a> Dirs<'a> {
     }
 
     fn chown(&self, fd: impl AsFd) -> io::Result<()> {
-        if let Some((uid, gid)) = self.owner {
-            rfs::fchown(
-                fd,
-                Some(rfs::Uid::from_raw(uid)),
-                Some(rfs::Gid::from_raw(gid)),
-            )?;
-        }
-        Ok(())
+        tree::chown_to(fd, self.owner)
     }
 
     /// Makes `comps` the open stack (creating missing directories) and

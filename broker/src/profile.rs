@@ -27,7 +27,7 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
 /// The value of the placeholder credential variables: not a secret.
 pub const PLACEHOLDER: &str = "turnstile-relay";
@@ -490,16 +490,7 @@ fn enter(dir: &OwnedFd, name: &str, owner: Option<(u32, u32)>) -> io::Result<Own
     }
 }
 
-fn own(fd: impl AsFd, owner: Option<(u32, u32)>) -> io::Result<()> {
-    if let Some((uid, gid)) = owner {
-        rfs::fchown(
-            fd,
-            Some(rfs::Uid::from_raw(uid)),
-            Some(rfs::Gid::from_raw(gid)),
-        )?;
-    }
-    Ok(())
-}
+use crate::tree::chown_to as own;
 
 #[cfg(test)]
 mod tests {

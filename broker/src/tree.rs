@@ -423,6 +423,18 @@ pub fn times(st: &Stat) -> rfs::Timestamps {
 }
 
 /// Timestamps with the given modification time (and access time).
+/// Gives `fd` to `owner` (uid, gid); nothing without one.
+pub fn chown_to(fd: impl AsFd, owner: Option<(u32, u32)>) -> io::Result<()> {
+    if let Some((uid, gid)) = owner {
+        rfs::fchown(
+            fd,
+            Some(rfs::Uid::from_raw(uid)),
+            Some(rfs::Gid::from_raw(gid)),
+        )?;
+    }
+    Ok(())
+}
+
 pub fn mtime(secs: u64) -> rfs::Timestamps {
     let t = rfs::Timespec {
         tv_sec: i64::try_from(secs).unwrap_or(i64::MAX),
