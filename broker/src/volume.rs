@@ -26,6 +26,7 @@
 //! uses them); a clean stop and a session's deletion unmount them, and the
 //! loop device goes with its last mount (autoclear).
 
+use crate::process::own;
 use crate::tree::{self, Usage};
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -163,11 +164,7 @@ impl Volumes {
     /// (2 % of the blocks, at most 4096), read from the superblock
     /// (`dumpe2fs -h`) without mounting it.
     fn free_after_mkfs(&self, image: &Path) -> Result<u64, VolumeError> {
-        let out = Command::new(&self.dumpe2fs)
-            .arg("-h")
-            .arg(image)
-            .stdin(std::process::Stdio::null())
-            .output()
+        let out = own::output(Command::new(&self.dumpe2fs).arg("-h").arg(image))
             .map_err(|e| io("cannot run", "dumpe2fs", e))?;
         let text = String::from_utf8_lossy(&out.stdout);
         let field = |name: &str| {
@@ -286,10 +283,7 @@ impl Volumes {
         set_size(dir, &image, size)?;
         let device = loop_device(&vol);
         let online = device.as_ref().is_some_and(|d| {
-            Command::new(&self.losetup)
-                .arg("-c")
-                .arg(d)
-                .output()
+            own::output(Command::new(&self.losetup).arg("-c").arg(d))
                 .is_ok_and(|o| o.status.success())
                 && run(Command::new(&self.resize2fs).arg(d), "resize2fs", d).is_ok()
         });
@@ -531,10 +525,7 @@ fn make_private(target: &Path) -> Result<(), VolumeError> {
 }
 
 fn run(cmd: &mut Command, tool: &'static str, path: &Path) -> Result<(), VolumeError> {
-    let out = cmd
-        .stdin(std::process::Stdio::null())
-        .output()
-        .map_err(|e| io("cannot run", tool, e))?;
+    let out = own::output(cmd).map_err(|e| io("cannot run", tool, e))?;
     if out.status.success() {
         return Ok(());
     }

@@ -33,6 +33,14 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         Ok(b) => b,
         Err(e) => return fail(e.to_string()),
     };
+    // Without cgroups only the process tree ties an agent's processes to
+    // its turn: orphans cut loose from it (an agent that killed its shim)
+    // come to the broker, which kills them when the turn ends.
+    if broker.cgroups.is_none()
+        && let Err(e) = turnstile_broker::process::own::adopt_orphans()
+    {
+        return fail(format!("cannot become a child subreaper: {e}"));
+    }
     let access = match server::SocketAccess::from_config(&broker.config) {
         Ok(a) => a,
         Err(e) => return fail(e.to_string()),

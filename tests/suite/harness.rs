@@ -462,6 +462,27 @@ impl Daemon {
     }
 
     pub fn spawn_at(mode: Mode, state: &Path, socket: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_full(mode, state, socket, env, &[])
+    }
+
+    /// [`Daemon::spawn`] with more `serve` arguments.
+    pub fn spawn_args(mode: Mode, dir: &Path, args: &[&str]) -> Daemon {
+        Daemon::spawn_full(
+            mode,
+            &dir.join("state"),
+            &dir.join("daemon.sock"),
+            &[],
+            args,
+        )
+    }
+
+    fn spawn_full(
+        mode: Mode,
+        state: &Path,
+        socket: &Path,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> Daemon {
         require_root();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"));
         cmd.arg("serve")
@@ -488,6 +509,7 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        cmd.args(args);
         let mut child = cmd.spawn().expect("spawn turnstile serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, log) = std::sync::mpsc::channel();

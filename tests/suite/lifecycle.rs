@@ -440,3 +440,48 @@ async fn without_cgroups_an_escaped_writer_cannot_hold_its_turn_open() {
     assert!(entries(&h.state().join("turns")).is_empty());
     h.stop().await;
 }
+
+/// The daemon without cgroups adopts orphans (a child subreaper): an agent
+/// that kills its own shim in direct mode cuts its processes loose from
+/// the turn's tree, but they come to the broker, not to the host's init,
+/// and die with the turn: a detached `yes` writing stdout and the agent's
+/// own shell are gone by the time `Exited` arrives, and the turn ends on
+/// its own (its output was not cut by the drain's deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_cgroups_the_daemon_kills_what_an_agent_cut_loose_from_its_shim() {
+    let dir = tempdir();
+    let cfg = dir.path().join("broker.toml");
+    std::fs::write(&cfg, "cgroups = \"off\"\n").expect("config");
+    let cfg = cfg.to_str().expect("utf-8 path");
+    let mut d = Daemon::spawn_args(Mode::Direct, dir.path(), &["--config", cfg]);
+    let client = d.ready().await;
+    let tok = token();
+    let _survivors = (
+        Survivors(format!("yes loose-{tok}")),
+        Survivors(format!("sleep {tok}")),
+    );
+    let script = format!(
+        "(setsid yes loose-{tok} > /dev/null &); (setsid sh -c 'echo loose-{tok}; sleep {tok}' &); kill -9 $PPID; sleep {tok}"
+    );
+    let t = Turn::start(client, start("loose", &script))
+        .await
+        .expect("turn");
+    t.close_stdin().await;
+    let seen = tokio::time::timeout(HUNG, t.collect())
+        .await
+        .expect("the turn never ended");
+    let exited = seen.exited();
+    assert!(!exited.message.contains("output was cut"), "{exited:?}");
+    assert_eq!(pids_with(&format!("yes loose-{tok}")), Vec::<i32>::new());
+    assert_eq!(pids_with(&format!("sleep {tok}")), Vec::<i32>::new());
+    // Nothing of the turn is left as a zombie of the daemon either.
+    let zombies: Vec<String> = std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|e| std::fs::read_to_string(e.path().join("stat")).ok())
+        .filter(|s| s.contains(&format!(") Z {} ", d.child.id())))
+        .collect();
+    assert_eq!(zombies, Vec::<String>::new());
+    d.signal(Signal::SIGTERM);
+    assert!(d.wait().await.success());
+}

@@ -86,7 +86,7 @@ pub fn spawn(
     }
     let fds = Descriptors::new(stdio, setup.fds.len())?;
     let procs: Vec<BorrowedFd<'_>> = setup.cgroup_procs.iter().map(|f| f.as_fd()).collect();
-    let spawned = turnstile_sys::spawn(&ChildPlan {
+    let plan = ChildPlan {
         programs: std::slice::from_ref(&program_c),
         argv: &argv,
         envp: &[],
@@ -96,7 +96,8 @@ pub fn spawn(
         fds: &fds.pairs(&setup.fds),
         rlimits: &[],
         cwd: c"/",
-    });
+    };
+    let spawned = crate::process::own::spawned(|| turnstile_sys::spawn(&plan), |pid| *pid);
     drop(procs);
     // The child has exec'd or exited by now, so the broker's copies of its
     // ends (in `fds` and `setup`) can go.
@@ -434,11 +435,15 @@ fn exec_error(program: &Path, errno: Errno) -> io::Error {
 /// Reaps `pid` if it has exited; `None` if it is still running.
 fn try_reap(pid: i32) -> io::Result<Option<ExitStatus>> {
     let reaped = turnstile_sys::wait::reap(pid, false)?;
+    if reaped.is_some() {
+        crate::process::own::reaped(pid);
+    }
     Ok(reaped.map(|r| ExitStatus::from_raw(r.status)))
 }
 
 fn reap_blocking(pid: i32) {
     let _ = turnstile_sys::wait::reap(pid, true);
+    crate::process::own::reaped(pid);
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! cgroup or, without one, its process tree.
 
 use super::tree::{self, Pinned};
-use super::{ProcessControl, children_of, kill_group};
+use super::{ProcessControl, children_of, kill_group, own};
 use crate::jail::cgroup::TurnCgroup;
 use crate::jail::spawn::Child;
 use nix::sys::signal::Signal;
@@ -81,35 +81,57 @@ impl ProcessControl for TurnProcesses<'_> {
     async fn kill_all(&self) {
         if let Some(cg) = self.cgroup {
             cg.kill_all();
+            self.kill_first();
+            return;
         }
+        self.kill_tree().await;
+        self.kill_first();
+        // What a turn whose shim was killed under it left: orphans the
+        // broker adopted (only a daemon that adopts them).
+        if own::adopting() {
+            match tokio::task::spawn_blocking(own::sweep).await {
+                Ok(0) => {}
+                Ok(n) => warn!(left = n, "adopted orphans were left after SIGKILL"),
+                Err(e) => warn!(error = %e, "the sweep of adopted orphans failed"),
+            }
+        }
+    }
+
+    fn launch_failure(&self) -> Option<io::Error> {
+        self.child.launch_failure()
+    }
+}
+
+impl TurnProcesses<'_> {
+    /// Without a cgroup, the tree below the first process is the turn:
+    /// killed before the shim, which as a subreaper holds every orphan of
+    /// the agent in it while it lives.
+    async fn kill_tree(&self) {
         // Reaped: its pid may be another process's, and what it left is no
         // longer below it (the shim kills what it adopted before it exits).
         let Some(fd) = self.child.pidfd() else {
             return;
         };
-        if self.cgroup.is_none() {
-            // Without a cgroup, the tree below the first process is the
-            // turn: killed before the shim, which as a subreaper holds every
-            // orphan of the agent in it while it lives.
-            let root = self.child.id();
-            match fd.try_clone_to_owned() {
-                Ok(fd) => {
-                    let walk = move || tree::kill_descendants(root, fd.as_fd());
-                    match tokio::task::spawn_blocking(walk).await {
-                        Ok(true) => {}
-                        Ok(false) => warn!("processes of the turn were left after SIGKILL"),
-                        Err(e) => warn!(error = %e, "the process tree walk failed"),
-                    }
+        let root = self.child.id();
+        match fd.try_clone_to_owned() {
+            Ok(fd) => {
+                let walk = move || tree::kill_descendants(root, fd.as_fd());
+                match tokio::task::spawn_blocking(walk).await {
+                    Ok(true) => {}
+                    Ok(false) => warn!("processes of the turn were left after SIGKILL"),
+                    Err(e) => warn!(error = %e, "the process tree walk failed"),
                 }
-                Err(e) => warn!(error = %e, "cannot walk the turn's process tree"),
             }
+            Err(e) => warn!(error = %e, "cannot walk the turn's process tree"),
         }
-        // Unreaped, so its pid, which is its group id, is still its own.
-        kill_group(self.child.id(), Signal::SIGKILL);
-        self.child.signal(Signal::SIGKILL);
     }
 
-    fn launch_failure(&self) -> Option<io::Error> {
-        self.child.launch_failure()
+    /// The first process and its group, while it is unreaped (its pid,
+    /// which is its group id, is then still its own).
+    fn kill_first(&self) {
+        if self.child.pidfd().is_some() {
+            kill_group(self.child.id(), Signal::SIGKILL);
+            self.child.signal(Signal::SIGKILL);
+        }
     }
 }

@@ -9,6 +9,7 @@
 //! kills processes through the process tree, by pidfd.
 
 pub mod linux;
+pub mod own;
 #[cfg(test)]
 pub mod test;
 pub mod tree;

@@ -37,7 +37,7 @@ pub struct Pinned {
 
 impl Pinned {
     /// Opens a pidfd on `pid` (no check of who it is: the caller's job).
-    fn open(pid: i32) -> Option<Pinned> {
+    pub(super) fn open(pid: i32) -> Option<Pinned> {
         let fd = pidfd_open(Pid::from_raw(pid)?, PidfdFlags::empty()).ok()?;
         Some(Pinned { pid, fd })
     }
