@@ -331,9 +331,13 @@ impl Link {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
 
+    /// Whether the agent's output may be read on: while a stream is
+    /// attached, up to [`MEM_CAP`] bytes ahead of it (it is sent them from
+    /// memory, never read back from the journal: the relay's own pace);
+    /// with none, up to the journal's cap.
     fn has_room(&self, st: &State) -> bool {
         let pending = st.appended_end - st.delivered_end;
-        let cap = if st.journal.is_some() && st.unjournaled_from.is_none() {
+        let cap = if st.current.is_none() && st.journal.is_some() && st.unjournaled_from.is_none() {
             self.cap
         } else {
             MEM_CAP
@@ -416,12 +420,15 @@ impl Link {
         st.appended_end = end;
         st.mem_bytes += size;
         st.mem.push_back(Entry { event, end, size });
-        // Old events leave memory once the journal has them (or once a
-        // stream took them, with no journal).
+        // Old events leave memory once a stream took them; those no stream
+        // took yet once the journal has them and memory holds twice
+        // [`MEM_CAP`] (an attached stream is never further behind than
+        // about one: it reads from memory).
         while st.mem_bytes > MEM_CAP {
             let Some(front) = st.mem.front() else { break };
             let seq = front.event.seq;
-            if !(st.journaled(seq) || seq <= st.delivered_seq) {
+            let taken = seq <= st.delivered_seq;
+            if !taken && !(st.journaled(seq) && st.mem_bytes > 2 * MEM_CAP) {
                 break;
             }
             st.mem_bytes -= front.size;
@@ -772,6 +779,15 @@ mod tests {
         Journal::create(&dir.path().join("t.journal"), &header).expect("journal")
     }
 
+    /// `fut` polled once: its output if it is ready at once.
+    fn poll_once<F: Future>(fut: F) -> Option<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(fut).poll(&mut cx) {
+            std::task::Poll::Ready(v) => Some(v),
+            std::task::Poll::Pending => None,
+        }
+    }
+
     async fn collect(stream: &mut EventStream, n: usize) -> Vec<pb::TurnEvent> {
         let mut got = Vec::new();
         while got.len() < n {
@@ -803,6 +819,41 @@ mod tests {
             second.next().await.is_none(),
             "the stream ends after Exited"
         );
+    }
+
+    /// While a stream is attached, the agent's output is read at most
+    /// [`MEM_CAP`] ahead of it, and what it has not taken is sent from
+    /// memory (the journal emptied under it changes nothing); detached,
+    /// the journal's cap applies.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_attached_stream_is_sent_from_memory_and_holds_the_agent_within_mem_cap() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let link = Link::new(Some(journal(&dir)), 64 << 20, mpsc::channel(1).0);
+        let attachment = link.attach(0).expect("attach");
+        let (epoch, mut stream) = (attachment.epoch, attachment.stream);
+        // No await: the delivery task has not run, nothing is taken.
+        let chunk = Bytes::from(vec![b'x'; 256 << 10]);
+        let n = (MEM_CAP / (256 << 10)) as usize + 2;
+        for _ in 0..n {
+            link.send(pb::turn_event::Kind::Stdout(chunk.clone()));
+        }
+        let more = || pb::turn_event::Kind::Stdout(Bytes::from_static(b"more"));
+        assert_eq!(poll_once(link.send_output(more(), &never())), None);
+        // The journal's records are gone: only memory can serve them.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.path().join("t.journal"))
+            .and_then(|f| f.set_len(crate::journal::RECORDS))
+            .expect("truncate");
+        let got = collect(&mut stream, n).await;
+        assert!(got.iter().enumerate().all(|(i, e)| e.seq == i as u64 + 1
+            && matches!(&e.kind, Some(pb::turn_event::Kind::Stdout(b)) if *b == chunk)));
+        drop(stream);
+        link.detach(epoch);
+        for _ in 0..n {
+            link.send(pb::turn_event::Kind::Stdout(chunk.clone()));
+        }
+        assert_eq!(poll_once(link.send_output(more(), &never())), Some(true));
     }
 
     #[tokio::test]
