@@ -363,6 +363,26 @@ fn released(image: &Path) -> bool {
     }
 }
 
+/// Detaches every mount below `dir` (not `dir` itself), deepest first:
+/// what a broker that did not stop cleanly left mounted (session images,
+/// ready spares), so that the dir can be removed. Best effort; for test
+/// and benchmark harnesses and tools cleaning up after a broker.
+pub fn unmount_all_below(dir: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut below: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|m| m.starts_with(dir) && m != dir)
+        .collect();
+    below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
+    for m in below {
+        let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
 /// Unmounts `target` now (not lazily: `EBUSY` while in use); not mounted
 /// is fine.
 fn unmount(target: &Path) -> Result<(), VolumeError> {

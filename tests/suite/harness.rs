@@ -103,19 +103,7 @@ pub struct Unmount(pub PathBuf);
 
 impl Drop for Unmount {
     fn drop(&mut self) {
-        let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-            return;
-        };
-        let mut below: Vec<PathBuf> = info
-            .lines()
-            .filter_map(|l| l.split(' ').nth(4))
-            .map(PathBuf::from)
-            .filter(|m| m.starts_with(&self.0) && *m != self.0)
-            .collect();
-        below.sort_by_key(|m| std::cmp::Reverse(m.components().count()));
-        for m in below {
-            let _ = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH);
-        }
+        turnstile_broker::volume::unmount_all_below(&self.0);
     }
 }
 
