@@ -428,7 +428,8 @@ impl Link {
             let Some(front) = st.mem.front() else { break };
             let seq = front.event.seq;
             let taken = seq <= st.delivered_seq;
-            if !taken && !(st.journaled(seq) && st.mem_bytes > 2 * MEM_CAP) {
+            let spilled = st.journaled(seq) && st.mem_bytes > 2 * MEM_CAP;
+            if !(taken || spilled) {
                 break;
             }
             st.mem_bytes -= front.size;
