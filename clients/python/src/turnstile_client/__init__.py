@@ -19,6 +19,7 @@ Refusals raise one exception class per status (:class:`SessionBusy`,
 
 from .broker import ArchiveSource, Broker
 from .errors import (
+    Aborted,
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -26,6 +27,7 @@ from .errors import (
     Internal,
     InvalidArgument,
     NotFound,
+    OutOfRange,
     PermissionDenied,
     ResourceExhausted,
     SessionBusy,
@@ -61,6 +63,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "PIPE",
+    "Aborted",
     "AlreadyExists",
     "ArchiveSource",
     "Broker",
@@ -77,6 +80,7 @@ __all__ = [
     "Mode",
     "NotFound",
     "Notice",
+    "OutOfRange",
     "PermissionDenied",
     "ResourceExhausted",
     "SessionBusy",

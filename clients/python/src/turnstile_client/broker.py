@@ -121,6 +121,7 @@ class Broker:
         turn_id: str = "",
         wait_ms: int | None = None,
         detach_grace_ms: int = 0,
+        turn_key: str = "",
     ) -> TurnStart:
         """Starts a turn of ``session_id`` (a new id creates the session) running
         ``argv`` (``argv[0]`` is looked up in the agent's PATH).
@@ -132,10 +133,19 @@ class Broker:
         and then closed; :data:`PIPE` leaves it to :meth:`Turn.write_stdin` and
         :meth:`Turn.close_stdin`. ``wait_ms``: when the session has a running
         turn, wait up to that long for it to end instead of failing at once with
-        :class:`~turnstile_client.SessionBusy`. ``detach_grace_ms``: how long the
-        turn keeps running once this client's stream is gone; this client does
-        not reattach, so the default 0 ends the turn with its stream, as leaving
-        the ``async with`` block does.
+        :class:`~turnstile_client.SessionBusy`.
+
+        Durable turns: ``detach_grace_ms`` is how long the turn keeps running once
+        this client's stream is gone (the default 0 ends the turn with its stream,
+        as leaving the ``async with`` block does). With a grace, a stream that
+        breaks is resumed from the last event read (:attr:`Turn.last_seq`), up to
+        :data:`~turnstile_client.turn.RESUMES` times; another process can take the
+        turn over with :meth:`attach_turn`. ``turn_key`` makes the start
+        idempotent (e.g. workflow id + activity id): a second ``run_turn`` with
+        the key of a running turn of the session attaches to it (no second agent),
+        one with the key of an ended turn replays its events through its
+        ``Exited``, and one with the same key but another argv, env or cwd raises
+        :class:`~turnstile_client.AlreadyExists`.
 
         Returns once the agent started (or could not: then the first event is an
         ``Exited`` with reason ``SPAWN_FAILED``); a refusal raises the exception
@@ -153,6 +163,7 @@ class Broker:
             env=dict(env or {}),
             cwd=cwd,
             detach_grace_ms=detach_grace_ms,
+            turn_key=turn_key,
         )
         if limits is not None:
             start.limits.CopyFrom(limits.to_pb())
@@ -161,7 +172,9 @@ class Broker:
 
         async def begin() -> Turn:
             call = self._rpc().Turn(metadata=self._metadata)
-            turn = Turn(self, call, session_id, piped=stdin is PIPE)
+            turn = Turn(
+                self, call, session_id, piped=stdin is PIPE, resumable=detach_grace_ms > 0
+            )
             # Start goes out from the turn's input task while this reads the
             # first event: Started, Exited, or the refusal's status.
             turn._open(start, stdin)
@@ -170,6 +183,42 @@ class Broker:
             except BaseException:
                 await turn.aclose()
                 raise
+            return turn
+
+        return TurnStart(begin)
+
+    def attach_turn(
+        self,
+        session_id: str,
+        *,
+        turn_id: str = "",
+        turn_key: str = "",
+        after_seq: int = 0,
+    ) -> TurnStart:
+        """Attaches to a turn of ``session_id`` by its id or its ``turn_key``: its
+        events after ``after_seq`` (the :attr:`Turn.last_seq` a previous stream
+        had read; 0 for all of them), then its live ones, through its ``Exited``.
+        A running turn takes stdin (the returned turn is ``stdin=PIPE``), signals
+        and cancel from this stream, and the stream it had before ends with
+        :class:`~turnstile_client.Aborted`; an ended turn (kept for the broker's
+        ``finished_turn_retention_ms``) is replayed. Leaving the returned turn
+        detaches it again: it runs on for its detach grace.
+
+        Refusals raise when the turn is first read: :class:`NotFound` for an
+        unknown turn or a key of another session, :class:`OutOfRange` for an
+        ``after_seq`` past the last event or before the first one still kept,
+        :class:`InvalidArgument` for malformed ids.
+        """
+        if bool(turn_id) == bool(turn_key):
+            raise ValueError("attach_turn takes a turn_id or a turn_key (one of them)")
+        attach = pb.Attach(
+            session_id=session_id, turn_id=turn_id, turn_key=turn_key, after_seq=after_seq
+        )
+
+        async def begin() -> Turn:
+            call = self._rpc().Turn(metadata=self._metadata)
+            turn = Turn(self, call, session_id, piped=True, resumable=True)
+            await turn._attach(attach)
             return turn
 
         return TurnStart(begin)

@@ -97,6 +97,19 @@ class Internal(TurnstileError):
     code = grpc.StatusCode.INTERNAL
 
 
+class OutOfRange(TurnstileError):
+    """An ``attach`` asked for events the turn does not have: after the last one,
+    or before the first one its journal still keeps (the message names the range)."""
+
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+class Aborted(TurnstileError):
+    """Another executor attached to the turn and took it over from this stream."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class Cancelled(TurnstileError):
     """The call was cancelled (on this side, or the broker dropped it)."""
 
@@ -138,6 +151,8 @@ _BY_CODE: dict[grpc.StatusCode, type[TurnstileError]] = {
         Unauthenticated,
         PermissionDenied,
         Internal,
+        OutOfRange,
+        Aborted,
         Cancelled,
     )
     if cls.code is not None

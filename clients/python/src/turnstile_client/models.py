@@ -62,6 +62,9 @@ class ExitReason(_OpenIntEnum):
     PROCESS_LIMIT = pb.Exited.PROCESS_LIMIT
     #: The session's disk limit (bytes or inodes of home + work) was hit.
     DISK_LIMIT = pb.Exited.DISK_LIMIT
+    #: The broker was killed while the turn ran; a new broker reports it from the
+    #: turn's journal (the events before the kill come first).
+    BROKER_RESTART = pb.Exited.BROKER_RESTART
 
 
 class Mode(_OpenIntEnum):

@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 #: Largest stdin message sent to the broker (its default message cap is 4 MiB).
 STDIN_CHUNK: Final = 256 * 1024
 
+#: How many times a turn with a detach grace resumes a broken stream by itself.
+RESUMES: Final = 5
+
+#: Pause before the first resume; it doubles each time.
+RESUME_BACKOFF_S: Final = 0.05
+
 #: Why the agent's LLM connections are refused: this client does not relay them.
 NO_LLM_RELAY: Final = (
     "no LLM upstream is configured for this turn (the Python client does not "
@@ -74,13 +80,33 @@ class Turn:
 
     Leaving the turn (:meth:`abort`, the ``async with`` block, or cancelling the
     task that reads it) drops the stream, which the broker takes as the executor
-    going away: it ends the turn and kills the agent.
+    going away: it ends the turn and kills the agent, unless the turn has a detach
+    grace (``run_turn(detach_grace_ms=...)``): then it runs on, and a stream that
+    broke under this client is resumed from :attr:`last_seq` (up to
+    :data:`RESUMES` times), input included.
     """
 
-    def __init__(self, broker: Broker, call: _TurnCall, session_id: str, piped: bool) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        call: _TurnCall,
+        session_id: str,
+        piped: bool,
+        resumable: bool = False,
+    ) -> None:
         self._broker = broker
         self._call = call
         self._piped = piped
+        self._resumable = resumable
+        self._attach_req: pb.Attach | None = None
+        #: Set (and replaced) when the stream is replaced or over: input that
+        #: could not be sent waits on it.
+        self._stream_changed = asyncio.Event()
+        #: The seq of the last event read (0 before any): what a new stream
+        #: attaches after.
+        self.last_seq = 0
+        #: How many times this turn's stream was resumed.
+        self.resumes = 0
         self._write_lock = asyncio.Lock()
         self._pending: collections.deque[Event] = collections.deque()
         self._stdin_closed = not piped
@@ -117,18 +143,21 @@ class Turn:
             try:
                 msg = await self._call.read()
             except grpc.aio.AioRpcError as e:
-                self._ended = True
+                if self._may_resume(e):
+                    await self._resume()
+                    continue
+                self._end()
                 raise from_rpc_error(e) from None
             except asyncio.CancelledError:
                 if self._aborted and not _task_cancelling():
                     # The call was dropped here (abort, a failed stdin source),
                     # not this task cancelled.
-                    self._ended = True
+                    self._end()
                     self._raise_feeder_error()
                     raise TurnGone("the turn was aborted by this client") from None
                 raise
             if msg is grpc.aio.EOF:
-                self._ended = True
+                self._end()
                 if self.exited is None:
                     raise TurnLost(self._lost_message())
                 raise StopAsyncIteration
@@ -144,7 +173,47 @@ class Turn:
             "had started, its outcome is unknown"
         )
 
+    def _end(self) -> None:
+        self._ended = True
+        self._stream_changed.set()
+
+    def _may_resume(self, err: grpc.aio.AioRpcError) -> bool:
+        """Whether a stream that failed with ``err`` is resumed: a broken
+        transport, on a turn with a detach grace that has started (or was
+        attached to), within the budget."""
+        return (
+            self._resumable
+            and not self._aborted
+            and self.exited is None
+            and (self.started is not None or self._attach_req is not None)
+            and err.code() == grpc.StatusCode.UNAVAILABLE
+            and self.resumes < RESUMES
+        )
+
+    async def _resume(self) -> None:
+        """Replaces the stream with a new one attached after :attr:`last_seq`."""
+        self.resumes += 1
+        await asyncio.sleep(RESUME_BACKOFF_S * 2 ** (self.resumes - 1))
+        attach = pb.Attach(session_id=self.session_id, after_seq=self.last_seq)
+        if self.started is not None:
+            attach.turn_id = self.started.turn_id
+        elif self._attach_req is not None:
+            attach.turn_id = self._attach_req.turn_id
+            attach.turn_key = self._attach_req.turn_key
+        async with self._write_lock:
+            old, self._call = self._call, self._broker._rpc().Turn(metadata=self._broker._metadata)
+            old.cancel()
+            changed, self._stream_changed = self._stream_changed, asyncio.Event()
+            try:
+                # False or a status: the read says how the new stream failed.
+                await _wire.send(self._call, pb.TurnRequest(attach=attach), first=True)
+            except grpc.aio.AioRpcError:
+                pass
+        changed.set()
+
     def _event(self, msg: pb.TurnEvent) -> Event | None:
+        if msg.seq:
+            self.last_seq = msg.seq
         kind = msg.WhichOneof("kind")
         if kind == "stdout":
             return Stdout(msg.stdout)
@@ -204,15 +273,22 @@ class Turn:
     # -- input ------------------------------------------------------------------
 
     async def _send(self, req: pb.TurnRequest, *, first: bool = False) -> None:
-        async with self._write_lock:
-            if self._aborted or self.exited is not None:
+        while True:
+            async with self._write_lock:
+                if self._aborted or self.exited is not None or self._ended:
+                    raise TurnGone("the turn is over")
+                changed = self._stream_changed
+                try:
+                    sent = await _wire.send(self._call, req, first=first)
+                except grpc.aio.AioRpcError:
+                    sent = False  # The reader raises the status.
+                if sent:
+                    return
+            if first or not self._resumable:
                 raise TurnGone("the turn is over")
-            try:
-                sent = await _wire.send(self._call, req, first=first)
-            except grpc.aio.AioRpcError:
-                sent = False  # The reader raises the status.
-            if not sent:
-                raise TurnGone("the turn is over")
+            # The stream broke: the reader resumes it (or ends the turn), and
+            # this input goes to the new stream.
+            await changed.wait()
 
     async def _send_quietly(self, req: pb.TurnRequest) -> None:
         try:
@@ -344,10 +420,19 @@ class Turn:
             self._feeder_error = e
             self.abort()
 
+    async def _attach(self, attach: pb.Attach) -> None:
+        """Sends ``Attach`` as the stream's first message (before any input); a
+        refusal is raised by the first read."""
+        self._attach_req = attach
+        try:
+            await self._send(pb.TurnRequest(attach=attach), first=True)
+        except TurnGone:
+            pass
+
     def _raise_feeder_error(self) -> None:
         err, self._feeder_error = self._feeder_error, None
         if err is not None:
-            self._ended = True
+            self._end()
             raise err
 
 
