@@ -35,13 +35,14 @@ def lines(first: int, last: int) -> bytes:
     return b"".join(b"%d\n" % i for i in range(first, last + 1))
 
 
-async def read_until(turn: Turn, needle: bytes) -> bytes:
-    """Stdout read up to and including the chunk that holds ``needle``."""
+async def read_until(turn: Turn, needle: bytes, resumes: int = 0) -> bytes:
+    """Stdout read up to and including the chunk that holds ``needle`` (and, with
+    ``resumes``, the first chunk once the turn has resumed that many times)."""
     out = b""
     async for event in turn:
         if isinstance(event, Stdout):
             out += event.data
-            if needle in out:
+            if needle in out and turn.resumes >= resumes:
                 return out
         if isinstance(event, Exited):
             break
@@ -203,8 +204,10 @@ async def test_a_broken_connection_is_resumed_and_every_line_arrives_once(
             detach_grace_ms=GRACE_MS,
         )
         out = b""
-        for needle in cuts_at:
-            out += await read_until(turn, needle)
+        # Each cut comes after a chunk read on the stream before it broke: what
+        # the client had buffered from a broken stream is read first.
+        for i, needle in enumerate(cuts_at):
+            out += await read_until(turn, needle, resumes=i)
             proxy.cut()
         out += await read_until(turn, b"\n%d\n" % total)
         # Input after the cuts goes to the resumed stream.
