@@ -276,6 +276,37 @@ pub enum FleetError {
     Local(#[from] BrokerError),
 }
 
+impl From<FleetError> for BrokerError {
+    /// A fleet refusal as the broker reports it: busy stays busy (naming
+    /// the holder), a local failure stays local, the rest is the fleet's.
+    fn from(e: FleetError) -> BrokerError {
+        match e {
+            FleetError::Busy {
+                session,
+                worker,
+                turn,
+            } => BrokerError::FleetBusy {
+                session,
+                worker,
+                turn,
+            },
+            FleetError::BusyAfterWait {
+                session,
+                worker,
+                turn,
+                waited_ms,
+            } => BrokerError::FleetBusyAfterWait {
+                session,
+                worker,
+                turn,
+                waited_ms,
+            },
+            FleetError::Local(e) => e,
+            e => BrokerError::Fleet(e.to_string()),
+        }
+    }
+}
+
 /// The fleet operations a turn needs. Implementations must be cheap to
 /// share (`Arc<dyn Fleet>`); every method is cancel-safe in the sense that
 /// dropping its future never leaves a half-committed generation.

@@ -4,6 +4,8 @@
 
 use crate::Broker;
 use crate::error::BrokerError;
+use crate::session::LeasePolicy;
+use crate::turn::fleet::FleetTurn;
 use crate::turn::link::{self, Link};
 use crate::turn::registry::{self, Begin, Found};
 use crate::turn::{self, Turn, TurnPaths, TurnSpec};
@@ -60,14 +62,44 @@ impl Service {
         };
         // From here a refusal forgets the turn it registered.
         let admission = async {
+            let waited = Instant::now();
             let lease = broker
                 .sessions
                 .lease(&spec.session_id, &spec.turn_id, spec.lease)
                 .await?;
-            let admitted = broker.admit(&spec.turn_id, &spec.session_id, (signals, signals_rx))?;
-            Ok::<_, BrokerError>((lease, admitted))
+            // Fleet mode: the fleet-wide lease, after the host's (so this
+            // worker asks the database once per session at a time), with
+            // what is left of a WAIT.
+            let fleet_lease = match &broker.fleet {
+                Some(fleet) => {
+                    let policy = match spec.lease {
+                        LeasePolicy::Reject => LeasePolicy::Reject,
+                        LeasePolicy::Wait(max) => {
+                            LeasePolicy::Wait(max.saturating_sub(waited.elapsed()))
+                        }
+                    };
+                    let taken = fleet
+                        .acquire(&spec.session_id, &spec.turn_id, policy)
+                        .await?;
+                    Some((fleet.clone(), taken))
+                }
+                None => None,
+            };
+            let admitted =
+                match broker.admit(&spec.turn_id, &spec.session_id, (signals, signals_rx)) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        if let Some((fleet, taken)) = fleet_lease {
+                            let _ = fleet.release(&taken).await;
+                        }
+                        return Err(e);
+                    }
+                };
+            let fleet = fleet_lease
+                .map(|(fleet, taken)| FleetTurn::keep(fleet, taken, &admitted.turn));
+            Ok::<_, BrokerError>((lease, fleet, admitted))
         };
-        let (lease, admitted) = match admission.await {
+        let (lease, fleet, admitted) = match admission.await {
             Ok(admitted) => admitted,
             Err(e) => {
                 let status = Status::from(e);
@@ -84,6 +116,7 @@ impl Service {
             paths,
             payload,
             lease,
+            fleet,
             admitted,
             link,
             received,
@@ -487,5 +520,7 @@ fn info(broker: &Broker, id: &str) -> Option<pb::SessionInfo> {
         last_exit_reason: meta.last_exit_reason.unwrap_or_default(),
         disk_usage_bytes: broker.sessions.usage(id).map(|u| u.bytes).unwrap_or(0),
         running_turn_id: running,
+        local_copy: true,
+        ..Default::default()
     })
 }

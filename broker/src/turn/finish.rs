@@ -183,6 +183,8 @@ fn stopped(stop: StopReason, outcome: &Outcome, spec: &TurnSpec) -> (Reason, Str
             format!("executor did not reattach within {ms} ms"),
         ),
         StopReason::DiskLimit => (Reason::DiskLimit, disk_message(outcome.disk_exceeded, spec)),
+        // The cause is the fleet's; the turn adds it (see `turn::fleet`).
+        StopReason::LeaseLost => (Reason::LeaseLost, "fleet lease lost".to_string()),
     }
 }
 

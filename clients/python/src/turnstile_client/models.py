@@ -62,6 +62,12 @@ class ExitReason(_OpenIntEnum):
     PROCESS_LIMIT = pb.Exited.PROCESS_LIMIT
     #: The session's disk limit (bytes or inodes of home + work) was hit.
     DISK_LIMIT = pb.Exited.DISK_LIMIT
+    #: Fleet mode: the session's lease could not be renewed in time; the
+    #: turn was ended and nothing was committed.
+    LEASE_LOST = pb.Exited.LEASE_LOST
+    #: Fleet mode: the turn's changes could not be committed; the message
+    #: names the session id its files are kept as.
+    COMMIT_FAILED = pb.Exited.COMMIT_FAILED
 
 
 class Mode(_OpenIntEnum):
