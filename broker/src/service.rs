@@ -95,8 +95,8 @@ impl Service {
                         return Err(e);
                     }
                 };
-            let fleet = fleet_lease
-                .map(|(fleet, taken)| FleetTurn::keep(fleet, taken, &admitted.turn));
+            let fleet =
+                fleet_lease.map(|(fleet, taken)| FleetTurn::keep(fleet, taken, &admitted.turn));
             Ok::<_, BrokerError>((lease, fleet, admitted))
         };
         let (lease, fleet, admitted) = match admission.await {

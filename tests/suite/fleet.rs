@@ -189,8 +189,7 @@ async fn the_same_session_started_on_two_workers_200_times_never_runs_twice() {
     let b = shared.broker(Mode::Direct, "B", 30_000).await;
     // Outside both brokers' state dirs: what both agents see.
     let marks = tempfile::tempdir().expect("marker dir");
-    std::fs::set_permissions(marks.path(), std::fs::Permissions::from_mode(0o777))
-        .expect("chmod");
+    std::fs::set_permissions(marks.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
     // The agent takes the marker exclusively (noclobber) and gives it back
     // at its end: a second agent at once fails to take it.
     let mut s = start(
@@ -253,16 +252,21 @@ async fn a_killed_worker_frees_the_session_after_the_ttl_and_cannot_commit_its_s
     let ttl = 1500;
     let mut daemon = shared.daemon(dir.path(), "A", ttl);
     let client = daemon.ready().await;
-    let t = Turn::start(client, start("s", "echo 1 > f")).await.expect("t1");
+    let t = Turn::start(client, start("s", "echo 1 > f"))
+        .await
+        .expect("t1");
     t.close_stdin().await;
     t.collect().await.assert_exited_ok();
     assert_eq!(shared.generation("s").await, 1);
 
     // Mid-turn (its change made, not committed), A is SIGKILLed.
     let client = super::harness::client(&daemon.socket).await;
-    let mut t = Turn::start(client, start("s", "echo dirty > f; echo ready; exec sleep 100"))
-        .await
-        .expect("t2");
+    let mut t = Turn::start(
+        client,
+        start("s", "echo dirty > f; echo ready; exec sleep 100"),
+    )
+    .await
+    .expect("t2");
     t.wait_stdout("ready", &mut Outcome::default()).await;
     daemon.signal(nix::sys::signal::Signal::SIGKILL);
     let status = daemon.wait().await;
@@ -282,7 +286,9 @@ async fn a_killed_worker_frees_the_session_after_the_ttl_and_cannot_commit_its_s
     // lost either: kept under the id the notice names.
     let mut daemon = shared.daemon(dir.path(), "A", ttl);
     let client = daemon.ready().await;
-    let t = Turn::start(client, start("s", "cat f g")).await.expect("t3");
+    let t = Turn::start(client, start("s", "cat f g"))
+        .await
+        .expect("t3");
     t.close_stdin().await;
     let o = t.collect().await;
     o.assert_exited_ok();
@@ -294,7 +300,9 @@ async fn a_killed_worker_frees_the_session_after_the_ttl_and_cannot_commit_its_s
     assert_eq!(shared.generation("s").await, 2, "A committed nothing");
     // The kept copy is a session of its own (its first turn adopts it).
     let client = super::harness::client(&daemon.socket).await;
-    let t = Turn::start(client, start(&kept, "cat f")).await.expect("kept");
+    let t = Turn::start(client, start(&kept, "cat f"))
+        .await
+        .expect("kept");
     t.close_stdin().await;
     let o = t.collect().await;
     o.assert_exited_ok();
@@ -346,7 +354,14 @@ struct ReadOnly(PathBuf);
 impl ReadOnly {
     fn mount(path: &Path) -> ReadOnly {
         use nix::mount::{MsFlags, mount};
-        mount(Some(path), path, None::<&str>, MsFlags::MS_BIND, None::<&str>).expect("bind");
+        mount(
+            Some(path),
+            path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .expect("bind");
         let guard = ReadOnly(path.to_path_buf());
         mount(
             None::<&str>,
