@@ -502,3 +502,86 @@ async fn a_broker_without_a_fleet_runs_as_one_host() {
     assert!(!h.state().join("sessions/s/fleet.json").exists());
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_are_listed_forked_and_removed_fleet_wide() {
+    let shared = Shared::new();
+    let a = shared.broker(Mode::Direct, "A", 30_000).await;
+    let b = shared.broker(Mode::Direct, "B", 30_000).await;
+    a.run(start("s", "echo 1 > f")).await.assert_exited_ok();
+    let mut cb = b.client().await;
+    let r = |id: &str| pb::SessionRef {
+        session_id: id.to_string(),
+    };
+
+    // B has no copy of s, and lists it from the catalog.
+    let list = cb
+        .list_sessions(pb::ListSessionsRequest {})
+        .await
+        .expect("ls")
+        .into_inner()
+        .sessions;
+    let s = list.iter().find(|i| i.session_id == "s").expect("s listed");
+    assert_eq!(
+        (s.generation, s.last_worker.as_str(), s.local_copy),
+        (1, "A", false)
+    );
+    assert!(s.archive_bytes > 0);
+    assert!(s.last_turn_id.starts_with("t-"), "{s:?}");
+
+    // While A runs a turn, B shows A holding it and cannot remove it.
+    let mut t = a
+        .turn(start("s", "echo ready; exec sleep 100"))
+        .await
+        .expect("turn");
+    t.wait_stdout("ready", &mut Outcome::default()).await;
+    let s = cb.get_session(r("s")).await.expect("show").into_inner();
+    assert_eq!(s.holder_worker, "A");
+    assert!(!s.running_turn_id.is_empty());
+    let refused = cb.delete_session(r("s")).await.expect_err("busy");
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(refused.message().contains("on worker A"), "{refused:?}");
+    let mut ca = a.client().await;
+    ca.cancel_turn(r("s")).await.expect("cancel");
+    t.close_stdin().await;
+    assert_eq!(t.collect().await.reason(), Reason::Cancelled);
+
+    // A fork made on B is the committed generation, runnable on A.
+    let f = cb
+        .fork_session(pb::ForkSessionRequest {
+            source_session_id: "s".into(),
+            new_session_id: "s2".into(),
+        })
+        .await
+        .expect("fork")
+        .into_inner();
+    assert_eq!((f.session_id.as_str(), f.generation), ("s2", 1));
+    let again = cb
+        .fork_session(pb::ForkSessionRequest {
+            source_session_id: "s".into(),
+            new_session_id: "s2".into(),
+        })
+        .await
+        .expect_err("exists");
+    assert_eq!(again.code(), tonic::Code::AlreadyExists, "{again:?}");
+    let o = a.run(start("s2", "cat f")).await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "1\n");
+    assert_eq!(started(&o).generation, 1);
+
+    // Removed on B: out of the catalog and the store, on every worker.
+    cb.delete_session(r("s")).await.expect("rm");
+    assert_eq!(
+        cb.get_session(r("s")).await.expect_err("gone").code(),
+        tonic::Code::NotFound
+    );
+    assert_eq!(shared.generation("s").await, 0);
+    let left: Vec<_> = shared
+        .objects()
+        .into_iter()
+        .filter(|p| p.to_string_lossy().contains("/sessions/s/"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    a.stop().await;
+    b.stop().await;
+}
