@@ -501,6 +501,7 @@ mod tests {
                 "broker shutting down",
             ),
             (StopReason::DiskLimit, Reason::DiskLimit, "disk limit of "),
+            (StopReason::LeaseLost, Reason::LeaseLost, "fleet lease lost"),
         ];
         for (stop, want, text) in cases {
             let outcome = Outcome {

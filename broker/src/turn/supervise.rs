@@ -229,6 +229,10 @@ mod tests {
         let (jail, fake) = stopped_for(StopReason::DiskLimit, &[]).await;
         assert_eq!(fake.calls(), [Call::KillAll, Call::KillAll]);
         assert_eq!(jail.outcome.stopped, Some(StopReason::DiskLimit));
+        // So does a lost fleet lease: another worker may soon run the session.
+        let (jail, fake) = stopped_for(StopReason::LeaseLost, &[]).await;
+        assert_eq!(fake.calls(), [Call::KillAll, Call::KillAll]);
+        assert_eq!(jail.outcome.stopped, Some(StopReason::LeaseLost));
     }
 
     #[tokio::test(start_paused = true)]
