@@ -86,6 +86,24 @@ pub enum BrokerError {
     Busy { session: String, turn: String },
     #[error("session {session} is still busy after waiting {waited_ms} ms")]
     BusyAfterWait { session: String, waited_ms: u64 },
+    #[error("session {session} is busy: turn {turn} is running on worker {worker}")]
+    FleetBusy {
+        session: String,
+        worker: String,
+        turn: String,
+    },
+    #[error(
+        "session {session} is still busy after waiting {waited_ms} ms: turn {turn} is running on worker {worker}"
+    )]
+    FleetBusyAfterWait {
+        session: String,
+        worker: String,
+        turn: String,
+        waited_ms: u64,
+    },
+    /// The fleet's database or archive store failed (see [`crate::fleet`]).
+    #[error("fleet: {0}")]
+    Fleet(String),
     #[error("session {0} not found")]
     SessionNotFound(String),
     #[error("broker is shutting down")]
@@ -141,8 +159,11 @@ impl BrokerError {
             | BrokerError::Disk(crate::disk::DiskError::BelowReserve { .. }) => {
                 Code::ResourceExhausted
             }
-            BrokerError::Busy { .. } => Code::FailedPrecondition,
-            BrokerError::BusyAfterWait { .. } => Code::DeadlineExceeded,
+            BrokerError::Busy { .. } | BrokerError::FleetBusy { .. } => Code::FailedPrecondition,
+            BrokerError::BusyAfterWait { .. } | BrokerError::FleetBusyAfterWait { .. } => {
+                Code::DeadlineExceeded
+            }
+            BrokerError::Fleet(_) => Code::Unavailable,
             BrokerError::SessionNotFound(_) => Code::NotFound,
             BrokerError::ShuttingDown => Code::Unavailable,
             BrokerError::SessionExists(_)
@@ -202,6 +223,20 @@ mod tests {
         assert_eq!(
             Status::from(BrokerError::SessionNotFound("x".into())).code(),
             Code::NotFound
+        );
+        let busy = Status::from(BrokerError::FleetBusy {
+            session: "s".into(),
+            worker: "B".into(),
+            turn: "t".into(),
+        });
+        assert_eq!(busy.code(), Code::FailedPrecondition);
+        assert_eq!(
+            busy.message(),
+            "session s is busy: turn t is running on worker B"
+        );
+        assert_eq!(
+            Status::from(BrokerError::Fleet("database down".into())).code(),
+            Code::Unavailable
         );
     }
 }

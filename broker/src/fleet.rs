@@ -258,6 +258,8 @@ pub enum FleetError {
         token: i64,
         why: String,
     },
+    #[error("session {0} already exists in the fleet's catalog")]
+    Exists(String),
     #[error("fleet database: {0}")]
     Database(String),
     #[error("archive store: {0}")]
@@ -274,6 +276,38 @@ pub enum FleetError {
     SchemaTooNew { found: i32, known: i32 },
     #[error(transparent)]
     Local(#[from] BrokerError),
+}
+
+impl From<FleetError> for BrokerError {
+    /// A fleet refusal as the broker reports it: busy stays busy (naming
+    /// the holder), a local failure stays local, the rest is the fleet's.
+    fn from(e: FleetError) -> BrokerError {
+        match e {
+            FleetError::Busy {
+                session,
+                worker,
+                turn,
+            } => BrokerError::FleetBusy {
+                session,
+                worker,
+                turn,
+            },
+            FleetError::BusyAfterWait {
+                session,
+                worker,
+                turn,
+                waited_ms,
+            } => BrokerError::FleetBusyAfterWait {
+                session,
+                worker,
+                turn,
+                waited_ms,
+            },
+            FleetError::Local(e) => e,
+            FleetError::Exists(id) => BrokerError::SessionExists(id),
+            e => BrokerError::Fleet(e.to_string()),
+        }
+    }
 }
 
 /// The fleet operations a turn needs. Implementations must be cheap to
@@ -323,6 +357,23 @@ pub trait Fleet: Send + Sync + std::fmt::Debug {
 
     /// Every session of the catalog, sorted by id.
     fn catalog(&self) -> BoxFuture<'_, Result<Vec<CatalogEntry>, FleetError>>;
+
+    /// Removes session `session_id` from the catalog and deletes its
+    /// archives; refused (`Busy`) while a turn holds its lease anywhere.
+    /// `false`: it was not in the catalog.
+    fn forget<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Result<bool, FleetError>> {
+        let _ = session_id;
+        Box::pin(async { Ok(false) })
+    }
+
+    /// Makes session `dst` a copy of `src`'s committed generation (its
+    /// archive copied in the store; its first turn anywhere hydrates it).
+    /// `false`: `src` has no committed generation. `dst` must not be in
+    /// the catalog.
+    fn fork<'a>(&'a self, src: &'a str, dst: &'a str) -> BoxFuture<'a, Result<bool, FleetError>> {
+        let _ = (src, dst);
+        Box::pin(async { Ok(false) })
+    }
 }
 
 /// One host, no fleet: what the broker does without `[fleet]`. The lease

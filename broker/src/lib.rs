@@ -78,6 +78,9 @@ pub enum StopReason {
     NotReattached(u64),
     /// The session went over its disk limit (see [`disk`]).
     DiskLimit,
+    /// Fleet mode: the session's fleet lease could not be renewed in time
+    /// (see [`fleet::keep_alive`]).
+    LeaseLost,
 }
 
 /// A running turn as the broker tracks it.
@@ -162,6 +165,9 @@ pub struct Broker {
     pub warm: Option<warm::WarmPool>,
     /// Host uid/gid of the agent in nsjail mode.
     pub outside_ids: (u32, u32),
+    /// Fleet mode (see [`fleet`]): the session leases, generations and
+    /// archives every worker shares. `None`: one host, as without `[fleet]`.
+    pub fleet: Option<Arc<dyn fleet::Fleet>>,
     admission: Mutex<Admission>,
     pub tracker: TaskTracker,
     _state_lock: nix::fcntl::Flock<File>,
@@ -177,6 +183,17 @@ impl Broker {
     /// Checks the config and the system, takes the state dir, cleans what a
     /// previous broker left there, and returns a broker ready to serve.
     pub fn new(config: Config) -> Result<Arc<Broker>, StartupError> {
+        Broker::with_fleet(config, None)
+    }
+
+    /// [`Broker::new`] in fleet mode: every turn takes `fleet`'s lease,
+    /// hydrates the session before it runs and commits it after. The
+    /// caller opens the fleet (its database and store) from the config's
+    /// `[fleet]` table; this library links neither.
+    pub fn with_fleet(
+        config: Config,
+        fleet: Option<Arc<dyn fleet::Fleet>>,
+    ) -> Result<Arc<Broker>, StartupError> {
         config.validate()?;
         let state = config.state_dir.clone();
         let io_err = |source| StartupError::StateDir {
@@ -383,6 +400,7 @@ impl Broker {
             disk,
             warm,
             outside_ids,
+            fleet,
             admission: Mutex::default(),
             tracker: TaskTracker::new(),
             _state_lock: state_lock,

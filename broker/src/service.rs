@@ -4,6 +4,9 @@
 
 use crate::Broker;
 use crate::error::BrokerError;
+use crate::fleet::CatalogEntry;
+use crate::session::LeasePolicy;
+use crate::turn::fleet::FleetTurn;
 use crate::turn::link::{self, Link};
 use crate::turn::registry::{self, Begin, Found};
 use crate::turn::{self, Turn, TurnPaths, TurnSpec};
@@ -60,14 +63,44 @@ impl Service {
         };
         // From here a refusal forgets the turn it registered.
         let admission = async {
+            let waited = Instant::now();
             let lease = broker
                 .sessions
                 .lease(&spec.session_id, &spec.turn_id, spec.lease)
                 .await?;
-            let admitted = broker.admit(&spec.turn_id, &spec.session_id, (signals, signals_rx))?;
-            Ok::<_, BrokerError>((lease, admitted))
+            // Fleet mode: the fleet-wide lease, after the host's (so this
+            // worker asks the database once per session at a time), with
+            // what is left of a WAIT.
+            let fleet_lease = match &broker.fleet {
+                Some(fleet) => {
+                    let policy = match spec.lease {
+                        LeasePolicy::Reject => LeasePolicy::Reject,
+                        LeasePolicy::Wait(max) => {
+                            LeasePolicy::Wait(max.saturating_sub(waited.elapsed()))
+                        }
+                    };
+                    let taken = fleet
+                        .acquire(&spec.session_id, &spec.turn_id, policy)
+                        .await?;
+                    Some((fleet.clone(), taken))
+                }
+                None => None,
+            };
+            let admitted =
+                match broker.admit(&spec.turn_id, &spec.session_id, (signals, signals_rx)) {
+                    Ok(a) => a,
+                    Err(e) => {
+                        if let Some((fleet, taken)) = fleet_lease {
+                            let _ = fleet.release(&taken).await;
+                        }
+                        return Err(e);
+                    }
+                };
+            let fleet =
+                fleet_lease.map(|(fleet, taken)| FleetTurn::keep(fleet, taken, &admitted.turn));
+            Ok::<_, BrokerError>((lease, fleet, admitted))
         };
-        let (lease, admitted) = match admission.await {
+        let (lease, fleet, admitted) = match admission.await {
             Ok(admitted) => admitted,
             Err(e) => {
                 let status = Status::from(e);
@@ -84,6 +117,7 @@ impl Service {
             paths,
             payload,
             lease,
+            fleet,
             admitted,
             link,
             received,
@@ -204,8 +238,12 @@ impl BrokerApi for Service {
         &self,
         _request: Request<pb::ListSessionsRequest>,
     ) -> Result<Response<pb::ListSessionsReply>, Status> {
-        let ids = self.broker.sessions.ids();
-        let sessions = self.infos(ids).await?;
+        let mut ids = self.broker.sessions.ids();
+        let catalog = self.catalog().await?;
+        ids.extend(catalog.iter().map(|e| e.session_id.clone()));
+        ids.sort();
+        ids.dedup();
+        let sessions = self.infos_with(ids, catalog).await?;
         Ok(Response::new(pb::ListSessionsReply { sessions }))
     }
 
@@ -220,10 +258,27 @@ impl BrokerApi for Service {
             .disk
             .check_reserve()
             .map_err(BrokerError::from)?;
-        self.broker
-            .sessions
-            .fork(&r.source_session_id, &r.new_session_id)
-            .await?;
+        // Fleet mode: a fork of the source's committed generation, in the
+        // catalog and the store (its first turn anywhere hydrates it); a
+        // session only this worker has is forked here, as on one host.
+        let in_fleet = match &self.broker.fleet {
+            Some(fleet) => {
+                if self.broker.sessions.meta(&r.new_session_id).is_some() {
+                    return Err(BrokerError::SessionExists(r.new_session_id).into());
+                }
+                fleet
+                    .fork(&r.source_session_id, &r.new_session_id)
+                    .await
+                    .map_err(BrokerError::from)?
+            }
+            None => false,
+        };
+        if !in_fleet {
+            self.broker
+                .sessions
+                .fork(&r.source_session_id, &r.new_session_id)
+                .await?;
+        }
         info!(session.id = %r.new_session_id, from = %r.source_session_id, "session forked");
         self.info(r.new_session_id).await
     }
@@ -360,7 +415,17 @@ impl BrokerApi for Service {
     ) -> Result<Response<pb::DeleteSessionReply>, Status> {
         let id = request.into_inner().session_id;
         crate::validate::session_id(&id).map_err(BrokerError::from)?;
-        self.broker.sessions.delete(&id).await?;
+        // Fleet mode: out of the catalog (refused while a turn anywhere
+        // holds it) with its archives, then this worker's copy if any.
+        let in_fleet = match &self.broker.fleet {
+            Some(fleet) => fleet.forget(&id).await.map_err(BrokerError::from)?,
+            None => false,
+        };
+        match self.broker.sessions.delete(&id).await {
+            Ok(()) => {}
+            Err(BrokerError::SessionNotFound(_)) if in_fleet => {}
+            Err(e) => return Err(e.into()),
+        }
         self.broker.disk.forget(&id);
         self.broker.turns.forget_session(&id);
         info!(session.id = %id, "session deleted");
@@ -421,7 +486,35 @@ impl Service {
         })?;
         let cutoff = crate::session::now_unix_ms().saturating_sub(ttl);
         let mut out = Vec::new();
+        // Fleet mode: sessions no turn anywhere touched since the cutoff
+        // leave the catalog and the store (and this worker's disk).
+        if let Some(fleet) = &broker.fleet {
+            let catalog = fleet.catalog().await.map_err(BrokerError::from)?;
+            for e in catalog {
+                if e.holder.is_some() || e.updated_unix_ms >= cutoff {
+                    continue;
+                }
+                if dry_run {
+                    out.push(e.session_id);
+                    continue;
+                }
+                match fleet.forget(&e.session_id).await {
+                    Ok(_) => {
+                        let _ = broker.sessions.delete(&e.session_id).await;
+                        broker.disk.forget(&e.session_id);
+                        info!(session.id = %e.session_id, ttl_ms = ttl, "garbage-collected an idle session of the fleet");
+                        out.push(e.session_id);
+                    }
+                    Err(err) => {
+                        info!(session.id = %e.session_id, error = %err, "session kept by the garbage collector")
+                    }
+                }
+            }
+        }
         for id in broker.sessions.idle_since(cutoff) {
+            if out.contains(&id) {
+                continue;
+            }
             if broker.active_turn_of(&id).is_some() {
                 continue;
             }
@@ -451,23 +544,75 @@ impl Service {
             .ok_or_else(|| Status::not_found(format!("session {id} has no running turn")))
     }
 
+    /// The fleet's catalog (empty without a fleet).
+    async fn catalog(&self) -> Result<Vec<CatalogEntry>, Status> {
+        match &self.broker.fleet {
+            Some(fleet) => Ok(fleet.catalog().await.map_err(BrokerError::from)?),
+            None => Ok(Vec::new()),
+        }
+    }
+
     /// Sessions' info, read on the blocking pool: metadata files and a disk
     /// usage walk of each tree, which must never stall the runtime (and
-    /// with it every running turn's relay).
-    async fn infos(&self, ids: Vec<String>) -> Result<Vec<pb::SessionInfo>, Status> {
+    /// with it every running turn's relay); with what `catalog` says of
+    /// them.
+    async fn infos_with(
+        &self,
+        ids: Vec<String>,
+        catalog: Vec<CatalogEntry>,
+    ) -> Result<Vec<pb::SessionInfo>, Status> {
         let broker = self.broker.clone();
-        tokio::task::spawn_blocking(move || ids.iter().filter_map(|id| info(&broker, id)).collect())
-            .await
-            .map_err(|e| Status::internal(format!("session info task: {e}")))
+        tokio::task::spawn_blocking(move || {
+            ids.iter()
+                .filter_map(|id| {
+                    let entry = catalog.iter().find(|e| &e.session_id == id);
+                    with_catalog(info(&broker, id), entry)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| Status::internal(format!("session info task: {e}")))
     }
 
     async fn info(&self, id: String) -> Result<Response<pb::SessionInfo>, Status> {
-        self.infos(vec![id.clone()])
+        let catalog = self.catalog().await?;
+        self.infos_with(vec![id.clone()], catalog)
             .await?
             .pop()
             .map(Response::new)
             .ok_or_else(|| BrokerError::SessionNotFound(id).into())
     }
+}
+
+/// A session's info with what the fleet's catalog says of it: who holds
+/// it, its generation and archive size, the last turn anywhere. A session
+/// only the catalog has (no local copy here) is shown from the catalog.
+fn with_catalog(
+    local: Option<pb::SessionInfo>,
+    entry: Option<&CatalogEntry>,
+) -> Option<pb::SessionInfo> {
+    let Some(e) = entry else {
+        return local;
+    };
+    let mut i = local.unwrap_or_else(|| pb::SessionInfo {
+        session_id: e.session_id.clone(),
+        last_turn_end_unix_ms: e.updated_unix_ms,
+        ..Default::default()
+    });
+    if let Some(h) = &e.holder {
+        i.holder_worker = h.worker.clone();
+        if i.running_turn_id.is_empty() {
+            i.running_turn_id = h.turn.clone();
+        }
+    }
+    i.generation = e.generation;
+    i.archive_bytes = e.bytes;
+    i.last_worker = e.last_worker.clone().unwrap_or_default();
+    if let Some(t) = &e.last_turn_id {
+        // The catalog knows the last turn on any worker.
+        i.last_turn_id = t.clone();
+    }
+    Some(i)
 }
 
 /// One session's info (blocking: reads its metadata and walks its tree).
@@ -487,5 +632,7 @@ fn info(broker: &Broker, id: &str) -> Option<pb::SessionInfo> {
         last_exit_reason: meta.last_exit_reason.unwrap_or_default(),
         disk_usage_bytes: broker.sessions.usage(id).map(|u| u.bytes).unwrap_or(0),
         running_turn_id: running,
+        local_copy: true,
+        ..Default::default()
     })
 }

@@ -46,6 +46,11 @@ fn info_json(i: &pb::SessionInfo) -> serde_json::Value {
         "last_exit_reason": i.last_exit_reason,
         "disk_usage_bytes": i.disk_usage_bytes,
         "running_turn_id": i.running_turn_id,
+        "holder_worker": i.holder_worker,
+        "generation": i.generation,
+        "archive_bytes": i.archive_bytes,
+        "last_worker": i.last_worker,
+        "local_copy": i.local_copy,
     })
 }
 
@@ -77,10 +82,21 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
                 .await
                 .map_err(status)?
                 .into_inner();
+            // In fleet mode (some session has a generation or a worker in
+            // the catalog): the generation, its archive's size, and the
+            // worker that holds it (or ran it last).
+            let fleet = list
+                .sessions
+                .iter()
+                .any(|s| s.generation != 0 || !s.last_worker.is_empty());
             let mut out = format!(
-                "{:<32} {:>6} {:<16} {:>12} RUNNING\n",
+                "{:<32} {:>6} {:<16} {:>12} ",
                 "SESSION", "TURNS", "LAST EXIT", "DISK"
             );
+            if fleet {
+                out.push_str(&format!("{:>5} {:>12} {:<16} ", "GEN", "ARCHIVE", "WORKER"));
+            }
+            out.push_str("RUNNING\n");
             let dash = |s: &str| {
                 if s.is_empty() {
                     "-".to_string()
@@ -90,13 +106,24 @@ async fn sessions_inner(args: SessionsArgs) -> Result<(), String> {
             };
             for s in list.sessions {
                 out.push_str(&format!(
-                    "{:<32} {:>6} {:<16} {:>12} {}\n",
+                    "{:<32} {:>6} {:<16} {:>12} ",
                     printable(&s.session_id),
                     s.turn_count,
                     dash(&s.last_exit_reason),
                     s.disk_usage_bytes,
-                    dash(&s.running_turn_id),
                 ));
+                if fleet {
+                    let worker = if s.holder_worker.is_empty() {
+                        dash(&s.last_worker)
+                    } else {
+                        format!("{} (holds)", printable(&s.holder_worker))
+                    };
+                    out.push_str(&format!(
+                        "{:>5} {:>12} {:<16} ",
+                        s.generation, s.archive_bytes, worker
+                    ));
+                }
+                out.push_str(&format!("{}\n", dash(&s.running_turn_id)));
             }
             write_stdout(&out)?;
         }

@@ -470,6 +470,105 @@ impl Db {
         .map(|_| ())
     }
 
+    /// Removes `session` from the catalog with its archives' records,
+    /// unless a live lease holds it. `Ok(Ok(keys))`: the removed archives'
+    /// object keys (empty: it was not in the catalog, or had none);
+    /// `Ok(Err(holder))`: refused, a turn holds it.
+    pub async fn forget(
+        &self,
+        session: &str,
+    ) -> Result<Result<Option<Vec<String>>, HeldBy>, FleetError> {
+        let rows = self
+            .query(
+                "cannot remove the session",
+                "WITH s AS (
+                     DELETE FROM turnstile_sessions
+                      WHERE session_id = $1
+                        AND (holder_worker IS NULL OR expires_at <= clock_timestamp())
+                     RETURNING session_id),
+                 a AS (
+                     DELETE FROM turnstile_archives
+                      WHERE session_id IN (SELECT session_id FROM s)
+                     RETURNING object_key)
+                 SELECT (SELECT count(*) FROM s), (SELECT array_agg(object_key) FROM a)",
+                &[&session],
+            )
+            .await?;
+        let (removed, keys): (i64, Option<Vec<String>>) = rows
+            .first()
+            .map(|r| (r.get(0), r.get(1)))
+            .unwrap_or((0, None));
+        if removed > 0 {
+            return Ok(Ok(Some(keys.unwrap_or_default())));
+        }
+        let rows = self
+            .query(
+                "cannot read the lease",
+                "SELECT holder_worker, holder_turn FROM turnstile_sessions
+                  WHERE session_id = $1 AND expires_at > clock_timestamp()",
+                &[&session],
+            )
+            .await?;
+        match rows.first() {
+            Some(r) => {
+                let worker: Option<String> = r.get(0);
+                let turn: Option<String> = r.get(1);
+                Ok(Err(HeldBy {
+                    worker: worker.unwrap_or_default(),
+                    turn: turn.unwrap_or_default(),
+                }))
+            }
+            None => Ok(Ok(None)),
+        }
+    }
+
+    /// Records session `dst` as a fork of `src`'s committed generation:
+    /// generation 1 with `archive` (a copy of src's). `Ok(false)`: `dst`
+    /// is in the catalog already.
+    pub async fn fork(
+        &self,
+        src: &str,
+        dst: &str,
+        archive: &ArchiveRef,
+    ) -> Result<bool, FleetError> {
+        let bytes = archive.bytes as i64;
+        let rows = self
+            .query(
+                "cannot fork the session",
+                "WITH s AS (
+                     INSERT INTO turnstile_sessions AS s
+                         (session_id, generation, archive_key, archive_sha256, archive_bytes,
+                          token, last_turn_id, last_worker)
+                     SELECT $2, 1, $3, $4, $5, nextval('turnstile_fence'), last_turn_id, last_worker
+                       FROM turnstile_sessions WHERE session_id = $1
+                     ON CONFLICT (session_id) DO NOTHING
+                     RETURNING session_id)
+                 INSERT INTO turnstile_archives (session_id, generation, object_key, sha256, bytes)
+                 SELECT session_id, 1, $3, $4, $5 FROM s
+                 RETURNING session_id",
+                &[&src, &dst, &archive.key, &archive.sha256, &bytes],
+            )
+            .await?;
+        Ok(!rows.is_empty())
+    }
+
+    /// The committed archive of `session`, if it has one.
+    pub async fn archive(&self, session: &str) -> Result<Option<ArchiveRef>, FleetError> {
+        let rows = self
+            .query(
+                "cannot read the catalog",
+                "SELECT archive_key, archive_sha256, archive_bytes FROM turnstile_sessions
+                  WHERE session_id = $1 AND archive_key IS NOT NULL",
+                &[&session],
+            )
+            .await?;
+        Ok(rows.first().map(|r| ArchiveRef {
+            key: r.get(0),
+            sha256: r.get(1),
+            bytes: r.get::<_, i64>(2).max(0) as u64,
+        }))
+    }
+
     /// Every session, sorted by id.
     pub async fn catalog(&self) -> Result<Vec<CatalogEntry>, FleetError> {
         let rows = self

@@ -487,6 +487,58 @@ impl PgFleet {
         })
     }
 
+    async fn forget_inner(&self, id: &str) -> Result<bool, FleetError> {
+        let keys = match self.db.forget(id).await? {
+            Ok(Some(keys)) => keys,
+            Ok(None) => return Ok(false),
+            Err(held) => {
+                return Err(FleetError::Busy {
+                    session: id.to_string(),
+                    worker: held.worker,
+                    turn: held.turn,
+                });
+            }
+        };
+        // The catalog no longer names them: an object left behind by a
+        // failed delete is garbage, never state.
+        for key in keys {
+            let deleted = match Archives::parse_key(&key) {
+                Ok(k) => self.archives.delete(&k).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = deleted {
+                warn!(session.id = %id, key = %key, error = %e, "cannot delete an archive of a removed session");
+            }
+        }
+        info!(session.id = %id, "session removed from the catalog");
+        Ok(true)
+    }
+
+    async fn fork_inner(&self, src: &str, dst: &str) -> Result<bool, FleetError> {
+        let Some(archive) = self.db.archive(src).await? else {
+            return Ok(false);
+        };
+        let from = Archives::parse_key(&archive.key).map_err(store_err)?;
+        // A key no commit can take (tokens from the sequence are
+        // positive), unique per fork.
+        let to = self
+            .archives
+            .key(dst, 1, -1 - i64::from(rand::random::<u32>()));
+        self.archives.copy(&from, &to).await.map_err(store_err)?;
+        let copy = ArchiveRef {
+            key: to.to_string(),
+            ..archive
+        };
+        if !self.db.fork(src, dst, &copy).await? {
+            if let Err(e) = self.archives.delete(&to).await {
+                warn!(error = %e, "cannot delete the archive of a refused fork");
+            }
+            return Err(FleetError::Exists(dst.to_string()));
+        }
+        info!(session.id = %dst, from = %src, "session forked in the catalog");
+        Ok(true)
+    }
+
     /// Deletes archives older than the newest `keep` generations.
     async fn collect(&self, id: &str, newest: i64) {
         let upto = newest - i64::from(self.keep);
@@ -576,6 +628,14 @@ impl Fleet for PgFleet {
 
     fn catalog(&self) -> BoxFuture<'_, Result<Vec<CatalogEntry>, FleetError>> {
         Box::pin(self.db.catalog())
+    }
+
+    fn forget<'a>(&'a self, session_id: &'a str) -> BoxFuture<'a, Result<bool, FleetError>> {
+        Box::pin(self.forget_inner(session_id))
+    }
+
+    fn fork<'a>(&'a self, src: &'a str, dst: &'a str) -> BoxFuture<'a, Result<bool, FleetError>> {
+        Box::pin(self.fork_inner(src, dst))
     }
 }
 

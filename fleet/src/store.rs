@@ -296,6 +296,20 @@ impl Archives {
         Ok(file)
     }
 
+    /// Copies object `from` to a new object `to` (a fork's first archive).
+    pub async fn copy(&self, from: &ObjectPath, to: &ObjectPath) -> Result<(), StoreError> {
+        let copied = match self.store.copy_if_not_exists(from, to).await {
+            // Not every store can refuse an existing target; keys are
+            // unique per fencing token, so a plain copy is as safe.
+            Err(
+                object_store::Error::NotSupported { .. }
+                | object_store::Error::NotImplemented { .. },
+            ) => self.store.copy(from, to).await,
+            r => r,
+        };
+        copied.map_err(StoreError::op("cannot copy", from))
+    }
+
     pub async fn delete(&self, key: &ObjectPath) -> Result<(), StoreError> {
         match self.store.delete(key).await {
             Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),

@@ -123,13 +123,22 @@ impl Harness {
     }
 
     pub async fn start_with(mode: Mode, tweak: impl FnOnce(&mut Config)) -> Harness {
+        Harness::start_in_fleet(mode, None, tweak).await
+    }
+
+    /// A broker in fleet mode when `fleet` is given (opened by the caller).
+    pub async fn start_in_fleet(
+        mode: Mode,
+        fleet: Option<Arc<dyn turnstile_broker::fleet::Fleet>>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Harness {
         let dir = tempdir();
         let mut cfg = config(mode, &dir.path().join("state"));
         let socket = dir.path().join("broker.sock");
         cfg.socket = Some(socket.clone());
         tweak(&mut cfg);
         let access = server::SocketAccess::from_config(&cfg).expect("socket access");
-        let broker = Broker::new(cfg).expect("broker starts");
+        let broker = Broker::with_fleet(cfg, fleet).expect("broker starts");
         let listener = server::bind_unix_with(&socket, &access).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
         let server = tokio::spawn(server::serve(broker.clone(), vec![listener], async {
@@ -450,26 +459,16 @@ impl Daemon {
     }
 
     pub fn spawn_at(mode: Mode, state: &Path, socket: &Path, env: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn_full(mode, state, socket, env, &[])
+        Daemon::spawn_args(mode, state, socket, &[], env)
     }
 
-    /// [`Daemon::spawn`] with more `serve` arguments.
-    pub fn spawn_args(mode: Mode, dir: &Path, args: &[&str]) -> Daemon {
-        Daemon::spawn_full(
-            mode,
-            &dir.join("state"),
-            &dir.join("daemon.sock"),
-            &[],
-            args,
-        )
-    }
-
-    fn spawn_full(
+    /// [`Daemon::spawn_at`] with more `serve` arguments.
+    pub fn spawn_args(
         mode: Mode,
         state: &Path,
         socket: &Path,
+        args: &[&std::ffi::OsStr],
         env: &[(&str, &str)],
-        args: &[&str],
     ) -> Daemon {
         require_root();
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_turnstile"));
@@ -494,10 +493,10 @@ impl Daemon {
         if mode == Mode::Nsjail {
             cmd.arg("--nsjail").arg(nsjail());
         }
+        cmd.args(args);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.args(args);
         let mut child = cmd.spawn().expect("spawn turnstile serve");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, log) = std::sync::mpsc::channel();

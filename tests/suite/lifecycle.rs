@@ -452,8 +452,13 @@ async fn without_cgroups_the_daemon_kills_what_an_agent_cut_loose_from_its_shim(
     let dir = tempdir();
     let cfg = dir.path().join("broker.toml");
     std::fs::write(&cfg, "cgroups = \"off\"\n").expect("config");
-    let cfg = cfg.to_str().expect("utf-8 path");
-    let mut d = Daemon::spawn_args(Mode::Direct, dir.path(), &["--config", cfg]);
+    let mut d = Daemon::spawn_args(
+        Mode::Direct,
+        &dir.path().join("state"),
+        &dir.path().join("daemon.sock"),
+        &["--config".as_ref(), cfg.as_os_str()],
+        &[],
+    );
     let client = d.ready().await;
     let tok = token();
     let _survivors = (

@@ -10,6 +10,7 @@ mod clients;
 mod continuation;
 mod disk;
 mod durable;
+mod fleet;
 mod hardening;
 mod isolation;
 mod lifecycle;

@@ -183,6 +183,8 @@ fn stopped(stop: StopReason, outcome: &Outcome, spec: &TurnSpec) -> (Reason, Str
             format!("executor did not reattach within {ms} ms"),
         ),
         StopReason::DiskLimit => (Reason::DiskLimit, disk_message(outcome.disk_exceeded, spec)),
+        // The cause is the fleet's; the turn adds it (see `turn::fleet`).
+        StopReason::LeaseLost => (Reason::LeaseLost, "fleet lease lost".to_string()),
     }
 }
 
@@ -499,6 +501,7 @@ mod tests {
                 "broker shutting down",
             ),
             (StopReason::DiskLimit, Reason::DiskLimit, "disk limit of "),
+            (StopReason::LeaseLost, Reason::LeaseLost, "fleet lease lost"),
         ];
         for (stop, want, text) in cases {
             let outcome = Outcome {

@@ -159,6 +159,11 @@ impl Turn {
     /// reported and the time the start took.
     pub(super) async fn send_started(&self, hello: &SelfCheck, shim_pid: i32) {
         let spawn_us = self.received.elapsed().as_micros() as u64;
+        let (hydrate_us, generation) = self
+            .fleet
+            .as_ref()
+            .map(|f| f.started_info())
+            .unwrap_or_default();
         let mode = match self.broker.mode() {
             Mode::Nsjail => pb::Mode::Nsjail,
             Mode::Direct => pb::Mode::Direct,
@@ -184,6 +189,8 @@ impl Turn {
             }),
             started_at_unix_ms: now_unix_ms(),
             llm_profile: Some(self.spec.profile.started_info()),
+            hydrate_us,
+            generation,
         };
         info!(spawn_us, shim.pid = shim_pid, "agent started");
         self.link.send(pb::turn_event::Kind::Started(started));

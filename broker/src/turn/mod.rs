@@ -22,6 +22,7 @@
 mod finish;
 #[cfg(test)]
 mod fixtures;
+pub mod fleet;
 mod handshake;
 pub mod link;
 mod prepare;
@@ -77,6 +78,8 @@ pub struct Turn {
     /// The encoded init payload (checked against its cap at admission).
     pub(crate) payload: Vec<u8>,
     pub(crate) lease: Lease,
+    /// Fleet mode: the session's fleet lease, kept alive while the turn runs.
+    pub(crate) fleet: Option<fleet::FleetTurn>,
     pub(crate) admitted: Admitted,
     /// Where its events go, and its executors' input comes from.
     pub(crate) link: Arc<link::Link>,
@@ -129,12 +132,18 @@ impl Turn {
             );
             let Turn {
                 lease,
+                fleet,
                 admitted,
                 link,
                 broker,
                 spec,
                 ..
             } = self;
+            // Released before the `Exited` goes out: an executor that
+            // reads it may start the next turn on any worker at once.
+            if let Some(f) = fleet {
+                f.release().await;
+            }
             drop(lease);
             drop(admitted);
             link.finish(exited);
@@ -144,8 +153,18 @@ impl Turn {
         .await
     }
 
-    /// Prepares, runs and finishes the turn: its `Exited`.
+    /// Hydrates (fleet mode), prepares, runs, finishes and commits (fleet
+    /// mode) the turn: its `Exited`.
     async fn execute(&self) -> pb::Exited {
+        if let Err(exited) = self.hydrate().await {
+            return exited;
+        }
+        let exited = self.run().await;
+        self.commit(exited).await
+    }
+
+    /// Prepares, runs and finishes the turn.
+    async fn run(&self) -> pb::Exited {
         let disk = self
             .broker
             .prepare_session_disk(&self.spec.session_id, disk_limit(&self.spec.limits));

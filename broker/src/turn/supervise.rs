@@ -99,8 +99,10 @@ impl<P: ProcessControl> Jail<P> {
     /// The first move of the stop sequence; when to kill everything, if not
     /// now.
     async fn begin_stop(&self, reason: StopReason, grace: Duration) -> Option<Instant> {
-        if reason == StopReason::DiskLimit {
-            // A grace would be time to write more.
+        if matches!(reason, StopReason::DiskLimit | StopReason::LeaseLost) {
+            // A grace would be time to write more; and once the fleet lease
+            // is lost another worker may run the session before the grace
+            // would end: nothing of this turn may still run then.
             self.procs.kill_all().await;
             return None;
         }
@@ -227,6 +229,10 @@ mod tests {
         let (jail, fake) = stopped_for(StopReason::DiskLimit, &[]).await;
         assert_eq!(fake.calls(), [Call::KillAll, Call::KillAll]);
         assert_eq!(jail.outcome.stopped, Some(StopReason::DiskLimit));
+        // So does a lost fleet lease: another worker may soon run the session.
+        let (jail, fake) = stopped_for(StopReason::LeaseLost, &[]).await;
+        assert_eq!(fake.calls(), [Call::KillAll, Call::KillAll]);
+        assert_eq!(jail.outcome.stopped, Some(StopReason::LeaseLost));
     }
 
     #[tokio::test(start_paused = true)]

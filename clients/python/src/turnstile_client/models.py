@@ -65,6 +65,12 @@ class ExitReason(_OpenIntEnum):
     #: The broker was killed while the turn ran; a new broker reports it from the
     #: turn's journal (the events before the kill come first).
     BROKER_RESTART = pb.Exited.BROKER_RESTART
+    #: Fleet mode: the session's lease could not be renewed in time; the
+    #: turn was ended and nothing was committed.
+    LEASE_LOST = pb.Exited.LEASE_LOST
+    #: Fleet mode: the turn's changes could not be committed; the message
+    #: names the session id its files are kept as.
+    COMMIT_FAILED = pb.Exited.COMMIT_FAILED
 
 
 class Mode(_OpenIntEnum):

@@ -74,7 +74,7 @@ class TurnRef(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ...) -> None: ...
 
 class SessionInfo(_message.Message):
-    __slots__ = ("session_id", "created_unix_ms", "turn_count", "last_turn_id", "last_turn_start_unix_ms", "last_turn_end_unix_ms", "last_exit_reason", "disk_usage_bytes", "running_turn_id")
+    __slots__ = ("session_id", "created_unix_ms", "turn_count", "last_turn_id", "last_turn_start_unix_ms", "last_turn_end_unix_ms", "last_exit_reason", "disk_usage_bytes", "running_turn_id", "holder_worker", "generation", "archive_bytes", "last_worker", "local_copy")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     TURN_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -84,6 +84,11 @@ class SessionInfo(_message.Message):
     LAST_EXIT_REASON_FIELD_NUMBER: _ClassVar[int]
     DISK_USAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     RUNNING_TURN_ID_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ARCHIVE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LAST_WORKER_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_COPY_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     created_unix_ms: int
     turn_count: int
@@ -93,7 +98,12 @@ class SessionInfo(_message.Message):
     last_exit_reason: str
     disk_usage_bytes: int
     running_turn_id: str
-    def __init__(self, session_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., turn_count: _Optional[int] = ..., last_turn_id: _Optional[str] = ..., last_turn_start_unix_ms: _Optional[int] = ..., last_turn_end_unix_ms: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., disk_usage_bytes: _Optional[int] = ..., running_turn_id: _Optional[str] = ...) -> None: ...
+    holder_worker: str
+    generation: int
+    archive_bytes: int
+    last_worker: str
+    local_copy: bool
+    def __init__(self, session_id: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., turn_count: _Optional[int] = ..., last_turn_id: _Optional[str] = ..., last_turn_start_unix_ms: _Optional[int] = ..., last_turn_end_unix_ms: _Optional[int] = ..., last_exit_reason: _Optional[str] = ..., disk_usage_bytes: _Optional[int] = ..., running_turn_id: _Optional[str] = ..., holder_worker: _Optional[str] = ..., generation: _Optional[int] = ..., archive_bytes: _Optional[int] = ..., last_worker: _Optional[str] = ..., local_copy: bool = ...) -> None: ...
 
 class ListSessionsRequest(_message.Message):
     __slots__ = ()
@@ -285,7 +295,7 @@ class Notice(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("turn_id", "session_id", "mode", "home", "work_dir", "cwd", "spawn_us", "isolation", "started_at_unix_ms", "llm_profile")
+    __slots__ = ("turn_id", "session_id", "mode", "home", "work_dir", "cwd", "spawn_us", "isolation", "started_at_unix_ms", "hydrate_us", "generation", "llm_profile")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -295,6 +305,8 @@ class Started(_message.Message):
     SPAWN_US_FIELD_NUMBER: _ClassVar[int]
     ISOLATION_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    HYDRATE_US_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     LLM_PROFILE_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     session_id: str
@@ -305,8 +317,10 @@ class Started(_message.Message):
     spawn_us: int
     isolation: Isolation
     started_at_unix_ms: int
+    hydrate_us: int
+    generation: int
     llm_profile: LlmProfile
-    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., home: _Optional[str] = ..., work_dir: _Optional[str] = ..., cwd: _Optional[str] = ..., spawn_us: _Optional[int] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., started_at_unix_ms: _Optional[int] = ..., llm_profile: _Optional[_Union[LlmProfile, _Mapping]] = ...) -> None: ...
+    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., home: _Optional[str] = ..., work_dir: _Optional[str] = ..., cwd: _Optional[str] = ..., spawn_us: _Optional[int] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., started_at_unix_ms: _Optional[int] = ..., hydrate_us: _Optional[int] = ..., generation: _Optional[int] = ..., llm_profile: _Optional[_Union[LlmProfile, _Mapping]] = ...) -> None: ...
 
 class LlmProfile(_message.Message):
     __slots__ = ("name", "credential_header", "base_path")
@@ -359,6 +373,8 @@ class Exited(_message.Message):
         PROCESS_LIMIT: _ClassVar[Exited.Reason]
         DISK_LIMIT: _ClassVar[Exited.Reason]
         BROKER_RESTART: _ClassVar[Exited.Reason]
+        LEASE_LOST: _ClassVar[Exited.Reason]
+        COMMIT_FAILED: _ClassVar[Exited.Reason]
     REASON_UNSPECIFIED: Exited.Reason
     EXITED: Exited.Reason
     TIMED_OUT: Exited.Reason
@@ -374,6 +390,8 @@ class Exited(_message.Message):
     PROCESS_LIMIT: Exited.Reason
     DISK_LIMIT: Exited.Reason
     BROKER_RESTART: Exited.Reason
+    LEASE_LOST: Exited.Reason
+    COMMIT_FAILED: Exited.Reason
     REASON_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     SIGNAL_FIELD_NUMBER: _ClassVar[int]
