@@ -184,6 +184,12 @@ impl Turn {
             }),
             started_at_unix_ms: now_unix_ms(),
             llm_profile: Some(self.spec.profile.started_info()),
+            llm_upstream: self
+                .spec
+                .llm_upstream
+                .as_ref()
+                .map(|u| u.base_url.clone())
+                .unwrap_or_default(),
         };
         info!(spawn_us, shim.pid = shim_pid, "agent started");
         self.link.send(pb::turn_event::Kind::Started(started));
