@@ -16,6 +16,11 @@
 //! - `large`: one GET of a 256 MiB body; the agent times it from request to
 //!   last byte. GB/s for both, and their ratio.
 //!
+//! Broker-side forwarding (`Start.llm_upstream`: the broker serves the
+//! agent's connections itself with the same forwarder) is measured beside
+//! the executor-side relay for `small` and `sse`, in the same run: `broker`
+//! rows. Goal: no worse than the relay.
+//!
 //! Criterion's own figure per iteration is what the agent measured in one
 //! run (the sum of its request times, of its event latencies, or its
 //! transfer time), never the turn's or python's start-up. Under `--test`
@@ -38,7 +43,8 @@ use std::convert::Infallible;
 use std::time::Duration;
 use turnstile_benches::{Served, percentile, report, runtime};
 use turnstile_broker::config::Mode;
-use turnstile_client::{CredentialHeader, ForwarderConfig, LlmForwarder, Turn, pb};
+use turnstile_client::broker_side::BrokerUpstreams;
+use turnstile_client::{CredentialHeader, ForwarderConfig, LlmForwarder, TlsRoots, Turn, pb};
 
 /// The agent. argv: what (`small`, `sse`, `large`), base URL (`env`: the
 /// bridge URL from `ANTHROPIC_BASE_URL`), then the figures of the test.
@@ -232,18 +238,31 @@ fn numbers(out: &str) -> Vec<i64> {
         .collect()
 }
 
-/// Runs the agent in a turn, its LLM connections served by `fwd`; returns
-/// its stdout.
-async fn in_turn(served: &mut Served, fwd: &LlmForwarder, args: &[String]) -> String {
+/// Runs the agent in a turn, its LLM connections served by `fwd` (on this
+/// side), or by the broker when `fwd` is `None` (forwarding to `url`);
+/// returns its stdout.
+async fn in_turn(
+    served: &mut Served,
+    fwd: Option<&LlmForwarder>,
+    url: &str,
+    args: &[String],
+) -> String {
     let mut argv = vec![PYTHON.to_string(), "-c".into(), AGENT.into()];
     argv.extend(args.iter().cloned());
     argv.insert(4, "env".into());
+    let llm_upstream = fwd.is_none().then(|| pb::LlmUpstream {
+        base_url: url.to_string(),
+        credential: "sk-bench-not-a-key".into(),
+        credential_header: pb::CredentialHeader::XApiKey as i32,
+        max_request_bytes: 0,
+    });
     let start = pb::Start {
         session_id: "llm-bench".into(),
         argv,
+        llm_upstream,
         ..Default::default()
     };
-    let mut turn = Turn::start(&mut served.client, start, Some(fwd.clone()))
+    let mut turn = Turn::start(&mut served.client, start, fwd.cloned())
         .await
         .expect("turn admitted");
     turn.input().close_stdin().await.expect("stdin eof");
@@ -289,10 +308,14 @@ async fn on_host(url: &str, args: &[String]) -> String {
 // ---------------------------------------------------------------------------
 // The benchmarks.
 
-/// Where the agent runs.
-#[derive(Clone, Copy)]
+/// Where the agent runs, and who forwards its requests.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Via {
+    /// In a turn; the executor forwards (LLM frames over the turn stream).
     Relay,
+    /// In a turn; the broker forwards (`Start.llm_upstream`).
+    Broker,
+    /// On the host, straight to the upstream.
     Host,
 }
 
@@ -307,7 +330,13 @@ impl Bench<'_> {
     /// One agent run; returns its numbers.
     fn run(&mut self, via: Via, args: &[String]) -> Vec<i64> {
         let out = match via {
-            Via::Relay => self.rt.block_on(in_turn(&mut self.served, &self.fwd, args)),
+            Via::Relay => {
+                self.rt
+                    .block_on(in_turn(&mut self.served, Some(&self.fwd), &self.url, args))
+            }
+            Via::Broker => self
+                .rt
+                .block_on(in_turn(&mut self.served, None, &self.url, args)),
             Via::Host => self.rt.block_on(on_host(&self.url, args)),
         };
         numbers(&out)
@@ -322,8 +351,29 @@ impl Bench<'_> {
         args: &[String],
         per_run: impl Fn(&[i64], &mut Vec<Duration>) -> Duration + Copy,
     ) -> (Vec<Duration>, Vec<Duration>) {
-        let mut samples = (Vec::new(), Vec::new());
-        for (name, via) in [("relay", Via::Relay), ("host", Via::Host)] {
+        let (relay, _, host) = self.measure(group, args, false, per_run);
+        (relay, host)
+    }
+
+    /// [`Bench::both`], and with `broker` the broker-side forwarding too:
+    /// (relay, broker, host) samples.
+    fn measure(
+        &mut self,
+        group: &mut BenchmarkGroup<'_, WallTime>,
+        args: &[String],
+        broker: bool,
+        per_run: impl Fn(&[i64], &mut Vec<Duration>) -> Duration + Copy,
+    ) -> (Vec<Duration>, Vec<Duration>, Vec<Duration>) {
+        let mut samples = (Vec::new(), Vec::new(), Vec::new());
+        let vias = [
+            ("relay", Via::Relay),
+            ("broker", Via::Broker),
+            ("host", Via::Host),
+        ];
+        for (name, via) in vias {
+            if via == Via::Broker && !broker {
+                continue;
+            }
             let mut collected = Vec::new();
             group.bench_function(name, |b| {
                 b.iter_custom(|iters| {
@@ -337,7 +387,8 @@ impl Bench<'_> {
             });
             match via {
                 Via::Relay => samples.0 = collected,
-                Via::Host => samples.1 = collected,
+                Via::Broker => samples.1 = collected,
+                Via::Host => samples.2 = collected,
             }
         }
         samples
@@ -367,9 +418,40 @@ fn latency(name: &str, relay: &[Duration], host: &[Duration], goal: Duration) {
     );
 }
 
+/// Broker-side forwarding against the executor-side relay, same run: p50s,
+/// what each adds over the host, and the goal (no worse than the relay).
+fn versus(name: &str, broker: &[Duration], relay: &[Duration], host: &[Duration]) {
+    if broker.is_empty() || relay.is_empty() || host.is_empty() {
+        return;
+    }
+    report(
+        &format!("{name} (broker-side)"),
+        broker,
+        Some(("relay", relay)),
+    );
+    let (b, r, h) = (
+        percentile(broker, 0.5),
+        percentile(relay, 0.5),
+        percentile(host, 0.5),
+    );
+    println!(
+        "REPORT {name}: broker-side p50={:.3} ms (adds {:.3} ms) | executor-side relay p50={:.3} ms (adds {:.3} ms) | host {:.3} ms | broker - relay = {:+.3} ms | goal no worse: {}",
+        ms(b),
+        ms(b.saturating_sub(h)),
+        ms(r),
+        ms(r.saturating_sub(h)),
+        ms(h),
+        (b.as_secs_f64() - r.as_secs_f64()) * 1e3,
+        if b <= r { "met" } else { "NOT met" }
+    );
+}
+
 fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode, sizes: Sizes) {
     let name = mode.as_str();
     let served = rt.block_on(Served::start(mode));
+    served.broker.set_llm_upstreams(std::sync::Arc::new(
+        BrokerUpstreams::new(TlsRoots::Bundled).expect("broker-side forwarder"),
+    ));
     let url = rt.block_on(upstream());
     let fwd = LlmForwarder::new(ForwarderConfig::new(
         url.clone(),
@@ -399,7 +481,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode, sizes
         s.requests.to_string(),
         s.request_body.to_string(),
     ];
-    let (relay, host) = bench.both(&mut group, &args, move |nums, out| {
+    let (relay, broker, host) = bench.measure(&mut group, &args, true, move |nums, out| {
         assert_eq!(nums.len(), s.requests, "request count");
         let kept: Vec<Duration> = nums[s.warm..]
             .iter()
@@ -410,6 +492,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode, sizes
     });
     group.finish();
     latency(&format!("llm/{name} small request"), &relay, &host, goal);
+    versus(&format!("llm/{name} small request"), &broker, &relay, &host);
 
     // Server-sent events.
     let mut group = c.benchmark_group(format!("llm/{name}/sse"));
@@ -423,7 +506,7 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode, sizes
         s.events.to_string(),
         s.event_gap_us.to_string(),
     ];
-    let (relay, host) = bench.both(&mut group, &args, move |nums, out| {
+    let (relay, broker, host) = bench.measure(&mut group, &args, true, move |nums, out| {
         assert_eq!(nums.len(), s.events, "event count");
         let kept: Vec<Duration> = nums[s.warm..]
             .iter()
@@ -446,6 +529,12 @@ fn bench_mode(c: &mut Criterion, rt: &tokio::runtime::Runtime, mode: Mode, sizes
         &relay,
         &host,
         goal,
+    );
+    versus(
+        &format!("llm/{name} sse event latency"),
+        &broker,
+        &relay,
+        &host,
     );
 
     // Large response.

@@ -307,6 +307,10 @@ pub struct Config {
     /// every call; the broker's own uid and root always are). Without
     /// `socket_group` the socket is then 0666 and this list is the gate.
     pub allowed_uids: Vec<u32>,
+    /// A PEM file of the CA certificates that verify `https` LLM upstreams
+    /// of broker-side forwarding (`Start.llm_upstream`); without it, the
+    /// system's roots.
+    pub llm_ca_file: Option<PathBuf>,
     /// How long a turn keeps running once its executor's stream is gone,
     /// waiting for an `Attach` (a `Start` may set its own); 0 ends it at once.
     pub detach_grace_ms: u64,
@@ -381,6 +385,7 @@ impl Default for Config {
             profiles: crate::profile::Profiles::default(),
             socket_group: None,
             allowed_uids: Vec::new(),
+            llm_ca_file: None,
             detach_grace_ms: 60_000,
             journal_max_bytes: 64 << 20,
             finished_turn_retention_ms: 60 * 60 * 1000,

@@ -34,6 +34,8 @@ pub enum InputError {
     LlmVarTwice(String),
     #[error("unknown agent profile {name:?}: this broker has {known} (and \"\" for none)")]
     UnknownProfile { name: String, known: String },
+    #[error(transparent)]
+    Upstream(#[from] crate::llm::upstream::UpstreamError),
     #[error("limit {name} = {value} is out of range: at most {max}")]
     OverMax {
         name: &'static str,

@@ -170,6 +170,9 @@ pub struct Broker {
     pub fleet: Option<Arc<dyn fleet::Fleet>>,
     admission: Mutex<Admission>,
     pub tracker: TaskTracker,
+    /// Makes the forwarders of turns with broker-side forwarding (see
+    /// [`llm::upstream`]); installed by the binary, none without it.
+    llm_upstreams: OnceLock<Arc<dyn llm::upstream::Upstreams>>,
     _state_lock: nix::fcntl::Flock<File>,
 }
 
@@ -403,12 +406,27 @@ impl Broker {
             fleet,
             admission: Mutex::default(),
             tracker: TaskTracker::new(),
+            llm_upstreams: OnceLock::new(),
             _state_lock: state_lock,
         }))
     }
 
     pub fn mode(&self) -> Mode {
         self.config.mode
+    }
+
+    /// Installs what makes the forwarders of turns whose `Start` names an
+    /// upstream (broker-side forwarding); once, before serving. Without
+    /// it such a `Start` is refused.
+    pub fn set_llm_upstreams(&self, upstreams: Arc<dyn llm::upstream::Upstreams>) {
+        if self.llm_upstreams.set(upstreams).is_err() {
+            warn!("the LLM forwarder was installed twice; the first stays");
+        }
+    }
+
+    /// What makes broker-side forwarders, if installed.
+    pub fn llm_upstreams(&self) -> Option<&Arc<dyn llm::upstream::Upstreams>> {
+        self.llm_upstreams.get()
     }
 
     /// Registers a turn as running, unless the broker is shutting down. The

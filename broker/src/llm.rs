@@ -5,6 +5,8 @@
 //! connection accepted there gets an id and is multiplexed over the turn's
 //! gRPC stream as `LlmFrame`s: `open`, `data`, `eof` (half-close), `reset`.
 //! Credentials are added on the executor side; nothing here parses HTTP.
+//! With broker-side forwarding ([`upstream`]), the turn's connections are
+//! served here instead, by a forwarder the binary installs ([`Forwarding`]).
 //!
 //! Flow control is per connection and direction (`turnstile_proto::flow`):
 //! a connection reads from the agent only within the executor's window, and
@@ -24,6 +26,8 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, debug, warn};
 use turnstile_proto::flow::{self, Credit, Grants, Inbox};
 use turnstile_proto::v1 as pb;
+
+pub mod upstream;
 
 /// Read size from an agent connection (and largest `data` frame).
 const CHUNK: usize = 64 * 1024;
@@ -539,5 +543,77 @@ fn finish_half(conns: &Mutex<HashMap<u64, Conn>>, id: u64) {
         if c.halves_done >= 2 {
             m.remove(&id);
         }
+    }
+}
+
+/// A turn's LLM connections served by the broker itself (broker-side
+/// forwarding, see [`upstream`]): each connection accepted on the turn's
+/// socket is handed to the turn's forwarder; no frame goes to the executor,
+/// only each request's summary through `report`.
+pub struct Forwarding {
+    accept: tokio::task::AbortHandle,
+    conns: Arc<Mutex<JoinSet<()>>>,
+}
+
+impl std::fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarding").finish_non_exhaustive()
+    }
+}
+
+impl Forwarding {
+    /// Starts accepting the agent's connections (at most `max_conns` at
+    /// once; the next is closed and logged).
+    pub fn start(
+        listener: UnixListener,
+        forwarder: Arc<dyn upstream::TurnForwarder>,
+        max_conns: usize,
+        report: upstream::Report,
+    ) -> Forwarding {
+        let conns: Arc<Mutex<JoinSet<()>>> = Arc::default();
+        let set = conns.clone();
+        let accept = async move {
+            let mut next_id = 1u64;
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        warn!(error = %e, "llm socket accept failed");
+                        break;
+                    }
+                };
+                let Ok(mut set) = set.lock() else { break };
+                while set.try_join_next().is_some() {}
+                if set.len() >= max_conns {
+                    warn!(
+                        limit = max_conns,
+                        "llm connection refused: too many open connections"
+                    );
+                    continue;
+                }
+                let id = next_id;
+                next_id += 1;
+                debug!(conn = id, "llm connection opened (forwarded by the broker)");
+                let serve = forwarder.serve(stream, report.clone());
+                set.spawn(serve.in_current_span());
+            }
+        };
+        let accept = tokio::spawn(accept.in_current_span()).abort_handle();
+        Forwarding { accept, conns }
+    }
+
+    /// Stops accepting and ends every connection (with them the turn's last
+    /// handles on its forwarder, and so on the credential).
+    pub fn close(&self) {
+        self.accept.abort();
+        if let Ok(mut set) = self.conns.lock() {
+            set.abort_all();
+        }
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        self.close();
     }
 }

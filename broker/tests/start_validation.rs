@@ -431,6 +431,7 @@ proptest! {
                         start.llm_env_vars.contains(v) || start.llm_credential_env_vars.contains(v)
                     }
                     InputError::UnknownProfile { name, .. } => *name == start.profile,
+                    InputError::Upstream(_) => start.llm_upstream.is_some(),
                     InputError::EmptyArgv => start.argv.first().is_none_or(String::is_empty),
                     InputError::OverMax { value, .. } | InputError::OverCap { value, .. } => *value > 0,
                 };

@@ -163,6 +163,10 @@ pub struct ServeArgs {
     /// are). Without --socket-group the socket is then 0666.
     #[arg(long = "allow-uid")]
     pub allowed_uids: Vec<u32>,
+    /// PEM file of the CA certificates that verify https LLM upstreams of
+    /// broker-side forwarding (default: the system's roots).
+    #[arg(long)]
+    pub llm_ca_file: Option<PathBuf>,
     /// How long a turn keeps running once its executor's stream is gone,
     /// waiting for an `attach` (0: it ends at once).
     #[arg(long)]
@@ -213,6 +217,9 @@ impl ServeArgs {
             cfg.socket_group = self.socket_group;
         }
         cfg.allowed_uids.extend(self.allowed_uids);
+        if self.llm_ca_file.is_some() {
+            cfg.llm_ca_file = self.llm_ca_file;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -294,9 +301,25 @@ pub struct RunArgs {
     /// `attach` (default: the broker's; 0 ends it at once).
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_SECONDS * 1000))]
     pub detach_grace_ms: Option<u64>,
+    /// Who forwards the agent's LLM requests to --llm-upstream: this
+    /// process (`executor`, the default: the broker relays the connections
+    /// here) or the broker itself (`broker`: the key goes to the broker in
+    /// the turn's `Start`, held in its memory only, and this process sees a
+    /// summary per request).
+    #[arg(long, value_enum, default_value_t = LlmForward::Executor, requires = "llm_upstream")]
+    pub llm_forward: LlmForward,
     /// The agent's command.
     #[arg(last = true, required = true)]
     pub argv: Vec<String>,
+}
+
+/// Who forwards a turn's LLM requests (`run --llm-forward`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LlmForward {
+    /// This process (LLM frames over the turn's stream).
+    Executor,
+    /// The broker (`Start.llm_upstream`).
+    Broker,
 }
 
 /// How the executor side serves the agent's LLM connections (`run`, `attach`).

@@ -3,8 +3,8 @@
 //! same broker, served on a private socket: the production code path).
 
 use crate::args::{
-    EXIT_BROKER_LOST, EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, LlmHeader,
-    RunArgs,
+    EXIT_BROKER_LOST, EXIT_NOT_STARTED, EXIT_REFUSED, EXIT_UNREACHABLE, EventsFormat, LlmForward,
+    LlmHeader, RunArgs,
 };
 use std::path::PathBuf;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,6 +46,9 @@ impl Embedded {
             cfg.jail_config = p.clone();
         }
         let broker = Broker::new(cfg).map_err(|e| e.to_string())?;
+        if args.llm_forward == LlmForward::Broker {
+            crate::serve::install_forwarder(&broker)?;
+        }
         // A private directory per run: nothing else can reach this broker.
         let dir = broker
             .config
@@ -97,6 +100,7 @@ fn event_body(ev: &pb::TurnEvent) -> serde_json::Value {
             "event": "started", "turn_id": s.turn_id, "session_id": s.session_id,
             "mode": pb::Mode::try_from(s.mode).map(|m| m.as_str_name()).unwrap_or("?"),
             "home": s.home, "work_dir": s.work_dir, "cwd": s.cwd, "spawn_us": s.spawn_us,
+            "llm_upstream": s.llm_upstream,
         }),
         Some(Kind::Stdout(b)) => {
             serde_json::json!({"event": "stdout", "data": String::from_utf8_lossy(b), "len": b.len()})
@@ -112,6 +116,11 @@ fn event_body(ev: &pb::TurnEvent) -> serde_json::Value {
             "stdout_bytes": e.stdout_bytes, "stderr_bytes": e.stderr_bytes, "stdin_bytes": e.stdin_bytes,
         }),
         Some(Kind::Llm(f)) => serde_json::json!({"event": "llm", "conn": f.conn}),
+        Some(Kind::LlmRequest(r)) => serde_json::json!({
+            "event": "llm_request", "method": r.method, "path": r.path, "status": r.status,
+            "request_bytes": r.request_bytes, "response_bytes": r.response_bytes,
+            "duration_us": r.duration_us, "error": r.error,
+        }),
         Some(Kind::Notice(n)) => serde_json::json!({"event": "notice", "message": n.message}),
         None => serde_json::json!({"event": "empty"}),
     }
@@ -136,16 +145,42 @@ pub async fn run_turn(args: RunArgs) -> i32 {
     code
 }
 
-/// The forwarder for `--llm-upstream`, with the key read from
-/// `--llm-key-env` here, outside the jail.
-fn forwarder(args: &crate::args::LlmArgs) -> Result<Option<LlmForwarder>, String> {
-    let header = args.llm_header;
+/// `--llm-upstream` and the key read from `--llm-key-env` here, outside
+/// the jail.
+fn upstream_and_key(args: &crate::args::LlmArgs) -> Result<Option<(String, String)>, String> {
     let (Some(url), Some(var)) = (&args.llm_upstream, &args.llm_key_env) else {
         return Ok(None);
     };
     let key = std::env::var(var).map_err(|_| {
         format!("--llm-key-env {var}: that variable is not set (or not UTF-8) in this environment; export the key in it first")
     })?;
+    Ok(Some((url.clone(), key)))
+}
+
+/// `Start.llm_upstream` for `--llm-forward broker`: the broker forwards.
+fn broker_upstream(args: &crate::args::LlmArgs) -> Result<Option<pb::LlmUpstream>, String> {
+    let Some((base_url, credential)) = upstream_and_key(args)? else {
+        return Ok(None);
+    };
+    let credential_header = match args.llm_header {
+        Some(LlmHeader::XApiKey) => pb::CredentialHeader::XApiKey,
+        Some(LlmHeader::Authorization) => pb::CredentialHeader::AuthorizationBearer,
+        None => pb::CredentialHeader::Unspecified,
+    } as i32;
+    Ok(Some(pb::LlmUpstream {
+        base_url,
+        credential,
+        credential_header,
+        max_request_bytes: 0,
+    }))
+}
+
+/// The forwarder for `--llm-upstream` (executor-side forwarding).
+fn forwarder(args: &crate::args::LlmArgs) -> Result<Option<LlmForwarder>, String> {
+    let header = args.llm_header;
+    let Some((url, key)) = upstream_and_key(args)? else {
+        return Ok(None);
+    };
     // Without --llm-header, the credential goes as the turn's agent
     // profile says (the broker names it in `Started`).
     let config = match header {
@@ -163,7 +198,11 @@ fn forwarder(args: &crate::args::LlmArgs) -> Result<Option<LlmForwarder>, String
 }
 
 async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
-    let forwarder = match forwarder(&args.llm) {
+    let llm = match args.llm_forward {
+        LlmForward::Executor => forwarder(&args.llm).map(|f| (f, None)),
+        LlmForward::Broker => broker_upstream(&args.llm).map(|u| (None, u)),
+    };
+    let (forwarder, llm_upstream) = match llm {
         Ok(f) => f,
         Err(msg) => {
             eprintln!("turnstile: {msg}");
@@ -210,6 +249,7 @@ async fn drive(args: &RunArgs, socket: &std::path::Path) -> i32 {
         profile: args.profile.clone().unwrap_or_default(),
         turn_key: args.turn_key.clone().unwrap_or_default(),
         detach_grace_ms: args.detach_grace_ms,
+        llm_upstream,
         ..Default::default()
     };
     // Ctrl-C is taken over before the turn starts: a press between the start
@@ -364,6 +404,7 @@ async fn follow(
     let mut code = EXIT_NOT_STARTED;
     let mut spawn_us = None;
     let mut exited = false;
+    let mut llm_requests = 0u64;
     while let Some(event) = turn.next().await {
         let event = match event {
             Ok(e) => e,
@@ -388,6 +429,7 @@ async fn follow(
                 let _ = stderr.flush().await;
             }
             Some(pb::turn_event::Kind::Started(s)) => spawn_us = Some(s.spawn_us),
+            Some(pb::turn_event::Kind::LlmRequest(_)) => llm_requests += 1,
             Some(pb::turn_event::Kind::Notice(n)) if view.events.is_none() => {
                 eprintln!("turnstile: notice: {}", n.message);
             }
@@ -404,7 +446,7 @@ async fn follow(
                 }
                 if !view.quiet {
                     eprintln!(
-                        "turnstile: {reason} (code {code}) · spawn {} · wall {:.1} ms · stdout {} B · stderr {} B · stdin {} B · llm connections {}",
+                        "turnstile: {reason} (code {code}) · spawn {} · wall {:.1} ms · stdout {} B · stderr {} B · stdin {} B · llm {}",
                         spawn_us
                             .map(|us| format!("{:.1} ms", us as f64 / 1000.0))
                             .unwrap_or_else(|| "-".into()),
@@ -412,7 +454,11 @@ async fn follow(
                         e.stdout_bytes,
                         e.stderr_bytes,
                         e.stdin_bytes,
-                        turn.llm_connections()
+                        if llm_requests > 0 {
+                            format!("requests {llm_requests} (forwarded by the broker)")
+                        } else {
+                            format!("connections {}", turn.llm_connections())
+                        }
                     );
                 }
             }

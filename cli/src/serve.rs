@@ -3,7 +3,29 @@
 
 use crate::args::ServeArgs;
 use std::process::ExitCode;
+use std::sync::Arc;
 use turnstile_broker::{Broker, server};
+use turnstile_client::TlsRoots;
+use turnstile_client::broker_side::BrokerUpstreams;
+
+/// Installs the broker-side LLM forwarder (`Start.llm_upstream`): `https`
+/// upstreams verified against the config's `llm_ca_file`, or else the
+/// system's roots (Mozilla's built-in ones, said in the log, on a system
+/// that has none). A CA file that cannot be used is an error.
+pub fn install_forwarder(broker: &Broker) -> Result<(), String> {
+    let upstreams = match &broker.config.llm_ca_file {
+        Some(path) => BrokerUpstreams::new(TlsRoots::CaFile(path.clone()))
+            .map_err(|e| format!("llm_ca_file: {e}"))?,
+        None => BrokerUpstreams::new(TlsRoots::System).or_else(|e| {
+            tracing::warn!(
+                "broker-side LLM forwarding: {e}; https upstreams are verified against the built-in Mozilla roots instead"
+            );
+            BrokerUpstreams::new(TlsRoots::Bundled).map_err(|e| e.to_string())
+        })?,
+    };
+    broker.set_llm_upstreams(Arc::new(upstreams));
+    Ok(())
+}
 
 pub async fn serve(args: ServeArgs) -> ExitCode {
     use tokio::signal::unix::{SignalKind, signal};
@@ -55,6 +77,9 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
         && let Err(e) = turnstile_broker::process::own::adopt_orphans()
     {
         return fail(format!("cannot become a child subreaper: {e}"));
+    }
+    if let Err(e) = install_forwarder(&broker) {
+        return fail(e);
     }
     let access = match server::SocketAccess::from_config(&broker.config) {
         Ok(a) => a,

@@ -32,11 +32,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use zeroize::{Zeroize, Zeroizing};
 
 /// Default cap on a request body forwarded upstream.
 pub const DEFAULT_MAX_REQUEST_BODY: u64 = 32 << 20;
@@ -117,6 +119,12 @@ pub struct ForwarderConfig {
     pub max_request_body: u64,
 }
 
+impl Drop for ForwarderConfig {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
 impl ForwarderConfig {
     pub fn new(
         upstream: impl Into<String>,
@@ -135,10 +143,9 @@ impl ForwarderConfig {
     /// (`Started.llm_profile`): `x-api-key` for Claude Code,
     /// `authorization: Bearer` for Codex.
     pub fn for_profile(upstream: impl Into<String>, key: impl Into<String>) -> Self {
-        ForwarderConfig {
-            header: None,
-            ..ForwarderConfig::new(upstream, key, CredentialHeader::XApiKey)
-        }
+        let mut config = ForwarderConfig::new(upstream, key, CredentialHeader::XApiKey);
+        config.header = None;
+        config
     }
 }
 
@@ -165,6 +172,137 @@ pub enum ForwarderError {
     Tls(String),
 }
 
+/// The certificates that verify an `https` upstream.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum TlsRoots {
+    /// Mozilla's roots, built in (`webpki-roots`).
+    #[default]
+    Bundled,
+    /// The system's roots (as `rustls-native-certs` finds them: the
+    /// platform's store, or `SSL_CERT_FILE` / `SSL_CERT_DIR`).
+    System,
+    /// Only the certificates of this PEM file (a private CA).
+    CaFile(PathBuf),
+}
+
+/// Upstream connections, pooled (idle ones kept 90 s): forwarders made
+/// with one pool ([`LlmForwarder::with_pool`]) share its connections,
+/// whatever their credentials. Cheap to clone.
+#[derive(Clone)]
+pub struct UpstreamPool {
+    client: Client<HttpsConnector, Body>,
+    roots: TlsRoots,
+}
+
+impl std::fmt::Debug for UpstreamPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamPool")
+            .field("roots", &self.roots)
+            .finish_non_exhaustive()
+    }
+}
+
+impl UpstreamPool {
+    /// A pool whose `https` upstreams are verified against `roots`; a CA
+    /// file that cannot be read or holds no certificate, or a system with
+    /// no roots, is an error here, not at the first request.
+    pub fn new(roots: TlsRoots) -> Result<UpstreamPool, ForwarderError> {
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        // The crypto provider is named, not left to rustls' process default:
+        // a binary that links both of rustls' providers (the cli, through
+        // the fleet's cloud SDKs) has no default.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let tls = |e: &dyn std::fmt::Display| ForwarderError::Tls(e.to_string());
+        let builder = hyper_rustls::HttpsConnectorBuilder::new();
+        let builder = match &roots {
+            TlsRoots::Bundled => builder
+                .with_provider_and_webpki_roots(provider)
+                .map_err(|e| tls(&e))?,
+            TlsRoots::System | TlsRoots::CaFile(_) => {
+                let store = root_store(&roots)?;
+                let config = rustls::ClientConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| tls(&e))?
+                    .with_root_certificates(store)
+                    .with_no_client_auth();
+                builder.with_tls_config(config)
+            }
+        };
+        let connector = builder.https_or_http().enable_http1().wrap_connector(http);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(POOL_IDLE)
+            .build(connector);
+        Ok(UpstreamPool { client, roots })
+    }
+}
+
+/// The root store of [`TlsRoots::System`] or [`TlsRoots::CaFile`].
+fn root_store(roots: &TlsRoots) -> Result<rustls::RootCertStore, ForwarderError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut store = rustls::RootCertStore::empty();
+    match roots {
+        TlsRoots::CaFile(path) => {
+            let shown = path.display();
+            let certs = CertificateDer::pem_file_iter(path)
+                .map_err(|e| ForwarderError::Tls(format!("cannot read CA file {shown}: {e}")))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| {
+                    ForwarderError::Tls(format!("CA file {shown} is not valid PEM: {e}"))
+                })?;
+                store.add(cert).map_err(|e| {
+                    ForwarderError::Tls(format!("CA file {shown} holds a bad certificate: {e}"))
+                })?;
+            }
+            if store.is_empty() {
+                return Err(ForwarderError::Tls(format!(
+                    "CA file {shown} holds no certificate"
+                )));
+            }
+        }
+        TlsRoots::System | TlsRoots::Bundled => {
+            let found = rustls_native_certs::load_native_certs();
+            let (added, _) = store.add_parsable_certificates(found.certs);
+            if added == 0 {
+                let errors: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+                return Err(ForwarderError::Tls(format!(
+                    "no system root certificates found{}; set SSL_CERT_FILE or configure a CA file",
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", errors.join("; "))
+                    }
+                )));
+            }
+        }
+    }
+    Ok(store)
+}
+
+/// One request the forwarder served, once its response ended: no bodies,
+/// no headers, no query.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestSummary {
+    pub method: String,
+    /// The path the agent asked for, without its query.
+    pub path: String,
+    /// What the agent got: the upstream's status or the forwarder's own.
+    pub status: u16,
+    /// Body bytes from the agent and to it.
+    pub request_bytes: u64,
+    pub response_bytes: u64,
+    /// From the request's head to the response's end.
+    pub duration: Duration,
+    /// Why the response ended early, if it did.
+    pub error: Option<String>,
+}
+
+/// Where [`LlmForwarder::serve_connection_observed`] reports each request.
+pub type Observer = Arc<dyn Fn(RequestSummary) + Send + Sync>;
+
 type Body = BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
 type HttpsConnector = hyper_rustls::HttpsConnector<HttpConnector>;
 
@@ -185,7 +323,8 @@ struct Inner {
     authority: http::uri::Authority,
     /// The upstream's base path without its trailing `/`.
     base_path: String,
-    /// The credential's header values (sensitive), one per way to send it.
+    /// The credential's header values (sensitive), one per way to send it;
+    /// their bytes are zeroed when the last request holding them is gone.
     x_api_key: HeaderValue,
     bearer: HeaderValue,
     max_request_body: u64,
@@ -207,7 +346,16 @@ impl std::fmt::Debug for LlmForwarder {
 }
 
 impl LlmForwarder {
+    /// A forwarder with a pool of its own (Mozilla's roots for `https`).
     pub fn new(config: ForwarderConfig) -> Result<LlmForwarder, ForwarderError> {
+        LlmForwarder::with_pool(config, &UpstreamPool::new(TlsRoots::Bundled)?)
+    }
+
+    /// A forwarder that shares `pool`'s upstream connections.
+    pub fn with_pool(
+        config: ForwarderConfig,
+        pool: &UpstreamPool,
+    ) -> Result<LlmForwarder, ForwarderError> {
         let bad = |why: &str| ForwarderError::Upstream(config.upstream.clone(), why.to_string());
         let uri: Uri = config
             .upstream
@@ -218,36 +366,25 @@ impl LlmForwarder {
             return Err(bad("the scheme must be http or https"));
         }
         let authority = uri.authority().cloned().ok_or_else(|| bad("no host"))?;
+        // (`Uri` takes any digits as a port; `port_u16` then says nothing.)
+        if let Some((_, port)) = authority.as_str().rsplit_once(':')
+            && !port.contains(']')
+            && port.parse::<u16>().map_or(true, |p| p == 0)
+        {
+            return Err(bad("the port must be a number from 1 to 65535"));
+        }
         if uri.query().is_some() {
             return Err(bad("a query is not allowed in the base URL"));
         }
         let base_path = uri.path().trim_end_matches('/').to_string();
-        let sensitive = |v: Result<HeaderValue, _>| match v {
-            Ok(mut v) if !config.key.is_empty() => {
-                v.set_sensitive(true);
-                Ok(v)
-            }
-            _ => Err(ForwarderError::Key),
-        };
-        let x_api_key = sensitive(HeaderValue::from_str(&config.key))?;
-        let bearer = sensitive(HeaderValue::from_str(&format!("Bearer {}", config.key)))?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(CONNECT_TIMEOUT));
-        // The crypto provider is named, not left to rustls' process default:
-        // a binary that links both of rustls' providers (the cli, through
-        // the fleet's cloud SDKs) has no default.
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(provider)
-            .map_err(|e| ForwarderError::Tls(e.to_string()))?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(POOL_IDLE)
-            .build(connector);
+        if config.key.is_empty() {
+            return Err(ForwarderError::Key);
+        }
+        let x_api_key = secret_header(config.key.as_bytes().to_vec())?;
+        let mut bearer = Zeroizing::new(Vec::with_capacity(config.key.len() + 7));
+        bearer.extend_from_slice(b"Bearer ");
+        bearer.extend_from_slice(config.key.as_bytes());
+        let bearer = secret_header(std::mem::take(&mut *bearer))?;
         Ok(LlmForwarder {
             inner: Arc::new(Inner {
                 scheme,
@@ -256,7 +393,7 @@ impl LlmForwarder {
                 x_api_key,
                 bearer,
                 max_request_body: config.max_request_body,
-                client,
+                client: pool.client.clone(),
             }),
             header: config.header.unwrap_or(CredentialHeader::XApiKey),
             fixed: config.header.is_some(),
@@ -299,10 +436,24 @@ impl LlmForwarder {
     where
         IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        self.serve_connection_observed(io, None).await
+    }
+
+    /// [`LlmForwarder::serve_connection`], telling `observer` about each
+    /// request once its response ended (or was abandoned).
+    pub async fn serve_connection_observed<IO>(
+        &self,
+        io: IO,
+        observer: Option<Observer>,
+    ) -> Result<(), hyper::Error>
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
         let this = self.clone();
         let service = hyper::service::service_fn(move |req| {
             let this = this.clone();
-            async move { Ok::<_, Infallible>(this.forward(req).await) }
+            let observer = observer.clone();
+            async move { Ok::<_, Infallible>(this.forward_observed(req, observer).await) }
         });
         hyper::server::conn::http1::Builder::new()
             .half_close(true)
@@ -312,7 +463,48 @@ impl LlmForwarder {
     }
 
     /// Forwards one request; never fails (errors become JSON responses).
-    pub async fn forward(&self, mut req: Request<Incoming>) -> Response<Body> {
+    pub async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
+        self.forward_observed(req, None).await
+    }
+
+    /// [`LlmForwarder::forward`], telling `observer` about the request once
+    /// its response ended.
+    pub async fn forward_observed(
+        &self,
+        req: Request<Incoming>,
+        observer: Option<Observer>,
+    ) -> Response<Body> {
+        let Some(observer) = observer else {
+            return self.forward_counted(req, None).await;
+        };
+        let started = Instant::now();
+        let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+        let sent = Arc::new(AtomicU64::new(0));
+        let resp = self.forward_counted(req, Some(&sent)).await;
+        let meter = Meter {
+            observer,
+            method,
+            path,
+            status: resp.status().as_u16(),
+            sent,
+            started,
+        };
+        let (parts, body) = resp.into_parts();
+        let body = Metered {
+            inner: body,
+            bytes: 0,
+            meter: Some(meter),
+        };
+        Response::from_parts(parts, body.boxed())
+    }
+
+    /// Forwards one request, counting its body bytes into `sent`.
+    async fn forward_counted(
+        &self,
+        mut req: Request<Incoming>,
+        sent: Option<&Arc<AtomicU64>>,
+    ) -> Response<Body> {
+        let sent = sent.cloned().unwrap_or_default();
         let inner = &self.inner;
         // A connection upgrade (WebSocket): the protocol asked for, and the
         // agent's side of the upgraded connection once answered 101.
@@ -326,7 +518,7 @@ impl LlmForwarder {
         if declared.is_some_and(|n| n > inner.max_request_body) {
             // Read and drop the body first, so that an agent that sends it
             // all before reading can read the answer; memory stays flat.
-            drain(body).await;
+            sent.fetch_add(drain(body).await, Ordering::Relaxed);
             return self.too_large();
         }
         let path_and_query = parts
@@ -365,6 +557,7 @@ impl LlmForwarder {
             inner: body,
             left: inner.max_request_body,
             over: Arc::clone(&over),
+            sent,
         };
         let upstream = Request::from_parts(parts, body.boxed());
         match inner.client.request(upstream).await {
@@ -504,10 +697,107 @@ fn error(status: StatusCode, kind: &str, message: &str) -> Response<Body> {
     resp
 }
 
-async fn drain(mut body: Incoming) {
+/// Reads and drops a body: its length.
+async fn drain(mut body: Incoming) -> u64 {
+    let mut n = 0;
     while let Some(frame) = body.frame().await {
-        if frame.is_err() {
-            return;
+        match frame {
+            Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+            Err(_) => break,
+        }
+    }
+    n
+}
+
+/// A header value holding a secret: marked sensitive, and its bytes are
+/// zeroed when the last value sharing them is dropped. (What hyper copies
+/// into a connection's write buffer to send it is beyond reach.)
+fn secret_header(bytes: Vec<u8>) -> Result<HeaderValue, ForwarderError> {
+    let owned = Bytes::from_owner(Zeroizing::new(bytes));
+    let mut v = HeaderValue::from_maybe_shared(owned).map_err(|_| ForwarderError::Key)?;
+    v.set_sensitive(true);
+    Ok(v)
+}
+
+/// What a request's summary needs besides the response's bytes.
+struct Meter {
+    observer: Observer,
+    method: String,
+    path: String,
+    status: u16,
+    sent: Arc<AtomicU64>,
+    started: Instant,
+}
+
+impl Meter {
+    fn report(self, response_bytes: u64, error: Option<String>) {
+        (self.observer)(RequestSummary {
+            method: self.method,
+            path: self.path,
+            status: self.status,
+            request_bytes: self.sent.load(Ordering::Relaxed),
+            response_bytes,
+            duration: self.started.elapsed(),
+            error,
+        });
+    }
+}
+
+/// A response body that counts its bytes and reports the request when it
+/// ends, fails, or is dropped unfinished (the agent went away).
+struct Metered {
+    inner: Body,
+    bytes: u64,
+    meter: Option<Meter>,
+}
+
+impl http_body::Body for Metered {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.bytes += frame.data_ref().map_or(0, |d| d.len() as u64);
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(m) = this.meter.take() {
+                    m.report(
+                        this.bytes,
+                        Some(format!("the upstream's response failed: {e}")),
+                    );
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(m) = this.meter.take() {
+                    m.report(this.bytes, None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Metered {
+    fn drop(&mut self) {
+        if let Some(m) = self.meter.take() {
+            let error = (!http_body::Body::is_end_stream(&self.inner))
+                .then(|| "the agent went away before the response ended".to_string());
+            m.report(self.bytes, error);
         }
     }
 }
@@ -519,6 +809,8 @@ struct Capped {
     inner: Incoming,
     left: u64,
     over: Arc<AtomicBool>,
+    /// Bytes that went through.
+    sent: Arc<AtomicU64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -542,6 +834,7 @@ impl http_body::Body for Capped {
                     return Poll::Ready(Some(Err(OverCap.into())));
                 }
                 this.left -= len;
+                this.sent.fetch_add(len, Ordering::Relaxed);
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
@@ -581,6 +874,8 @@ mod tests {
             "127.0.0.1:9",
             "http://",
             "http://x/?q=1",
+            "http://x:99999",
+            "http://x:0",
             "not a url",
         ] {
             let cfg = ForwarderConfig::new(bad, "k", CredentialHeader::XApiKey);
@@ -605,6 +900,37 @@ mod tests {
             Some(CredentialHeader::XApiKey)
         );
         assert!("cookie".parse::<CredentialHeader>().is_err());
+    }
+
+    #[test]
+    fn tls_roots_come_from_the_system_or_a_ca_file_and_a_bad_file_says_why() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.pem");
+        let err = UpstreamPool::new(TlsRoots::CaFile(missing.clone()))
+            .expect_err("a missing CA file")
+            .to_string();
+        assert!(err.contains("cannot read CA file"), "{err}");
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "no certificate here\n").expect("write");
+        let err = UpstreamPool::new(TlsRoots::CaFile(empty))
+            .expect_err("a file with no certificate")
+            .to_string();
+        assert!(err.contains("holds no certificate"), "{err}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+        )
+        .expect("write");
+        assert!(UpstreamPool::new(TlsRoots::CaFile(garbage)).is_err());
+        // The system's roots (CI images carry a CA bundle), and a pool
+        // shared by two forwarders with different keys.
+        let pool = UpstreamPool::new(TlsRoots::System).expect("system roots");
+        let a = LlmForwarder::with_pool(ForwarderConfig::for_profile("https://x", "ka"), &pool);
+        let b = LlmForwarder::with_pool(ForwarderConfig::for_profile("https://x", "kb"), &pool);
+        assert_eq!(a.expect("a").credential().1.as_bytes(), b"ka");
+        assert_eq!(b.expect("b").credential().1.as_bytes(), b"kb");
     }
 
     #[test]

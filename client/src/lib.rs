@@ -30,15 +30,23 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The crate depends on the API (`turnstile-proto`), never on the broker.
+//! The crate depends on the API (`turnstile-proto`), never on the broker,
+//! except with its `broker` feature: [`broker_side`] then implements the
+//! broker's forwarder factory with [`LlmForwarder`], for broker-side
+//! forwarding (what `turnstile serve` installs).
 
 pub use turnstile_proto::flow;
+#[cfg(feature = "broker")]
+pub mod broker_side;
 mod forward;
 mod input;
 mod relay;
 mod turn;
 
-pub use forward::{CredentialHeader, ForwarderConfig, ForwarderError, LlmForwarder};
+pub use forward::{
+    CredentialHeader, ForwarderConfig, ForwarderError, LlmForwarder, Observer, RequestSummary,
+    TlsRoots, UpstreamPool,
+};
 pub use input::{TurnGone, TurnInput};
 pub use turn::{Resume, Turn};
 pub use turnstile_proto::v1 as pb;

@@ -749,3 +749,102 @@ print(r.status, r.read().decode(), sorted(k for k in os.environ if 'KEY' in k))
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--llm-key-env"), "{err}");
 }
+
+crate::both_modes!(run_llm_forward_broker_sends_the_key_in_start);
+
+/// `turnstile run --llm-forward broker`: the broker (embedded here) serves
+/// the agent's connection with the key from this process's environment;
+/// `--events jsonl` shows the request's summary; a bad upstream is refused
+/// by the broker (exit 125) with the field named.
+async fn run_llm_forward_broker_sends_the_key_in_start(mode: Mode) {
+    let dir = tempdir();
+    let state = dir.path().join("state");
+    let up = super::upstream::Upstream::start().await;
+    let key = "sk-cli-broker-77ab01";
+    let agent = r#"
+import http.client, os, urllib.parse
+u = urllib.parse.urlparse(os.environ['ANTHROPIC_BASE_URL'])
+c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+c.request('POST', '/v1/echo?q=1', body=b'abc')
+r = c.getresponse()
+print(r.status, r.read().decode())
+"#;
+    let args = |url: &str| {
+        vec![
+            "--quiet".to_string(),
+            "--events".into(),
+            "jsonl".into(),
+            "--llm-upstream".into(),
+            url.to_string(),
+            "--llm-key-env".into(),
+            "TEST_LLM_KEY".into(),
+            "--llm-forward".into(),
+            "broker".into(),
+            "--".into(),
+            "python3".into(),
+            "-c".into(),
+            agent.into(),
+        ]
+    };
+    let a = args(&up.url());
+    let mut c = embedded(
+        &state,
+        mode,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    c.env("TEST_LLM_KEY", key);
+    let (code, out, err) = tokio::task::spawn_blocking(move || output(c, b""))
+        .await
+        .expect("join");
+    assert_eq!(code, 0, "{out}\n{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a json line"))
+        .collect();
+    let started = &lines[0];
+    assert_eq!(started["event"], "started");
+    assert_eq!(started["llm_upstream"], up.url());
+    let req = lines
+        .iter()
+        .find(|l| l["event"] == "llm_request")
+        .unwrap_or_else(|| panic!("no summary: {out}"));
+    assert_eq!(
+        (
+            &req["method"],
+            &req["path"],
+            &req["status"],
+            &req["request_bytes"]
+        ),
+        (
+            &serde_json::json!("POST"),
+            &serde_json::json!("/v1/echo"),
+            &serde_json::json!(200),
+            &serde_json::json!(3)
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("200 {\\\"len\\\": 3, \\\"sum\\\": 294}"),
+        "{out}"
+    );
+    assert!(!out.contains(key) && !err.contains(key));
+    let seen = up.seen();
+    assert_eq!(seen.len(), 1);
+    let sent = seen[0].headers.get("x-api-key").expect("key injected");
+    assert_eq!(sent.as_bytes(), key.as_bytes());
+
+    // A bad upstream: refused by the broker, before anything runs.
+    let a = args("ftp://127.0.0.1:1");
+    let mut c = embedded(
+        &state,
+        mode,
+        &a.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    c.env("TEST_LLM_KEY", key);
+    let (code, _, err) = tokio::task::spawn_blocking(move || output(c, b""))
+        .await
+        .expect("join");
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("the scheme must be http or https"), "{err}");
+    assert!(!err.contains(key), "{err}");
+}

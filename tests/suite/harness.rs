@@ -394,6 +394,7 @@ pub fn record(o: &mut Outcome, ev: pb::TurnEvent) {
             o.exited = Some(e);
         }
         Some(pb::turn_event::Kind::Llm(_)) => o.order.push("llm"),
+        Some(pb::turn_event::Kind::LlmRequest(_)) => o.order.push("llm_request"),
         Some(pb::turn_event::Kind::Notice(n)) => {
             o.order.push("notice");
             o.notices.push(n.message);
@@ -545,6 +546,19 @@ impl Daemon {
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig)
             .expect("signal daemon");
+    }
+
+    /// Stops the daemon (SIGTERM), waits for it, and returns every line it
+    /// logged that no `wait_log` took.
+    pub async fn stop_and_log(mut self) -> Vec<String> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let log = std::mem::replace(&mut self.log, std::sync::mpsc::channel().1);
+        let status = self.wait().await;
+        assert!(status.success(), "daemon: {status:?}");
+        // The reader thread ends at the daemon's EOF.
+        tokio::task::spawn_blocking(move || log.iter().collect())
+            .await
+            .expect("join")
     }
 
     pub async fn wait(mut self) -> std::process::ExitStatus {

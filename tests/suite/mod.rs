@@ -16,6 +16,7 @@ mod isolation;
 mod lifecycle;
 mod limits;
 mod llm;
+mod llm_broker;
 mod llm_frames;
 mod llm_http;
 mod profiles;

@@ -327,6 +327,7 @@ mod tests {
             disk_file_cap: None,
             turn_key: String::new(),
             detach_grace_ms: 0,
+            llm_upstream: None,
         }
     }
 

@@ -191,6 +191,12 @@ impl Turn {
             llm_profile: Some(self.spec.profile.started_info()),
             hydrate_us,
             generation,
+            llm_upstream: self
+                .spec
+                .llm_upstream
+                .as_ref()
+                .map(|u| u.base_url.clone())
+                .unwrap_or_default(),
         };
         info!(spawn_us, shim.pid = shim_pid, "agent started");
         self.link.send(pb::turn_event::Kind::Started(started));

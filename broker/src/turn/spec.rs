@@ -17,7 +17,8 @@ use turnstile_proto::v1 as pb;
 /// Default LLM bridge variable (of [`AgentProfile::default_pair`]).
 pub const DEFAULT_LLM_ENV: &str = "ANTHROPIC_BASE_URL";
 
-/// A validated `Start`.
+/// A validated `Start`. `Debug` never shows a credential: the upstream's
+/// is held by its forwarder, whose `Debug` shows the URL only.
 #[derive(Debug, Clone)]
 pub struct TurnSpec {
     pub session_id: String,
@@ -39,6 +40,8 @@ pub struct TurnSpec {
     pub turn_key: String,
     /// How long the turn outlives its executor's stream.
     pub detach_grace_ms: u64,
+    /// Broker-side forwarding (`Start.llm_upstream`): the turn's forwarder.
+    pub llm_upstream: Option<crate::llm::upstream::TurnUpstream>,
 }
 
 /// A fresh unique id (turns, spool files).
@@ -114,7 +117,7 @@ fn pick(
 
 impl TurnSpec {
     /// Validates a `Start` completely; nothing touches disk.
-    pub fn from_start(start: pb::Start, broker: &Broker) -> Result<TurnSpec, InputError> {
+    pub fn from_start(mut start: pb::Start, broker: &Broker) -> Result<TurnSpec, InputError> {
         validate::session_id(&start.session_id)?;
         let turn_id = if start.turn_id.is_empty() {
             new_turn_id()
@@ -190,6 +193,10 @@ impl TurnSpec {
             }
             _ => LeasePolicy::Reject,
         };
+        let llm_upstream = match start.llm_upstream.as_mut() {
+            Some(up) => Some(turn_upstream(up, &profile, broker)?),
+            None => None,
+        };
         let disk_file_cap = broker
             .disk
             .file_size_cap(&start.session_id, disk_limit(&limits));
@@ -207,6 +214,7 @@ impl TurnSpec {
             profile: Arc::new(profile),
             turn_key: start.turn_key,
             detach_grace_ms,
+            llm_upstream,
         })
     }
 
@@ -232,6 +240,30 @@ impl TurnSpec {
         field(self.cwd.as_bytes());
         h.finalize().iter().map(|b| format!("{b:02x}")).collect()
     }
+}
+
+/// The forwarder of a `Start`'s upstream (its credential moved out of the
+/// message into the forwarder).
+fn turn_upstream(
+    up: &mut pb::LlmUpstream,
+    profile: &AgentProfile,
+    broker: &Broker,
+) -> Result<crate::llm::upstream::TurnUpstream, InputError> {
+    use crate::llm::upstream::{TurnUpstream, UpstreamError, UpstreamSpec};
+    let spec = UpstreamSpec::take(up, profile.credential_header)?;
+    let upstreams = broker
+        .llm_upstreams()
+        .ok_or(InputError::Upstream(UpstreamError::Unsupported))?;
+    let forwarder = upstreams.forwarder(&spec).map_err(|why| {
+        InputError::Upstream(UpstreamError::Url {
+            url: spec.base_url.clone(),
+            why,
+        })
+    })?;
+    Ok(TurnUpstream {
+        base_url: spec.base_url.clone(),
+        forwarder,
+    })
 }
 
 /// The session disk limit within a turn's limits.

@@ -258,6 +258,9 @@ pub(super) struct StdioRelay {
     output: Output,
     link: Arc<Link>,
     llm: Option<Arc<llm::Relay>>,
+    /// Broker-side forwarding of the agent's LLM connections, instead of
+    /// `llm`.
+    forwarding: Option<llm::Forwarding>,
 }
 
 impl StdioRelay {
@@ -272,6 +275,11 @@ impl StdioRelay {
         if let Some(r) = &self.llm {
             // No LLM frame may follow `Exited`.
             r.close();
+        }
+        if let Some(f) = &self.forwarding {
+            // The turn's connections end with it, and with them its hold
+            // on the forwarder (and the credential).
+            f.close();
         }
         Counters {
             stdout,
@@ -290,13 +298,63 @@ impl Turn {
         if let (Some(w), Some(queue)) = (stdio.stdin, self.link.inputs.take_stdin()) {
             tokio::spawn(stdin_writer(w, queue).in_current_span());
         }
+        if let Some(up) = &self.spec.llm_upstream {
+            // Broker-side forwarding: the executor's LLM frames have no
+            // connection to go to.
+            self.link.inputs.set_llm(None);
+            return StdioRelay {
+                output,
+                link: self.link.clone(),
+                llm: None,
+                forwarding: self.forwarding(prepared, up),
+            };
+        }
         let llm = self.llm_relay(prepared).await;
         self.link.inputs.set_llm(llm.clone());
         StdioRelay {
             output,
             link: self.link.clone(),
             llm,
+            forwarding: None,
         }
+    }
+
+    /// The agent's LLM connections served by the broker (broker-side
+    /// forwarding); each request's summary becomes an `LlmRequest` event.
+    fn forwarding(
+        &self,
+        prepared: &super::Prepared,
+        up: &llm::upstream::TurnUpstream,
+    ) -> Option<llm::Forwarding> {
+        let listener = prepared
+            .llm
+            .try_clone()
+            .and_then(tokio::net::UnixListener::from_std);
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "the LLM forwarder cannot listen for this turn");
+                let message = format!("LLM forwarding is unavailable for this turn: {e}");
+                self.link
+                    .send(pb::turn_event::Kind::Notice(pb::Notice { message }));
+                return None;
+            }
+        };
+        // Weak: a connection the turn's end has not reaped yet keeps no
+        // link alive.
+        let link = Arc::downgrade(&self.link);
+        let report: llm::upstream::Report = Arc::new(move |summary| {
+            if let Some(link) = link.upgrade() {
+                link.send(pb::turn_event::Kind::LlmRequest(summary));
+            }
+        });
+        let max = self.broker.config.llm_max_connections;
+        Some(llm::Forwarding::start(
+            listener,
+            up.forwarder.clone(),
+            max,
+            report,
+        ))
     }
 
     /// The LLM relay on the turn's socket; without one, the executor is

@@ -16,7 +16,7 @@ from . import _wire
 from ._proto import turnstile_pb2 as pb
 from ._proto import turnstile_pb2_grpc as pb_grpc
 from .errors import from_rpc_error
-from .models import Limits, SessionInfo, TurnRef
+from .models import Limits, LlmUpstream, SessionInfo, TurnRef
 from .turn import PIPE, StdinSource, Turn, TurnStart
 
 #: Largest gRPC message accepted from the broker (a stdout chunk is at most 256 KiB;
@@ -122,6 +122,7 @@ class Broker:
         wait_ms: int | None = None,
         detach_grace_ms: int = 0,
         turn_key: str = "",
+        llm_upstream: LlmUpstream | None = None,
     ) -> TurnStart:
         """Starts a turn of ``session_id`` (a new id creates the session) running
         ``argv`` (``argv[0]`` is looked up in the agent's PATH).
@@ -147,6 +148,11 @@ class Broker:
         ``Exited``, and one with the same key but another argv, env or cwd raises
         :class:`~turnstile_client.AlreadyExists`.
 
+        ``llm_upstream``: the broker serves the agent's LLM connections itself,
+        forwarding to that upstream with its credential (see :class:`LlmUpstream`);
+        the turn then yields an :class:`LlmRequest` summary per request. Without it
+        the agent's LLM connections are refused (this client does not serve them).
+
         Returns once the agent started (or could not: then the first event is an
         ``Exited`` with reason ``SPAWN_FAILED``); a refusal raises the exception
         of its status, and nothing ran. Use as ``turn = await broker.run_turn(...)``
@@ -167,6 +173,8 @@ class Broker:
         )
         if limits is not None:
             start.limits.CopyFrom(limits.to_pb())
+        if llm_upstream is not None:
+            start.llm_upstream.CopyFrom(llm_upstream.to_pb())
         if wait_ms is not None:
             start.lease.CopyFrom(pb.Lease(policy=pb.Lease.WAIT, wait_ms=wait_ms))
 

@@ -171,6 +171,9 @@ class Started:
     spawn_us: int
     started_at_unix_ms: int
     isolation: Isolation | None
+    #: The upstream base URL the broker forwards the agent's LLM requests to
+    #: (broker-side forwarding); "" when it does not.
+    llm_upstream: str = ""
 
     @classmethod
     def from_pb(cls, m: pb.Started) -> Started:
@@ -184,6 +187,7 @@ class Started:
             spawn_us=m.spawn_us,
             started_at_unix_ms=m.started_at_unix_ms,
             isolation=Isolation.from_pb(m.isolation) if m.HasField("isolation") else None,
+            llm_upstream=m.llm_upstream,
         )
 
 
@@ -206,6 +210,71 @@ class Notice:
     """A problem with something the executor sent that does not end the turn."""
 
     message: str
+
+
+@dataclass(frozen=True, slots=True)
+class LlmRequest:
+    """One LLM request the broker forwarded for the agent (broker-side
+    forwarding), once its response ended: no bodies, no headers, no query."""
+
+    method: str
+    #: The path the agent asked for, without its query.
+    path: str
+    #: What the agent got: the upstream's status, or the broker's own 502/413.
+    status: int
+    request_bytes: int
+    response_bytes: int
+    duration_us: int
+    #: Why the response ended early ("" when it completed).
+    error: str
+
+    @classmethod
+    def from_pb(cls, m: pb.LlmRequest) -> LlmRequest:
+        return cls(
+            method=m.method,
+            path=m.path,
+            status=m.status,
+            request_bytes=m.request_bytes,
+            response_bytes=m.response_bytes,
+            duration_us=m.duration_us,
+            error=m.error,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class LlmUpstream:
+    """Broker-side forwarding: the broker serves the turn's LLM connections
+    itself, forwarding each request to ``base_url`` with ``credential`` added.
+    The credential goes to the broker in the turn's ``Start`` and is held in
+    its memory only (never on disk, never logged, never in the jail); it is
+    never shown by ``repr``."""
+
+    #: ``http://`` or ``https://`` base URL (no query, no user info).
+    base_url: str
+    credential: str = field(repr=False)
+    #: ``"x-api-key"`` or ``"authorization"`` (``Bearer``); None: as the turn's
+    #: agent profile says (``x-api-key`` without one).
+    credential_header: str | None = None
+    #: Requests with a larger body get 413; 0 = the broker's default (32 MiB).
+    max_request_bytes: int = 0
+
+    def to_pb(self) -> pb.LlmUpstream:
+        headers = {
+            None: pb.CREDENTIAL_HEADER_UNSPECIFIED,
+            "x-api-key": pb.CREDENTIAL_HEADER_X_API_KEY,
+            "authorization": pb.CREDENTIAL_HEADER_AUTHORIZATION_BEARER,
+        }
+        if self.credential_header not in headers:
+            raise ValueError(
+                f"credential_header {self.credential_header!r}: "
+                "want 'x-api-key', 'authorization' or None"
+            )
+        return pb.LlmUpstream(
+            base_url=self.base_url,
+            credential=self.credential,
+            credential_header=headers[self.credential_header],
+            max_request_bytes=self.max_request_bytes,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +323,7 @@ class Exited:
 
 
 #: What iterating a turn yields.
-Event = Union[Started, Stdout, Stderr, Notice, Exited]
+Event = Union[Started, Stdout, Stderr, Notice, LlmRequest, Exited]
 
 
 @dataclass(frozen=True, slots=True)

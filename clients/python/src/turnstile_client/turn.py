@@ -13,7 +13,17 @@ import grpc
 from . import _wire
 from ._proto import turnstile_pb2 as pb
 from .errors import NotFound, StdinNotPiped, TurnGone, TurnLost, from_rpc_error
-from .models import Event, Exited, Notice, Signal, Started, Stderr, Stdout, TurnResult
+from .models import (
+    Event,
+    Exited,
+    LlmRequest,
+    Notice,
+    Signal,
+    Started,
+    Stderr,
+    Stdout,
+    TurnResult,
+)
 
 if TYPE_CHECKING:
     from .broker import Broker
@@ -30,7 +40,8 @@ RESUME_BACKOFF_S: Final = 0.05
 #: Why the agent's LLM connections are refused: this client does not relay them.
 NO_LLM_RELAY: Final = (
     "no LLM upstream is configured for this turn (the Python client does not "
-    "relay LLM connections)"
+    "relay LLM connections: pass run_turn(..., llm_upstream=LlmUpstream(...)) for "
+    "the broker to forward them)"
 )
 
 
@@ -227,6 +238,8 @@ class Turn:
             return self.exited
         if kind == "notice":
             return Notice(msg.notice.message)
+        if kind == "llm_request":
+            return LlmRequest.from_pb(msg.llm_request)
         if kind == "llm":
             if msg.llm.WhichOneof("kind") == "open":
                 # Refused at once, as the Rust client does without a forwarder, so

@@ -184,7 +184,7 @@ class LlmReset(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Start(_message.Message):
-    __slots__ = ("session_id", "turn_id", "argv", "env", "cwd", "limits", "lease", "llm_env_vars", "profile", "llm_credential_env_vars", "turn_key", "detach_grace_ms")
+    __slots__ = ("session_id", "turn_id", "argv", "env", "cwd", "limits", "lease", "llm_env_vars", "profile", "llm_credential_env_vars", "turn_key", "detach_grace_ms", "llm_upstream")
     class EnvEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class Start(_message.Message):
     LLM_CREDENTIAL_ENV_VARS_FIELD_NUMBER: _ClassVar[int]
     TURN_KEY_FIELD_NUMBER: _ClassVar[int]
     DETACH_GRACE_MS_FIELD_NUMBER: _ClassVar[int]
+    LLM_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     turn_id: str
     argv: _containers.RepeatedScalarFieldContainer[str]
@@ -216,7 +217,20 @@ class Start(_message.Message):
     llm_credential_env_vars: _containers.RepeatedScalarFieldContainer[str]
     turn_key: str
     detach_grace_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., llm_env_vars: _Optional[_Iterable[str]] = ..., profile: _Optional[str] = ..., llm_credential_env_vars: _Optional[_Iterable[str]] = ..., turn_key: _Optional[str] = ..., detach_grace_ms: _Optional[int] = ...) -> None: ...
+    llm_upstream: LlmUpstream
+    def __init__(self, session_id: _Optional[str] = ..., turn_id: _Optional[str] = ..., argv: _Optional[_Iterable[str]] = ..., env: _Optional[_Mapping[str, str]] = ..., cwd: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., lease: _Optional[_Union[Lease, _Mapping]] = ..., llm_env_vars: _Optional[_Iterable[str]] = ..., profile: _Optional[str] = ..., llm_credential_env_vars: _Optional[_Iterable[str]] = ..., turn_key: _Optional[str] = ..., detach_grace_ms: _Optional[int] = ..., llm_upstream: _Optional[_Union[LlmUpstream, _Mapping]] = ...) -> None: ...
+
+class LlmUpstream(_message.Message):
+    __slots__ = ("base_url", "credential", "credential_header", "max_request_bytes")
+    BASE_URL_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_FIELD_NUMBER: _ClassVar[int]
+    CREDENTIAL_HEADER_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    base_url: str
+    credential: str
+    credential_header: CredentialHeader
+    max_request_bytes: int
+    def __init__(self, base_url: _Optional[str] = ..., credential: _Optional[str] = ..., credential_header: _Optional[_Union[CredentialHeader, str]] = ..., max_request_bytes: _Optional[int] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("wall_time_ms", "memory_bytes", "cpu_time_ms", "max_processes", "max_open_files", "max_file_size_bytes", "disk_bytes", "disk_inodes")
@@ -271,13 +285,14 @@ class SignalRequest(_message.Message):
     def __init__(self, signal: _Optional[_Union[SignalRequest.Signal, str]] = ...) -> None: ...
 
 class TurnEvent(_message.Message):
-    __slots__ = ("started", "stdout", "stderr", "exited", "llm", "notice", "seq")
+    __slots__ = ("started", "stdout", "stderr", "exited", "llm", "notice", "llm_request", "seq")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     STDOUT_FIELD_NUMBER: _ClassVar[int]
     STDERR_FIELD_NUMBER: _ClassVar[int]
     EXITED_FIELD_NUMBER: _ClassVar[int]
     LLM_FIELD_NUMBER: _ClassVar[int]
     NOTICE_FIELD_NUMBER: _ClassVar[int]
+    LLM_REQUEST_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
     started: Started
     stdout: bytes
@@ -285,8 +300,9 @@ class TurnEvent(_message.Message):
     exited: Exited
     llm: LlmFrame
     notice: Notice
+    llm_request: LlmRequest
     seq: int
-    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exited: _Optional[_Union[Exited, _Mapping]] = ..., llm: _Optional[_Union[LlmFrame, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
+    def __init__(self, started: _Optional[_Union[Started, _Mapping]] = ..., stdout: _Optional[bytes] = ..., stderr: _Optional[bytes] = ..., exited: _Optional[_Union[Exited, _Mapping]] = ..., llm: _Optional[_Union[LlmFrame, _Mapping]] = ..., notice: _Optional[_Union[Notice, _Mapping]] = ..., llm_request: _Optional[_Union[LlmRequest, _Mapping]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class Notice(_message.Message):
     __slots__ = ("message",)
@@ -295,7 +311,7 @@ class Notice(_message.Message):
     def __init__(self, message: _Optional[str] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("turn_id", "session_id", "mode", "home", "work_dir", "cwd", "spawn_us", "isolation", "started_at_unix_ms", "hydrate_us", "generation", "llm_profile")
+    __slots__ = ("turn_id", "session_id", "mode", "home", "work_dir", "cwd", "spawn_us", "isolation", "started_at_unix_ms", "hydrate_us", "generation", "llm_profile", "llm_upstream")
     TURN_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +324,7 @@ class Started(_message.Message):
     HYDRATE_US_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     LLM_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    LLM_UPSTREAM_FIELD_NUMBER: _ClassVar[int]
     turn_id: str
     session_id: str
     mode: Mode
@@ -320,7 +337,26 @@ class Started(_message.Message):
     hydrate_us: int
     generation: int
     llm_profile: LlmProfile
-    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., home: _Optional[str] = ..., work_dir: _Optional[str] = ..., cwd: _Optional[str] = ..., spawn_us: _Optional[int] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., started_at_unix_ms: _Optional[int] = ..., hydrate_us: _Optional[int] = ..., generation: _Optional[int] = ..., llm_profile: _Optional[_Union[LlmProfile, _Mapping]] = ...) -> None: ...
+    llm_upstream: str
+    def __init__(self, turn_id: _Optional[str] = ..., session_id: _Optional[str] = ..., mode: _Optional[_Union[Mode, str]] = ..., home: _Optional[str] = ..., work_dir: _Optional[str] = ..., cwd: _Optional[str] = ..., spawn_us: _Optional[int] = ..., isolation: _Optional[_Union[Isolation, _Mapping]] = ..., started_at_unix_ms: _Optional[int] = ..., hydrate_us: _Optional[int] = ..., generation: _Optional[int] = ..., llm_profile: _Optional[_Union[LlmProfile, _Mapping]] = ..., llm_upstream: _Optional[str] = ...) -> None: ...
+
+class LlmRequest(_message.Message):
+    __slots__ = ("method", "path", "status", "request_bytes", "response_bytes", "duration_us", "error")
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    method: str
+    path: str
+    status: int
+    request_bytes: int
+    response_bytes: int
+    duration_us: int
+    error: str
+    def __init__(self, method: _Optional[str] = ..., path: _Optional[str] = ..., status: _Optional[int] = ..., request_bytes: _Optional[int] = ..., response_bytes: _Optional[int] = ..., duration_us: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
 
 class LlmProfile(_message.Message):
     __slots__ = ("name", "credential_header", "base_path")
