@@ -10,7 +10,9 @@
 //! - Commit of an unchanged session: the `Fleet::commit` the turn runs after
 //!   the agent exited, called on a session a hydrate just found current
 //!   (what a turn that changed nothing pays between the agent's exit and
-//!   `Exited`, before the release). Goal: ≤ 10 ms.
+//!   `Exited`, before the release). Goal: ≤ 10 ms. The same turns' other
+//!   fleet steps (acquire, hydrate of a current copy, release) are
+//!   reported too: what fleet mode adds to a turn.
 //! - Hydrate and commit of a 100 MiB session (400 files of incompressible
 //!   data), against `tar -x` of its archive and `tar -c` of its tree (with
 //!   an fsync of the archive, as the store's upload does), same run,
@@ -292,23 +294,39 @@ async fn make_session(a: &Worker, id: &str, files: usize, bytes: usize) {
     a.fleet.release(&lease).await.expect("release");
 }
 
-/// `Fleet::commit` of session `id`, unchanged since its hydrate, `runs`
-/// times.
-async fn commit_unchanged(a: &Worker, id: &str, runs: usize) -> Vec<Duration> {
-    let mut out = Vec::with_capacity(runs);
+/// A turn of session `id` that changes nothing, `runs` times: the times of
+/// its fleet steps (acquire, hydrate of a current copy, commit, release).
+async fn unchanged_turns(a: &Worker, id: &str, runs: usize) -> [Vec<Duration>; 4] {
+    let mut out: [Vec<Duration>; 4] = Default::default();
     for i in 0..runs {
-        let (local, lease) = a.lease(id, &format!("unchanged-{i}")).await;
+        let turn = format!("unchanged-{i}");
+        let local = a
+            .sessions
+            .lease(id, &turn, LeasePolicy::Reject)
+            .await
+            .expect("host lease");
+        let t0 = Instant::now();
+        let lease = a
+            .fleet
+            .acquire(id, &turn, LeasePolicy::Reject)
+            .await
+            .expect("fleet lease");
+        out[0].push(t0.elapsed());
+        let t0 = Instant::now();
         let h = a
             .fleet
             .hydrate(&a.sessions, &local, &lease)
             .await
             .expect("hydrate");
+        out[1].push(t0.elapsed());
         assert_eq!(h.restored_bytes, None, "the local copy is current");
         let t0 = Instant::now();
         let c = a.fleet.commit(&a.sessions, &local, &lease).await;
-        out.push(t0.elapsed());
+        out[2].push(t0.elapsed());
         assert!(matches!(c, Ok(Commit::Unchanged { .. })), "{c:?}");
+        let t0 = Instant::now();
         a.fleet.release(&lease).await.expect("release");
+        out[3].push(t0.elapsed());
     }
     out
 }
@@ -339,12 +357,20 @@ fn big(rt: &tokio::runtime::Runtime, shared: &Shared) {
             (format!("{many_files} files of 1 KiB"), many),
             (format!("{files} files, {mib} MiB"), id),
         ] {
-            let t = commit_unchanged(&a, sid, unchanged_runs).await;
+            let [acquire, hydrate, commit, release] =
+                unchanged_turns(&a, sid, unchanged_runs).await;
             report(
                 &format!("fleet commit of an unchanged session ({what}), Fleet::commit"),
-                &t,
+                &commit,
                 None,
             );
+            for (step, t) in [
+                ("acquire", &acquire),
+                ("hydrate (current copy)", &hydrate),
+                ("release", &release),
+            ] {
+                report(&format!("fleet   same turns: {step}"), t, None);
+            }
         }
 
         // Hydrate on a worker with no local copy, against `tar -x` of the
