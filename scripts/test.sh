@@ -49,4 +49,6 @@ python=$(bash scripts/setup-python.sh)
 step "benchmarks (smoke run: each benchmark once, in criterion's test mode)"
 # The dev profile reuses what the tests built; the figures come from
 # `cargo bench -p turnstile-benches` (see the README), not from this run.
+# The fleet bench starts a throwaway PostgreSQL (installed above) and, here,
+# takes one sample of each figure with a 4 MiB session.
 cargo test --locked -p turnstile-benches --benches

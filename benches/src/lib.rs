@@ -71,6 +71,15 @@ impl Served {
 
     /// A broker whose config `tweak` adjusts first.
     pub async fn start_with(mode: Mode, tweak: impl FnOnce(&mut Config)) -> Served {
+        Served::start_in_fleet(mode, None, tweak).await
+    }
+
+    /// A broker in fleet mode when `fleet` is given (opened by the caller).
+    pub async fn start_in_fleet(
+        mode: Mode,
+        fleet: Option<Arc<dyn turnstile_broker::fleet::Fleet>>,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Served {
         use std::os::unix::fs::PermissionsExt;
         assert!(
             nix::unistd::geteuid().is_root(),
@@ -109,7 +118,7 @@ impl Served {
             ..Config::default()
         };
         tweak(&mut cfg);
-        let broker = Broker::new(cfg).expect("broker");
+        let broker = Broker::with_fleet(cfg, fleet).expect("broker");
         let listener = server::bind_unix(&socket).expect("bind");
         let (stop, stopped) = oneshot::channel::<()>();
         tokio::spawn(server::serve(broker.clone(), vec![listener], async {

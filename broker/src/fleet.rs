@@ -50,12 +50,17 @@ pub struct FleetConfig {
     pub keep_generations: u32,
 }
 
+/// `lease_ttl_ms` when not set.
+pub const DEFAULT_LEASE_TTL_MS: u64 = 30_000;
+/// `keep_generations` when not set.
+pub const DEFAULT_KEEP_GENERATIONS: u32 = 3;
+
 fn default_lease_ttl_ms() -> u64 {
-    30_000
+    DEFAULT_LEASE_TTL_MS
 }
 
 fn default_keep_generations() -> u32 {
-    3
+    DEFAULT_KEEP_GENERATIONS
 }
 
 /// Bounds of `lease_ttl_ms`: renewal runs every third of it, so a very
@@ -101,6 +106,17 @@ pub fn redact_url(url: &str) -> String {
 }
 
 impl FleetConfig {
+    /// Fleet mode on `database` and `archives`, everything else defaulted.
+    pub fn new(database: impl Into<String>, archives: impl Into<String>) -> FleetConfig {
+        FleetConfig {
+            database: database.into(),
+            archives: archives.into(),
+            worker_id: None,
+            lease_ttl_ms: DEFAULT_LEASE_TTL_MS,
+            keep_generations: DEFAULT_KEEP_GENERATIONS,
+        }
+    }
+
     /// The worker id: the configured one, or the host name.
     pub fn worker_id(&self) -> String {
         self.worker_id.clone().unwrap_or_else(|| {

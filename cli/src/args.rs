@@ -5,6 +5,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use turnstile_broker::config::{Config, ConfigError, DiskBackend, Mode};
+use turnstile_broker::fleet::FleetConfig;
 
 /// The longest `--timeout` or `--wait`: a year, so that milliseconds
 /// never overflow.
@@ -177,6 +178,8 @@ pub struct ServeArgs {
     /// How long an ended turn's journal is kept for a late `attach`.
     #[arg(long)]
     pub finished_turn_retention_ms: Option<u64>,
+    #[command(flatten)]
+    pub fleet: FleetArgs,
 }
 
 impl ServeArgs {
@@ -220,8 +223,85 @@ impl ServeArgs {
         if self.llm_ca_file.is_some() {
             cfg.llm_ca_file = self.llm_ca_file;
         }
+        cfg.fleet = self.fleet.apply(cfg.fleet.take())?;
         cfg.validate()?;
         Ok(cfg)
+    }
+}
+
+/// The `[fleet]` flags of `serve`: each overrides its key of the config
+/// file's `[fleet]` table; without that table, --fleet-database and
+/// --fleet-archives make one.
+#[derive(Debug, Default, Args)]
+pub struct FleetArgs {
+    /// Fleet mode: the PostgreSQL URL of the fleet's leases, generations
+    /// and catalog ([fleet] database). Without a [fleet] table in --config,
+    /// needs --fleet-archives too.
+    #[arg(long, value_name = "URL")]
+    pub fleet_database: Option<String>,
+    /// Fleet mode: the object store URL of session archives ([fleet]
+    /// archives): file:///dir, s3://bucket/prefix, gs://..., az://...
+    #[arg(long, value_name = "URL")]
+    pub fleet_archives: Option<String>,
+    /// Fleet mode: this worker's name in the catalog ([fleet] worker_id;
+    /// default: the host name).
+    #[arg(long, value_name = "ID")]
+    pub worker_id: Option<String>,
+    /// Fleet mode: how long a lease lasts without renewal ([fleet]
+    /// lease_ttl_ms; default 30000).
+    #[arg(long, value_name = "MS")]
+    pub lease_ttl_ms: Option<u64>,
+    /// Fleet mode: archives kept per session, the newest N generations
+    /// ([fleet] keep_generations; default 3).
+    #[arg(long, value_name = "N")]
+    pub keep_generations: Option<u32>,
+}
+
+impl FleetArgs {
+    /// `file` (the config file's `[fleet]`, if any) with these flags on top.
+    pub fn apply(self, file: Option<FleetConfig>) -> Result<Option<FleetConfig>, ConfigError> {
+        let mut fleet = match (file, self.fleet_database, self.fleet_archives) {
+            (Some(mut f), database, archives) => {
+                if let Some(d) = database {
+                    f.database = d;
+                }
+                if let Some(a) = archives {
+                    f.archives = a;
+                }
+                f
+            }
+            (None, Some(database), Some(archives)) => FleetConfig::new(database, archives),
+            (None, database, archives) => {
+                let given: Vec<&str> = [
+                    (database.is_some(), "--fleet-database"),
+                    (archives.is_some(), "--fleet-archives"),
+                    (self.worker_id.is_some(), "--worker-id"),
+                    (self.lease_ttl_ms.is_some(), "--lease-ttl-ms"),
+                    (self.keep_generations.is_some(), "--keep-generations"),
+                ]
+                .into_iter()
+                .filter_map(|(set, flag)| set.then_some(flag))
+                .collect();
+                if given.is_empty() {
+                    return Ok(None);
+                }
+                return Err(ConfigError::Fleet(format!(
+                    "{} given, but fleet mode needs both --fleet-database and --fleet-archives \
+                     (or a [fleet] table with database and archives in the --config file)",
+                    given.join(", ")
+                )));
+            }
+        };
+        if self.worker_id.is_some() {
+            fleet.worker_id = self.worker_id;
+        }
+        if let Some(ms) = self.lease_ttl_ms {
+            fleet.lease_ttl_ms = ms;
+        }
+        if let Some(n) = self.keep_generations {
+            fleet.keep_generations = n;
+        }
+        Ok(Some(fleet))
     }
 }
 
@@ -419,5 +499,155 @@ mod tests {
         ] {
             assert!(run(&bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// `turnstile serve` with `argv`, as a config.
+    fn serve(argv: &[&str]) -> Result<Config, ConfigError> {
+        let mut all = vec!["turnstile", "serve"];
+        all.extend_from_slice(argv);
+        match Cli::try_parse_from(all).expect("parses").command {
+            Command::Serve(args) => args.into_config(),
+            other => panic!("not serve: {other:?}"),
+        }
+    }
+
+    fn config_file(text: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        std::io::Write::write_all(&mut f, text.as_bytes()).expect("write");
+        f
+    }
+
+    #[test]
+    fn fleet_flags_make_the_fleet_table_and_override_the_config_file() {
+        assert_eq!(serve(&[]).expect("config").fleet, None);
+        let cfg = serve(&[
+            "--fleet-database",
+            "postgres://u:pw@127.0.0.1:5432/db",
+            "--fleet-archives",
+            "file:///srv/archives",
+        ])
+        .expect("config");
+        assert_eq!(
+            cfg.fleet,
+            Some(FleetConfig::new(
+                "postgres://u:pw@127.0.0.1:5432/db",
+                "file:///srv/archives"
+            ))
+        );
+        let cfg = serve(&[
+            "--fleet-database",
+            "postgres://127.0.0.1/db",
+            "--fleet-archives",
+            "s3://bucket/prefix",
+            "--worker-id",
+            "worker-7",
+            "--lease-ttl-ms",
+            "5000",
+            "--keep-generations",
+            "5",
+        ])
+        .expect("config");
+        assert_eq!(
+            cfg.fleet,
+            Some(FleetConfig {
+                database: "postgres://127.0.0.1/db".into(),
+                archives: "s3://bucket/prefix".into(),
+                worker_id: Some("worker-7".into()),
+                lease_ttl_ms: 5000,
+                keep_generations: 5,
+            })
+        );
+
+        // Flags override the file's keys one by one; the others stay.
+        let file = config_file(
+            "[fleet]\ndatabase = \"postgres://file/db\"\narchives = \"file:///file\"\n\
+             worker_id = \"from-file\"\nlease_ttl_ms = 9000\n",
+        );
+        let path = file.path().to_str().expect("utf-8");
+        let cfg = serve(&["--config", path]).expect("config");
+        let from_file = FleetConfig {
+            database: "postgres://file/db".into(),
+            archives: "file:///file".into(),
+            worker_id: Some("from-file".into()),
+            lease_ttl_ms: 9000,
+            keep_generations: 3,
+        };
+        assert_eq!(cfg.fleet, Some(from_file.clone()));
+        let cfg = serve(&[
+            "--config",
+            path,
+            "--worker-id",
+            "from-flag",
+            "--fleet-archives",
+            "gs://b/p",
+        ])
+        .expect("config");
+        assert_eq!(
+            cfg.fleet,
+            Some(FleetConfig {
+                worker_id: Some("from-flag".into()),
+                archives: "gs://b/p".into(),
+                ..from_file.clone()
+            })
+        );
+        let cfg = serve(&["--config", path, "--keep-generations", "1"]).expect("config");
+        assert_eq!(cfg.fleet.map(|f| f.keep_generations), Some(1));
+    }
+
+    #[test]
+    fn fleet_flags_without_database_and_archives_are_refused_naming_what_is_missing() {
+        for argv in [
+            &["--worker-id", "w"][..],
+            &["--fleet-database", "postgres://127.0.0.1/db"],
+            &[
+                "--fleet-archives",
+                "file:///srv/a",
+                "--lease-ttl-ms",
+                "5000",
+            ],
+            &["--keep-generations", "2"],
+        ] {
+            let e = serve(argv).expect_err("refused").to_string();
+            assert!(
+                e.contains(argv[0])
+                    && e.contains("needs both --fleet-database and --fleet-archives"),
+                "{argv:?}: {e}"
+            );
+        }
+        // Values out of range are refused as in the config file.
+        let fleet = [
+            "--fleet-database",
+            "postgres://127.0.0.1/db",
+            "--fleet-archives",
+            "file:///srv/a",
+        ];
+        for (bad, what) in [
+            (
+                &["--lease-ttl-ms", "5"][..],
+                "lease_ttl_ms = 5 is out of range",
+            ),
+            (
+                &["--keep-generations", "0"],
+                "keep_generations = 0 is out of range",
+            ),
+            (
+                &["--worker-id", "no/slash"],
+                "worker_id \"no/slash\" is not a valid name",
+            ),
+        ] {
+            let mut argv = fleet.to_vec();
+            argv.extend_from_slice(bad);
+            let e = serve(&argv).expect_err("refused").to_string();
+            assert!(e.contains(what), "{bad:?}: {e}");
+        }
+        let e = serve(&["--fleet-database", " ", "--fleet-archives", "file:///srv/a"])
+            .expect_err("refused")
+            .to_string();
+        assert!(e.contains("database is empty"), "{e}");
+        // Not numbers: clap refuses them.
+        let mut argv = vec!["turnstile", "serve"];
+        argv.extend_from_slice(&fleet);
+        argv.extend_from_slice(&["--lease-ttl-ms", "soon"]);
+        assert!(Cli::try_parse_from(argv).is_err());
     }
 }

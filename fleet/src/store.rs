@@ -11,7 +11,7 @@
 use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
-use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
 use std::io::{Seek, Write};
 use std::sync::Arc;
@@ -259,35 +259,77 @@ impl Archives {
                 dir.display()
             )))
         })?;
-        let mut file = tokio::fs::File::from_std(file);
+        let write_err = |e: std::io::Error| {
+            DownloadError::Store(StoreError::Other(format!("cannot write the download: {e}")))
+        };
+        let too_long = move || {
+            DownloadError::Mismatch(format!(
+                "the object is longer than the catalog's {want_bytes} bytes"
+            ))
+        };
         let mut hasher = Sha256::new();
         let mut seen = 0u64;
-        let mut stream = got.into_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk
-                .map_err(|e| DownloadError::Store(StoreError::op("cannot download", key)(e)))?;
-            seen += chunk.len() as u64;
-            if seen > want_bytes {
-                return Err(DownloadError::Mismatch(format!(
-                    "the object is longer than the catalog's {want_bytes} bytes"
-                )));
-            }
-            hasher.update(&chunk);
-            tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+        let mut file = match got.payload {
+            // A local object (a `file://` store): copied on the blocking
+            // pool in large reads. Its stream would take a blocking-pool
+            // round trip for every 8 KiB, most of a hydrate's time.
+            GetResultPayload::File(src, _) => {
+                let shown = key.to_string();
+                let copied = tokio::task::spawn_blocking(move || {
+                    let mut src = std::io::Read::take(src, want_bytes.saturating_add(1));
+                    let mut file = file;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = match std::io::Read::read(&mut src, &mut buf) {
+                            Ok(0) => break,
+                            Ok(n) => n,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                            Err(e) => {
+                                return Err(DownloadError::Store(StoreError::Other(format!(
+                                    "cannot download {shown}: {e}"
+                                ))));
+                            }
+                        };
+                        seen += n as u64;
+                        if seen > want_bytes {
+                            return Err(too_long());
+                        }
+                        hasher.update(&buf[..n]);
+                        file.write_all(&buf[..n]).map_err(write_err)?;
+                    }
+                    Ok((file, hasher, seen))
+                })
                 .await
                 .map_err(|e| {
-                    DownloadError::Store(StoreError::Other(format!(
-                        "cannot write the download: {e}"
-                    )))
-                })?;
-        }
+                    DownloadError::Store(StoreError::Other(format!("download task: {e}")))
+                })??;
+                (hasher, seen) = (copied.1, copied.2);
+                copied.0
+            }
+            GetResultPayload::Stream(mut stream) => {
+                let mut file = tokio::fs::File::from_std(file);
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        DownloadError::Store(StoreError::op("cannot download", key)(e))
+                    })?;
+                    seen += chunk.len() as u64;
+                    if seen > want_bytes {
+                        return Err(too_long());
+                    }
+                    hasher.update(&chunk);
+                    tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                        .await
+                        .map_err(write_err)?;
+                }
+                file.into_std().await
+            }
+        };
         let digest = hex(&hasher.finalize());
         if seen != want_bytes || digest != want_sha256 {
             return Err(DownloadError::Mismatch(format!(
                 "its content ({seen} bytes, sha256 {digest}) is not what was committed ({want_bytes} bytes, sha256 {want_sha256})"
             )));
         }
-        let mut file = file.into_std().await;
         file.rewind().map_err(|e| {
             DownloadError::Store(StoreError::Other(format!(
                 "cannot rewind the download: {e}"

@@ -51,10 +51,21 @@ impl Shared {
 
     /// An in-process broker in fleet mode.
     async fn broker(&self, mode: Mode, worker: &str, ttl_ms: u64) -> Harness {
+        self.broker_with(mode, worker, ttl_ms, |_| {}).await
+    }
+
+    /// [`Shared::broker`] with its config adjusted by `tweak` first.
+    async fn broker_with(
+        &self,
+        mode: Mode,
+        worker: &str,
+        ttl_ms: u64,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Harness {
         let fleet = PgFleet::open(&self.config(worker, ttl_ms), caps())
             .await
             .expect("fleet opens");
-        Harness::start_in_fleet(mode, Some(turnstile_fleet::shared(fleet)), |_| {}).await
+        Harness::start_in_fleet(mode, Some(turnstile_fleet::shared(fleet)), tweak).await
     }
 
     /// A `turnstile serve` child process in fleet mode, on `dir`.
@@ -401,6 +412,9 @@ async fn an_unwritable_store_fails_the_commit_and_the_last_generation_stays_runn
     let kept = kept_id(msg);
     assert!(kept.starts_with("s.kept-g1-"), "{msg}");
     assert_eq!(shared.generation("s").await, 1);
+    // The kept copy's metadata says how its turn ended.
+    let meta = a.broker.sessions.meta(&kept).expect("kept copy");
+    assert_eq!(meta.last_exit_reason.as_deref(), Some("commit_failed"));
 
     // Generation 1 is intact and runnable, on B and on A (the store is
     // still unwritable: unchanged turns write nothing).
@@ -582,6 +596,87 @@ async fn sessions_are_listed_forked_and_removed_fleet_wide() {
         .filter(|p| p.to_string_lossy().contains("/sessions/s/"))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gc_removes_sessions_idle_fleet_wide_and_keeps_recent_and_running_ones() {
+    let shared = Shared::new();
+    let a = shared
+        .broker_with(Mode::Direct, "A", 30_000, |c| {
+            c.session_ttl_ms = Some(3_600_000);
+            c.gc_interval_ms = 3_600_000;
+        })
+        .await;
+    let b = shared.broker(Mode::Direct, "B", 30_000).await;
+    a.run(start("old", "echo 1 > f")).await.assert_exited_ok();
+    b.run(start("old-b", "echo 1 > f")).await.assert_exited_ok();
+    a.run(start("recent", "echo 1 > f"))
+        .await
+        .assert_exited_ok();
+    b.run(start("held", "echo 1 > f")).await.assert_exited_ok();
+    let mut t = b
+        .turn(start("held", "echo ready; exec sleep 100"))
+        .await
+        .expect("turn");
+    t.wait_stdout("ready", &mut Outcome::default()).await;
+    // Every session but "recent" was last touched two hours ago, as the
+    // catalog sees it (the database's clock decides, not a sleep).
+    shared
+        .pg
+        .sql(
+            "UPDATE turnstile_sessions SET updated_at = updated_at - interval '2 hours' \
+             WHERE session_id IN ('old', 'old-b', 'held')",
+        )
+        .await;
+    let mut ca = a.client().await;
+    let dry = ca
+        .gc_sessions(pb::GcRequest { dry_run: true })
+        .await
+        .expect("dry run")
+        .into_inner();
+    assert_eq!(dry.sessions, ["old", "old-b"]);
+    assert_eq!(
+        shared.generation("old").await,
+        1,
+        "a dry run removes nothing"
+    );
+
+    // A collects "old-b" too, which only B ever ran: the catalog is
+    // fleet-wide. "held" runs on B, "recent" is recent.
+    let done = ca
+        .gc_sessions(pb::GcRequest { dry_run: false })
+        .await
+        .expect("gc")
+        .into_inner();
+    assert_eq!(done.sessions, ["old", "old-b"]);
+    for gone in ["old", "old-b"] {
+        assert_eq!(shared.generation(gone).await, 0, "{gone}");
+        let left: Vec<_> = shared
+            .objects()
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(&format!("/sessions/{gone}/")))
+            .collect();
+        assert!(left.is_empty(), "{gone}: {left:?}");
+    }
+    assert!(
+        !a.state().join("sessions/old").exists(),
+        "A's own copy of a collected session is removed"
+    );
+    assert_eq!(shared.generation("recent").await, 1);
+    assert_eq!(shared.generation("held").await, 1);
+    let mut cb = b.client().await;
+    cb.cancel_turn(pb::SessionRef {
+        session_id: "held".into(),
+    })
+    .await
+    .expect("cancel");
+    t.close_stdin().await;
+    assert_eq!(t.collect().await.reason(), Reason::Cancelled);
+    let o = a.run(start("recent", "cat f")).await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "1\n");
     a.stop().await;
     b.stop().await;
 }

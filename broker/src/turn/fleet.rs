@@ -136,6 +136,9 @@ impl Turn {
                 info!(generation, bytes, "turn committed");
             }
             Err(e) => {
+                if let Some(kept) = &e.kept_as {
+                    self.record_kept(kept);
+                }
                 let mut message = format!(
                     "commit of session {} failed: {e}; the committed state is unchanged",
                     self.spec.session_id
@@ -148,5 +151,19 @@ impl Turn {
             }
         }
         exited
+    }
+
+    /// The copy kept after a failed commit: its metadata says how its turn
+    /// really ended (`commit_failed`, not the agent's exit `finish`
+    /// recorded before the commit).
+    fn record_kept(&self, kept: &str) {
+        let sessions = &self.broker.sessions;
+        let Some(mut meta) = sessions.meta(kept) else {
+            return;
+        };
+        meta.last_exit_reason = Some(Reason::CommitFailed.as_str_name().to_ascii_lowercase());
+        if let Err(e) = sessions.write_meta(&sessions.paths(kept), &meta) {
+            warn!(session.id = %kept, error = %e, "cannot record commit_failed in the kept copy's metadata");
+        }
     }
 }
