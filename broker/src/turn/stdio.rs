@@ -326,20 +326,7 @@ impl Turn {
         prepared: &super::Prepared,
         up: &llm::upstream::TurnUpstream,
     ) -> Option<llm::Forwarding> {
-        let listener = prepared
-            .llm
-            .try_clone()
-            .and_then(tokio::net::UnixListener::from_std);
-        let listener = match listener {
-            Ok(l) => l,
-            Err(e) => {
-                warn!(error = %e, "the LLM forwarder cannot listen for this turn");
-                let message = format!("LLM forwarding is unavailable for this turn: {e}");
-                self.link
-                    .send(pb::turn_event::Kind::Notice(pb::Notice { message }));
-                return None;
-            }
-        };
+        let listener = self.llm_listener(prepared, "LLM forwarding")?;
         // Weak: a connection the turn's end has not reaped yet keeps no
         // link alive.
         let link = Arc::downgrade(&self.link);
@@ -357,24 +344,35 @@ impl Turn {
         ))
     }
 
-    /// The LLM relay on the turn's socket; without one, the executor is
-    /// told (the agent's LLM connections will fail: never drop the relay
-    /// silently).
-    async fn llm_relay(&self, prepared: &super::Prepared) -> Option<Arc<llm::Relay>> {
+    /// The turn's LLM socket as a listener for `what`; if it cannot be
+    /// had, the executor is told (the agent's LLM connections will fail:
+    /// never drop them silently).
+    fn llm_listener(
+        &self,
+        prepared: &super::Prepared,
+        what: &str,
+    ) -> Option<tokio::net::UnixListener> {
         let listener = prepared
             .llm
             .try_clone()
             .and_then(tokio::net::UnixListener::from_std);
-        let listener = match listener {
-            Ok(l) => l,
+        match listener {
+            Ok(l) => Some(l),
             Err(e) => {
-                warn!(error = %e, "the LLM relay cannot listen for this turn");
-                let message = format!("the LLM relay is unavailable for this turn: {e}");
+                warn!(error = %e, "{what} cannot listen for this turn");
+                let message = format!("{what} is unavailable for this turn: {e}");
                 self.link
                     .send(pb::turn_event::Kind::Notice(pb::Notice { message }));
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// The LLM relay on the turn's socket; without one, the executor is
+    /// told (the agent's LLM connections will fail: never drop the relay
+    /// silently).
+    async fn llm_relay(&self, prepared: &super::Prepared) -> Option<Arc<llm::Relay>> {
+        let listener = self.llm_listener(prepared, "the LLM relay")?;
         let max = self.broker.config.llm_max_connections;
         Some(Arc::new(llm::Relay::start(
             listener,
