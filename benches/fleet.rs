@@ -40,7 +40,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use turnstile_benches::{Served, drain, percentile, report, runtime};
-use turnstile_broker::archive::{self, ImportCaps};
+use turnstile_broker::archive;
 use turnstile_broker::config::{Config, Mode};
 use turnstile_broker::fleet::{Commit, Fleet, FleetConfig, FleetLease};
 use turnstile_broker::session::{Lease, LeasePolicy, Sessions};
@@ -59,14 +59,6 @@ fn on_disk(prefix: &str) -> tempfile::TempDir {
         .prefix(prefix)
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("tempdir")
-}
-
-fn caps() -> ImportCaps {
-    let d = Config::default();
-    ImportCaps {
-        max_bytes: d.import_max_bytes,
-        max_entries: d.import_max_entries,
-    }
 }
 
 /// The database and archive store the workers share.
@@ -91,7 +83,9 @@ impl Shared {
             lease_ttl_ms: 30_000,
             keep_generations: 3,
         };
-        PgFleet::open(&config, caps()).await.expect("fleet opens")
+        PgFleet::open(&config, Config::default().import_caps())
+            .await
+            .expect("fleet opens")
     }
 
     async fn generation(&self, id: &str) -> i64 {

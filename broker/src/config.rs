@@ -516,6 +516,14 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// The caps an import (or a fleet hydrate) is held to.
+    pub fn import_caps(&self) -> crate::archive::ImportCaps {
+        crate::archive::ImportCaps {
+            max_bytes: self.import_max_bytes,
+            max_entries: self.import_max_entries,
+        }
+    }
+
     pub fn from_toml_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),

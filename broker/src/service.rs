@@ -377,10 +377,7 @@ impl BrokerApi for Service {
                 .await
                 .map_err(|e| BrokerError::io("cannot write", &spool.0, e))?;
             drop(f);
-            let caps = crate::archive::ImportCaps {
-                max_bytes: broker.config.import_max_bytes,
-                max_entries: broker.config.import_max_entries,
-            };
+            let caps = broker.config.import_caps();
             let b = broker.clone();
             let path = spool.0.clone();
             let meta = tokio::task::spawn_blocking(move || {

@@ -54,16 +54,10 @@ pub async fn serve(args: ServeArgs) -> ExitCode {
     // Fleet mode: the database (its schema migrated, or a newer one
     // refused) and the archive store, before the broker takes its state dir.
     let fleet = match &config.fleet {
-        Some(f) => {
-            let caps = turnstile_broker::archive::ImportCaps {
-                max_bytes: config.import_max_bytes,
-                max_entries: config.import_max_entries,
-            };
-            match turnstile_fleet::PgFleet::open(f, caps).await {
-                Ok(fleet) => Some(turnstile_fleet::shared(fleet)),
-                Err(e) => return fail(format!("fleet mode: {e}")),
-            }
-        }
+        Some(f) => match turnstile_fleet::PgFleet::open(f, config.import_caps()).await {
+            Ok(fleet) => Some(turnstile_fleet::shared(fleet)),
+            Err(e) => return fail(format!("fleet mode: {e}")),
+        },
         None => None,
     };
     let broker = match Broker::with_fleet(config, fleet) {

@@ -288,21 +288,9 @@ impl Db {
                     }),
                 }));
             }
-            let rows = self
-                .query(
-                    "cannot read the lease",
-                    "SELECT holder_worker, holder_turn FROM turnstile_sessions
-                      WHERE session_id = $1 AND expires_at > clock_timestamp()",
-                    &[&session],
-                )
-                .await?;
             // Freed between the two statements: try again.
-            if let Some(r) = rows.first() {
-                let worker: Option<String> = r.get(0);
-                let turn: Option<String> = r.get(1);
-                if let (Some(worker), Some(turn)) = (worker, turn) {
-                    return Ok(Err(HeldBy { worker, turn }));
-                }
+            if let Some((Some(worker), Some(turn))) = self.holder(session).await? {
+                return Ok(Err(HeldBy { worker, turn }));
             }
         }
     }
@@ -501,6 +489,21 @@ impl Db {
         if removed > 0 {
             return Ok(Ok(Some(keys.unwrap_or_default())));
         }
+        match self.holder(session).await? {
+            Some((worker, turn)) => Ok(Err(HeldBy {
+                worker: worker.unwrap_or_default(),
+                turn: turn.unwrap_or_default(),
+            })),
+            None => Ok(Ok(None)),
+        }
+    }
+
+    /// The worker and turn columns of `session`'s row while its lease is
+    /// unexpired; `None` when it is free (or not in the catalog).
+    async fn holder(
+        &self,
+        session: &str,
+    ) -> Result<Option<(Option<String>, Option<String>)>, FleetError> {
         let rows = self
             .query(
                 "cannot read the lease",
@@ -509,17 +512,7 @@ impl Db {
                 &[&session],
             )
             .await?;
-        match rows.first() {
-            Some(r) => {
-                let worker: Option<String> = r.get(0);
-                let turn: Option<String> = r.get(1);
-                Ok(Err(HeldBy {
-                    worker: worker.unwrap_or_default(),
-                    turn: turn.unwrap_or_default(),
-                }))
-            }
-            None => Ok(Ok(None)),
-        }
+        Ok(rows.first().map(|r| (r.get(0), r.get(1))))
     }
 
     /// Records session `dst` as a fork of `src`'s committed generation:

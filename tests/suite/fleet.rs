@@ -11,7 +11,6 @@ mod pg;
 use super::harness::{Daemon, Harness, Outcome, Reason, Turn, start, tempdir};
 use pg::Pg;
 use std::path::{Path, PathBuf};
-use turnstile_broker::archive::ImportCaps;
 use turnstile_broker::config::{Config, Mode};
 use turnstile_broker::fleet::FleetConfig;
 use turnstile_fleet::PgFleet;
@@ -21,14 +20,6 @@ use turnstile_proto::v1 as pb;
 struct Shared {
     pg: Pg,
     store: tempfile::TempDir,
-}
-
-fn caps() -> ImportCaps {
-    let d = Config::default();
-    ImportCaps {
-        max_bytes: d.import_max_bytes,
-        max_entries: d.import_max_entries,
-    }
 }
 
 impl Shared {
@@ -62,9 +53,12 @@ impl Shared {
         ttl_ms: u64,
         tweak: impl FnOnce(&mut Config),
     ) -> Harness {
-        let fleet = PgFleet::open(&self.config(worker, ttl_ms), caps())
-            .await
-            .expect("fleet opens");
+        let fleet = PgFleet::open(
+            &self.config(worker, ttl_ms),
+            Config::default().import_caps(),
+        )
+        .await
+        .expect("fleet opens");
         Harness::start_in_fleet(mode, Some(turnstile_fleet::shared(fleet)), tweak).await
     }
 
