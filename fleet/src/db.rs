@@ -14,9 +14,10 @@
 //! schema at start-up (under an advisory lock, so brokers starting together
 //! do it once) and refuses a newer one.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_postgres::{Client, NoTls, Row};
+use tokio_postgres::{Client, NoTls, Row, Statement};
 use turnstile_broker::fleet::{ArchiveRef, CatalogEntry, FleetError, Holder};
 
 /// Versioned migrations, in order: entry `i` takes the schema from version
@@ -66,8 +67,53 @@ pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Db {
     config: tokio_postgres::Config,
     shown: String,
-    client: tokio::sync::Mutex<Option<Arc<Client>>>,
+    client: tokio::sync::Mutex<Option<Arc<Conn>>>,
     timeout: Duration,
+}
+
+/// A connection and the statements prepared on it: each is parsed once
+/// per connection, so that a statement is one round trip, not two.
+#[derive(Debug)]
+struct Conn {
+    client: Client,
+    prepared: std::sync::Mutex<HashMap<&'static str, Statement>>,
+}
+
+impl Conn {
+    fn prepared(&self, sql: &str) -> Option<Statement> {
+        self.prepared
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(sql)
+            .cloned()
+    }
+
+    async fn query(
+        &self,
+        sql: &'static str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        let statement = match self.prepared(sql) {
+            Some(s) => s,
+            None => {
+                let s = self.client.prepare(sql).await?;
+                self.prepared
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(sql, s.clone());
+                s
+            }
+        };
+        let rows = self.client.query(&statement, params).await;
+        if rows.is_err() {
+            // A plan the schema outdated is prepared again next time.
+            self.prepared
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(sql);
+        }
+        rows
+    }
 }
 
 fn db_err(shown: &str, what: &str, e: impl std::fmt::Display) -> FleetError {
@@ -140,13 +186,16 @@ impl Db {
         Ok(client)
     }
 
-    async fn client(&self) -> Result<Arc<Client>, FleetError> {
+    async fn client(&self) -> Result<Arc<Conn>, FleetError> {
         let mut slot = self.client.lock().await;
-        if let Some(c) = slot.as_ref().filter(|c| !c.is_closed()) {
+        if let Some(c) = slot.as_ref().filter(|c| !c.client.is_closed()) {
             return Ok(c.clone());
         }
         *slot = None;
-        let c = Arc::new(self.connect().await?);
+        let c = Arc::new(Conn {
+            client: self.connect().await?,
+            prepared: std::sync::Mutex::default(),
+        });
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -161,14 +210,14 @@ impl Db {
     async fn query(
         &self,
         what: &str,
-        sql: &str,
+        sql: &'static str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     ) -> Result<Vec<Row>, FleetError> {
-        let client = self.client().await?;
-        match tokio::time::timeout(self.timeout, client.query(sql, params)).await {
+        let conn = self.client().await?;
+        match tokio::time::timeout(self.timeout, conn.query(sql, params)).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => {
-                if client.is_closed() {
+                if conn.client.is_closed() {
                     self.reset().await;
                 }
                 Err(db_err(&self.shown, what, pg(e)))

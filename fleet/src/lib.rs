@@ -28,14 +28,17 @@ pub mod db;
 pub mod doctor;
 pub mod local;
 pub mod store;
+pub mod watch;
 
 use crate::db::Db;
 use crate::local::Mark;
 use crate::store::{Archives, DownloadError};
+use crate::watch::{Armed, Watch, Watches};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use turnstile_broker::archive::{ImportCaps, ImportError};
 use turnstile_broker::error::BrokerError;
 use turnstile_broker::fleet::{
@@ -53,6 +56,8 @@ pub struct PgFleet {
     db: Db,
     archives: Archives,
     caps: ImportCaps,
+    /// Change watches on local copies (see [`watch`]).
+    watches: Watches,
 }
 
 fn store_err(e: impl std::fmt::Display) -> FleetError {
@@ -108,6 +113,7 @@ impl PgFleet {
             db,
             archives,
             caps,
+            watches: Watches::default(),
         })
     }
 
@@ -117,6 +123,34 @@ impl PgFleet {
 
     pub fn archives(&self) -> &Archives {
         &self.archives
+    }
+
+    /// Local copies under a change watch: (between turns, in a turn).
+    pub fn watched(&self) -> (usize, usize) {
+        self.watches.counts()
+    }
+
+    /// A watch on session dir `dir`, whose fleet record is `generation`
+    /// and `fingerprint` (just computed): `None` without one (a tree too
+    /// big, no inotify left, an error), and its next commit fingerprints.
+    fn start_watch(
+        &self,
+        id: &str,
+        dir: impl AsFd,
+        generation: i64,
+        fingerprint: &str,
+    ) -> Option<Armed> {
+        match blocking(|| Watch::start(dir)) {
+            Ok(w) => w.map(|watch| Armed {
+                watch,
+                generation,
+                fingerprint: fingerprint.to_string(),
+            }),
+            Err(e) => {
+                warn!(session.id = %id, error = %e, "cannot watch the session for changes: its next commit fingerprints it");
+                None
+            }
+        }
     }
 
     fn ttl_ms(&self) -> i64 {
@@ -192,6 +226,7 @@ impl PgFleet {
         let io = |what, e| FleetError::Local(BrokerError::io(what, &path, e));
         let dir = local::open_session_dir(&path).map_err(|e| io("cannot open", e))?;
         let mark = dir.as_ref().and_then(local::read_mark);
+        let armed = self.watches.take_idle(id);
         let state = match (&dir, &mark) {
             (None, _) => Local::Absent,
             (Some(_), None) if lease.generation == 0 => Local::Adopt,
@@ -212,6 +247,13 @@ impl PgFleet {
             generation: lease.generation,
             ..Hydrated::default()
         };
+        let armed = match armed {
+            Some(a) if state != Local::Current => {
+                a.watch.discard();
+                None
+            }
+            a => a,
+        };
         match (state, dir) {
             (Local::Current | Local::Adopt, Some(dir)) => {
                 let m = mark.unwrap_or_default();
@@ -221,6 +263,13 @@ impl PgFleet {
                     turn: Some(lease.turn_id.clone()),
                 };
                 local::write_mark(&dir, &next, false).map_err(|e| io("cannot write into", e))?;
+                // The watch kept since the last commit, if it still covers
+                // this copy.
+                match armed {
+                    Some(a) if a.covers(&dir, &next) => self.watches.run(lease.token, a),
+                    Some(a) => a.watch.discard(),
+                    None => {}
+                }
                 hydrated.elapsed = t0.elapsed();
                 return Ok(hydrated);
             }
@@ -243,6 +292,16 @@ impl PgFleet {
             return Ok(hydrated);
         };
         let bytes = self.restore(sessions, local, lease, archive).await?;
+        if let Ok(Some(dir)) = local::open_session_dir(&path)
+            && let Some(Mark {
+                generation,
+                fingerprint: Some(fingerprint),
+                ..
+            }) = local::read_mark(&dir)
+            && let Some(a) = self.start_watch(id, &dir, generation, &fingerprint)
+        {
+            self.watches.run(lease.token, a);
+        }
         hydrated.restored_bytes = Some(bytes);
         hydrated.elapsed = t0.elapsed();
         info!(
@@ -373,6 +432,7 @@ impl PgFleet {
         lease: &FleetLease,
     ) -> Result<Commit, CommitFailed> {
         let id = lease.session_id.as_str();
+        let watch = self.watches.take_running(lease.token);
         let path = sessions.paths(id).dir;
         let plain = |error| CommitFailed {
             error,
@@ -397,6 +457,37 @@ impl PgFleet {
                 ),
             }));
         }
+        // Unchanged if the turn's watch saw nothing happen to the copy its
+        // record describes; else if the copy's fingerprint is the record's.
+        // Either way the copy stays watched for the next turn.
+        let unchanged = |m: &Mark, armed: Option<Armed>| {
+            if m.turn.is_some() {
+                let settled = Mark {
+                    turn: None,
+                    ..m.clone()
+                };
+                local::write_mark(&dir, &settled, false).map_err(|e| io("cannot write into", e))?;
+            }
+            if let Some(a) = armed {
+                self.watches.arm(id, a);
+            }
+            Ok(Commit::Unchanged {
+                generation: lease.generation,
+            })
+        };
+        if let (Some(a), Some(m)) = (watch, &mark) {
+            match a.watch.quiet() {
+                Ok(true) if m.fingerprint.as_deref() == Some(a.fingerprint.as_str()) => {
+                    debug!(session.id = %id, dirs = a.watch.dirs(), "the change watch saw nothing: unchanged");
+                    return unchanged(m, Some(a));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(session.id = %id, error = %e, "cannot read the change watch: fingerprinting")
+                }
+            }
+            a.watch.discard();
+        }
         let walk = dir.try_clone().map_err(|e| io("cannot open", e))?;
         let fingerprint = tokio::task::spawn_blocking(move || local::fingerprint(&walk))
             .await
@@ -405,16 +496,7 @@ impl PgFleet {
         if let Some(m) = &mark
             && m.fingerprint.as_deref() == Some(fingerprint.as_str())
         {
-            if m.turn.is_some() {
-                let settled = Mark {
-                    turn: None,
-                    ..m.clone()
-                };
-                local::write_mark(&dir, &settled, false).map_err(|e| io("cannot write into", e))?;
-            }
-            return Ok(Commit::Unchanged {
-                generation: lease.generation,
-            });
+            return unchanged(m, self.start_watch(id, &dir, m.generation, &fingerprint));
         }
         let generation = lease.generation + 1;
         let key = self.archives.key(id, generation, lease.token);
@@ -469,15 +551,23 @@ impl PgFleet {
                 _ => return Err(self.failed(sessions, local, lease, e)),
             },
         };
+        let settled_fingerprint = fingerprint.clone();
         let settled = Mark {
             generation: landed,
             fingerprint: Some(fingerprint),
             turn: None,
         };
-        if let Err(e) = local::write_mark(&dir, &settled, true) {
+        match local::write_mark(&dir, &settled, true) {
+            Ok(()) => {
+                if let Some(a) = self.start_watch(id, &dir, landed, &settled_fingerprint) {
+                    self.watches.arm(id, a);
+                }
+            }
             // The next turn fingerprints the copy and finds it stale or
             // changed; nothing committed is at risk.
-            warn!(session.id = %id, error = %e, "cannot record the committed generation locally");
+            Err(e) => {
+                warn!(session.id = %id, error = %e, "cannot record the committed generation locally")
+            }
         }
         info!(session.id = %id, generation = landed, bytes = archive.bytes, "session committed");
         self.collect(id, landed).await;
@@ -488,6 +578,9 @@ impl PgFleet {
     }
 
     async fn forget_inner(&self, id: &str) -> Result<bool, FleetError> {
+        if let Some(a) = self.watches.take_idle(id) {
+            a.watch.discard();
+        }
         let keys = match self.db.forget(id).await? {
             Ok(Some(keys)) => keys,
             Ok(None) => return Ok(false),
@@ -602,6 +695,10 @@ impl Fleet for PgFleet {
     }
 
     fn release<'a>(&'a self, lease: &'a FleetLease) -> BoxFuture<'a, Result<(), FleetError>> {
+        // A turn that ended without its commit.
+        if let Some(a) = self.watches.take_running(lease.token) {
+            a.watch.discard();
+        }
         Box::pin(
             self.db
                 .release(&lease.session_id, lease.token, &self.worker, &lease.turn_id),

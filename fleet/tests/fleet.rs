@@ -728,3 +728,135 @@ async fn doctor_checks_database_schema_and_store_each_with_a_remedy() {
     assert!(got[2].detail.contains("is not a directory"), "{got:?}");
     assert!(got.iter().all(|c| c.ok || c.remedy.is_some()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_copy_stays_watched_and_only_a_change_costs_a_walk_or_an_upload() {
+    let pg = Pg::start();
+    let store = tempfile::tempdir().expect("store");
+    let a = worker(&pg, store.path(), "A").await;
+    let (_, c) = turn(&a, "w", "t1", |p| {
+        std::fs::create_dir_all(p.home.join("deep/er")).expect("mkdir");
+        std::fs::write(p.home.join("deep/er/history"), "one").expect("write");
+    })
+    .await;
+    assert!(
+        matches!(c, Ok(Commit::Advanced { generation: 1, .. })),
+        "{c:?}"
+    );
+    assert_eq!(a.fleet.watched(), (1, 0), "the committed copy is watched");
+
+    // A turn that only reads: the watch goes with the turn and comes back.
+    let before = objects(store.path());
+    let local = a
+        .sessions
+        .lease("w", "t2", LeasePolicy::Reject)
+        .await
+        .expect("host lease");
+    let lease = a
+        .fleet
+        .acquire("w", "t2", LeasePolicy::Reject)
+        .await
+        .expect("lease");
+    a.fleet
+        .hydrate(&a.sessions, &local, &lease)
+        .await
+        .expect("hydrate");
+    assert_eq!(a.fleet.watched(), (0, 1), "the turn holds the watch");
+    assert_eq!(
+        read(a.sessions.paths("w").home.join("deep/er/history")),
+        "one"
+    );
+    let c = a.fleet.commit(&a.sessions, &local, &lease).await;
+    assert!(
+        matches!(c, Ok(Commit::Unchanged { generation: 1 })),
+        "{c:?}"
+    );
+    a.fleet.release(&lease).await.expect("release");
+    drop(local);
+    assert_eq!(a.fleet.watched(), (1, 0));
+    assert_eq!(objects(store.path()), before, "nothing uploaded");
+
+    // A file opened for writing and closed unchanged: seen, walked, and
+    // found unchanged by the fingerprint (nothing uploaded); watched again.
+    let (_, c) = turn(&a, "w", "t3", |p| {
+        drop(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(p.home.join("deep/er/history"))
+                .expect("open"),
+        )
+    })
+    .await;
+    assert!(
+        matches!(c, Ok(Commit::Unchanged { generation: 1 })),
+        "{c:?}"
+    );
+    assert_eq!(objects(store.path()), before, "nothing uploaded");
+    assert_eq!(a.fleet.watched(), (1, 0));
+
+    // A change made between turns (not by a turn) is seen by the watch
+    // kept since the last commit, and the next turn commits it.
+    std::fs::write(a.sessions.paths("w").home.join("deep/er/history"), "two").expect("write");
+    let (h, c) = turn(&a, "w", "t4", |_| {}).await;
+    assert_eq!(h.restored_bytes, None);
+    assert!(
+        matches!(c, Ok(Commit::Advanced { generation: 2, .. })),
+        "{c:?}"
+    );
+    let b = worker(&pg, store.path(), "B").await;
+    let (h, c) = turn(&b, "w", "t5", |_| {}).await;
+    assert!(h.restored_bytes.is_some());
+    assert!(
+        matches!(c, Ok(Commit::Unchanged { generation: 2 })),
+        "{c:?}"
+    );
+    assert_eq!(
+        read(b.sessions.paths("w").home.join("deep/er/history")),
+        "two"
+    );
+    assert_eq!(
+        b.fleet.watched(),
+        (1, 0),
+        "a restored copy is watched from its restore"
+    );
+
+    let (_, c) = turn(&b, "w", "t5b", |p| {
+        std::fs::write(p.work.join("from-b"), "b").expect("write")
+    })
+    .await;
+    assert!(
+        matches!(c, Ok(Commit::Advanced { generation: 3, .. })),
+        "{c:?}"
+    );
+
+    // A's copy is stale now: hydrate restores it and drops the old watch.
+    let (h, c) = turn(&a, "w", "t6", |p| {
+        std::fs::write(p.work.join("new"), "x").expect("write")
+    })
+    .await;
+    assert!(h.restored_bytes.is_some(), "A's copy was stale");
+    assert!(
+        matches!(c, Ok(Commit::Advanced { generation: 4, .. })),
+        "{c:?}"
+    );
+    assert_eq!(read(a.sessions.paths("w").work.join("from-b")), "b");
+    assert_eq!(a.fleet.watched(), (1, 0));
+
+    // A turn that ends without its commit leaves no watch behind.
+    let local = a
+        .sessions
+        .lease("w", "t7", LeasePolicy::Reject)
+        .await
+        .expect("host lease");
+    let lease = a
+        .fleet
+        .acquire("w", "t7", LeasePolicy::Reject)
+        .await
+        .expect("lease");
+    a.fleet
+        .hydrate(&a.sessions, &local, &lease)
+        .await
+        .expect("hydrate");
+    a.fleet.release(&lease).await.expect("release");
+    assert_eq!(a.fleet.watched(), (0, 0));
+}

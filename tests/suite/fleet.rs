@@ -186,6 +186,83 @@ async fn a_session_continues_across_workers_a_then_b_then_a() {
     b.stop().await;
 }
 
+/// A file rewritten through a shared mapping: no write event, only its
+/// close after opening for writing when the mapping goes.
+const MMAP_WRITE: &str = "import mmap, os
+fd = os.open(os.path.expanduser('~/deep/a/b/log'), os.O_RDWR)
+m = mmap.mmap(fd, 0)
+os.close(fd)
+m[0:3] = b'MAP'
+m.flush()
+m.close()";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_change_a_turn_makes_to_a_current_copy_is_committed_and_only_a_change() {
+    let shared = Shared::new();
+    let a = shared.broker(Mode::Nsjail, "A", 30_000).await;
+    let run = |script: &str| start("c", script);
+    let o = a
+        .run(run(
+            "mkdir -p $HOME/deep/a/b && echo one > $HOME/deep/a/b/log && echo x > keep",
+        ))
+        .await;
+    o.assert_exited_ok();
+    let mut generation = shared.generation("c").await;
+    assert_eq!(generation, 1);
+    let mmap = {
+        let mut s = start("c", "");
+        s.argv = vec!["python3".into(), "-c".into(), MMAP_WRITE.into()];
+        s
+    };
+    let changes = [
+        (
+            "append in a deep dir",
+            run("echo two >> $HOME/deep/a/b/log"),
+        ),
+        ("chmod", run("chmod 600 $HOME/deep/a/b/log")),
+        ("times only", run("touch -d 2001-01-01 keep")),
+        ("mkdir", run("mkdir $HOME/deep/a/c")),
+        ("rename", run("mv keep kept")),
+        ("remove", run("rm kept")),
+        ("symlink", run("ln -s /etc $HOME/deep/etc")),
+        (
+            "truncate",
+            run(": > $HOME/deep/a/b/log && echo three > $HOME/deep/a/b/log"),
+        ),
+        ("a write through a shared mapping", mmap),
+    ];
+    for (what, turn) in changes {
+        let before = shared.objects();
+        a.run(run("cat $HOME/deep/a/b/log >/dev/null"))
+            .await
+            .assert_exited_ok();
+        assert_eq!(
+            shared.generation("c").await,
+            generation,
+            "{what}: a turn that only reads"
+        );
+        assert_eq!(
+            shared.objects(),
+            before,
+            "{what}: nothing written for a read"
+        );
+        a.run(turn).await.assert_exited_ok();
+        generation += 1;
+        assert_eq!(
+            shared.generation("c").await,
+            generation,
+            "{what}: committed"
+        );
+    }
+    // The last commit holds the mapped write.
+    let b = shared.broker(Mode::Nsjail, "B", 30_000).await;
+    let o = b.run(run("cat $HOME/deep/a/b/log")).await;
+    o.assert_exited_ok();
+    assert_eq!(o.stdout(), "MAPee\n");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_session_started_on_two_workers_200_times_never_runs_twice() {
     use std::os::unix::fs::PermissionsExt;
