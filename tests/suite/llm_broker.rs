@@ -17,7 +17,10 @@ use turnstile_broker::config::Mode;
 use turnstile_client::broker_side::BrokerUpstreams;
 use turnstile_client::{TlsRoots, Turn, pb};
 
-both_modes!(broker_side_forwarding_serves_the_agent_and_keeps_the_key,);
+both_modes!(
+    broker_side_forwarding_serves_the_agent_and_keeps_the_key,
+    broker_side_connections_over_the_cap_are_refused,
+);
 
 const AGENT: &str = include_str!("../agents/llm_agent.py");
 const KEY: &str = "sk-broker-side-0c4e8a1f7d2b6395";
@@ -473,5 +476,78 @@ async fn bad_upstreams_are_refused_as_invalid_argument() {
         .into_inner()
         .sessions;
     assert!(sessions.is_empty(), "{sessions:?}");
+    h.stop().await;
+}
+
+/// The agent for the cap test (`llm_max_connections = 2`): two streams held
+/// open by the upstream (each has read its first event), then a third
+/// connection, which must end with no answer at all; once the upstream
+/// lets the two streams finish, a fourth connection is served again.
+const CAP_AGENT: &str = r#"
+import http.client, os, socket, urllib.parse
+u = urllib.parse.urlparse(os.environ["ANTHROPIC_BASE_URL"])
+held = []
+for i in range(2):
+    c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+    c.request("POST", "/v1/sse", body=b"{}")
+    r = c.getresponse()
+    assert r.status == 200, r.status
+    assert r.readline().startswith(b"event: tick"), i
+    held.append(r)
+s = socket.create_connection((u.hostname, u.port), timeout=60)
+s.sendall(b"POST /v1/echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+try:
+    got = s.recv(65536)
+except ConnectionResetError:
+    got = b""
+print("third", "refused" if got == b"" else got.decode(errors="replace"), flush=True)
+for i, r in enumerate(held):
+    print("stream", i, r.read().count(b"event: tick") + 1, flush=True)
+c = http.client.HTTPConnection(u.hostname, u.port, timeout=60)
+c.request("POST", "/v1/echo", body=b"{}")
+r = c.getresponse()
+print("after", r.status, r.read().decode(), flush=True)
+"#;
+
+async fn broker_side_connections_over_the_cap_are_refused(mode: Mode) {
+    let h = Harness::start_with(mode, |c| c.llm_max_connections = 2).await;
+    h.broker.set_llm_upstreams(Arc::new(
+        BrokerUpstreams::new(TlsRoots::Bundled).expect("upstreams"),
+    ));
+    let up = Upstream::start().await;
+    let mut client = h.client().await;
+    let mut released = false;
+    let s = run(
+        &mut client,
+        python("cap", CAP_AGENT, &[], &up.url()),
+        |out| {
+            if !released && out.contains("third ") {
+                released = true;
+                // One release per held stream.
+                up.release();
+                up.release();
+            }
+        },
+    )
+    .await;
+    s.o.assert_exited_ok();
+    assert_eq!(
+        s.o.stdout(),
+        "third refused\nstream 0 5\nstream 1 5\nafter 200 {\"len\": 2, \"sum\": 248}\n"
+    );
+    // The refused connection never reached the upstream, nor a summary.
+    let paths: Vec<&str> = s.requests.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/v1/sse", "/v1/sse", "/v1/echo"],
+        "{:?}",
+        s.requests
+    );
+    assert!(
+        s.requests.iter().all(|r| r.status == 200),
+        "{:?}",
+        s.requests
+    );
+    assert_eq!(up.seen().len(), 3);
     h.stop().await;
 }
