@@ -7,7 +7,8 @@
 //!   the journal on (the default cap) against one with it off
 //!   (`journal_max_bytes = 0`), in the same run. Goal: ≥ 0.9× the throughput.
 //!
-//! Reproduce: `sudo cargo bench -p turnstile-benches --bench durable`.
+//! Reproduce: `sudo cargo bench -p turnstile-benches --bench durable`;
+//! `TURNSTILE_BENCH_MODES=direct` (or `nsjail`) runs one mode.
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use std::time::{Duration, Instant};
@@ -147,9 +148,12 @@ fn journal_cost(c: &mut Criterion, mode: Mode) {
 }
 
 fn benches(c: &mut Criterion) {
+    let modes = std::env::var("TURNSTILE_BENCH_MODES").unwrap_or_default();
     for mode in [Mode::Direct, Mode::Nsjail] {
-        reattach_latency(mode);
-        journal_cost(c, mode);
+        if modes.is_empty() || modes.split(',').any(|m| m == mode.as_str()) {
+            reattach_latency(mode);
+            journal_cost(c, mode);
+        }
     }
 }
 
