@@ -345,6 +345,20 @@ pub trait Fleet: Send + Sync + std::fmt::Debug {
         policy: LeasePolicy,
     ) -> BoxFuture<'a, Result<FleetLease, FleetError>>;
 
+    /// [`Fleet::acquire`] for a turn that holds the host lease `local` of
+    /// its session: a fleet may look at the local copy for the hydrate
+    /// that follows while it waits for the lease.
+    fn acquire_for<'a>(
+        &'a self,
+        sessions: &'a Sessions,
+        local: &'a Lease,
+        turn_id: &'a str,
+        policy: LeasePolicy,
+    ) -> BoxFuture<'a, Result<FleetLease, FleetError>> {
+        let _ = sessions;
+        self.acquire(local.session_id(), turn_id, policy)
+    }
+
     /// Extends the lease by the TTL; refused (`LeaseLost`) once it expired
     /// or another token took it.
     fn renew<'a>(&'a self, lease: &'a FleetLease) -> BoxFuture<'a, Result<(), FleetError>>;

@@ -80,7 +80,7 @@ impl Service {
                         }
                     };
                     let taken = fleet
-                        .acquire(&spec.session_id, &spec.turn_id, policy)
+                        .acquire_for(&broker.sessions, &lease, &spec.turn_id, policy)
                         .await?;
                     Some((fleet.clone(), taken))
                 }

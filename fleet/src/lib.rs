@@ -58,6 +58,9 @@ pub struct PgFleet {
     caps: ImportCaps,
     /// Change watches on local copies (see [`watch`]).
     watches: Watches,
+    /// What each turn's acquire did to its local copy, by fencing token,
+    /// until its hydrate (or release).
+    early: std::sync::Mutex<std::collections::HashMap<i64, Early>>,
 }
 
 fn store_err(e: impl std::fmt::Display) -> FleetError {
@@ -70,6 +73,43 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
+    }
+}
+
+/// A local copy that its record says is clean (no turn since its
+/// fingerprint), marked as in a turn while that turn's lease was asked for:
+/// its record as it was.
+#[derive(Debug)]
+struct Early {
+    path: std::path::PathBuf,
+    mark: Mark,
+}
+
+impl Early {
+    /// Marks the copy at `path` as in turn `turn` if its record says it is
+    /// clean; `None` for any other copy (hydrate looks at it).
+    fn mark(path: std::path::PathBuf, turn: String) -> Option<Early> {
+        let dir = local::open_session_dir(&path).ok()??;
+        let mark = local::read_mark(&dir)?;
+        if mark.turn.is_some() || mark.fingerprint.is_none() {
+            return None;
+        }
+        let next = Mark {
+            turn: Some(turn),
+            ..mark.clone()
+        };
+        local::write_mark(&dir, &next, false).ok()?;
+        Some(Early { path, mark })
+    }
+
+    /// Puts the record back: the turn never ran.
+    fn undo(self) {
+        let put = local::open_session_dir(&self.path)
+            .and_then(|dir| dir.map_or(Ok(()), |d| local::write_mark(&d, &self.mark, false)));
+        if let Err(e) = put {
+            // The next turn fingerprints the copy.
+            warn!(path = %self.path.display(), error = %e, "cannot restore the fleet record of a turn that did not run");
+        }
     }
 }
 
@@ -114,6 +154,7 @@ impl PgFleet {
             archives,
             caps,
             watches: Watches::default(),
+            early: std::sync::Mutex::default(),
         })
     }
 
@@ -214,6 +255,43 @@ impl PgFleet {
         }
     }
 
+    /// [`Fleet::acquire_for`]: the copy is looked at and marked on the
+    /// blocking pool while the lease's statement is in flight.
+    async fn acquire_for_inner(
+        &self,
+        sessions: &Sessions,
+        local: &Lease,
+        turn: &str,
+        policy: LeasePolicy,
+    ) -> Result<FleetLease, FleetError> {
+        let id = local.session_id();
+        let (path, t) = (sessions.paths(id).dir, turn.to_string());
+        let early = tokio::task::spawn_blocking(move || Early::mark(path, t));
+        let taken = self.acquire_inner(id, turn, policy).await;
+        let early = early.await.ok().flatten();
+        match (taken, early) {
+            (Ok(lease), Some(e)) => {
+                self.early
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(lease.token, e);
+                Ok(lease)
+            }
+            (Err(err), Some(e)) => {
+                e.undo();
+                Err(err)
+            }
+            (taken, None) => taken,
+        }
+    }
+
+    fn take_early(&self, lease: &FleetLease) -> Option<Early> {
+        self.early
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&lease.token)
+    }
+
     async fn hydrate_inner(
         &self,
         sessions: &Sessions,
@@ -224,15 +302,21 @@ impl PgFleet {
         let id = lease.session_id.as_str();
         let path = sessions.paths(id).dir;
         let io = |what, e| FleetError::Local(BrokerError::io(what, &path, e));
+        let early = self.take_early(lease);
         let dir = local::open_session_dir(&path).map_err(|e| io("cannot open", e))?;
-        let mark = dir.as_ref().and_then(local::read_mark);
+        // The record as it was before this turn's acquire marked it.
+        let mark = match &early {
+            Some(e) => Some(e.mark.clone()),
+            None => dir.as_ref().and_then(local::read_mark),
+        };
         let armed = self.watches.take_idle(id);
         let state = match (&dir, &mark) {
             (None, _) => Local::Absent,
             (Some(_), None) if lease.generation == 0 => Local::Adopt,
             (Some(_), None) => Local::Keep,
             (Some(dir), Some(m)) => {
-                let clean = blocking(|| m.is_clean(|| local::fingerprint(dir)))
+                let clean = m
+                    .is_clean(|| blocking(|| local::fingerprint(dir)))
                     .map_err(|e| io("cannot fingerprint", e))?;
                 match (clean, m.generation == lease.generation) {
                     (true, true) => Local::Current,
@@ -262,7 +346,10 @@ impl PgFleet {
                     fingerprint: m.fingerprint,
                     turn: Some(lease.turn_id.clone()),
                 };
-                local::write_mark(&dir, &next, false).map_err(|e| io("cannot write into", e))?;
+                if early.is_none() {
+                    local::write_mark(&dir, &next, false)
+                        .map_err(|e| io("cannot write into", e))?;
+                }
                 // The watch kept since the last commit, if it still covers
                 // this copy.
                 match armed {
@@ -682,6 +769,16 @@ impl Fleet for PgFleet {
         Box::pin(self.acquire_inner(session_id, turn_id, policy))
     }
 
+    fn acquire_for<'a>(
+        &'a self,
+        sessions: &'a Sessions,
+        local: &'a Lease,
+        turn_id: &'a str,
+        policy: LeasePolicy,
+    ) -> BoxFuture<'a, Result<FleetLease, FleetError>> {
+        Box::pin(self.acquire_for_inner(sessions, local, turn_id, policy))
+    }
+
     fn renew<'a>(&'a self, lease: &'a FleetLease) -> BoxFuture<'a, Result<(), FleetError>> {
         Box::pin(async move {
             self.db
@@ -695,9 +792,12 @@ impl Fleet for PgFleet {
     }
 
     fn release<'a>(&'a self, lease: &'a FleetLease) -> BoxFuture<'a, Result<(), FleetError>> {
-        // A turn that ended without its commit.
+        // A turn that ended without its commit, or never hydrated.
         if let Some(a) = self.watches.take_running(lease.token) {
             a.watch.discard();
+        }
+        if let Some(e) = self.take_early(lease) {
+            e.undo();
         }
         Box::pin(
             self.db

@@ -860,3 +860,81 @@ async fn a_committed_copy_stays_watched_and_only_a_change_costs_a_walk_or_an_upl
     a.fleet.release(&lease).await.expect("release");
     assert_eq!(a.fleet.watched(), (0, 0));
 }
+
+/// The copy's fleet record: whether it names a turn in progress.
+fn marked_turn(w: &Worker, id: &str) -> Option<String> {
+    let dir = turnstile_broker::tree::open_dir_path(&w.sessions.paths(id).dir).expect("open");
+    turnstile_fleet::local::read_mark(&dir)
+        .expect("a record")
+        .turn
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_copy_is_marked_while_the_lease_is_asked_for_and_put_back_if_refused() {
+    let pg = Pg::start();
+    let store = tempfile::tempdir().expect("store");
+    let a = worker(&pg, store.path(), "A").await;
+    let b = worker(&pg, store.path(), "B").await;
+    let (_, c) = turn(&a, "m", "t1", |p| {
+        std::fs::write(p.home.join("history"), "one").expect("write")
+    })
+    .await;
+    assert!(
+        matches!(c, Ok(Commit::Advanced { generation: 1, .. })),
+        "{c:?}"
+    );
+    assert_eq!(marked_turn(&a, "m"), None);
+
+    // B holds the session: A's turn is refused, and A's record is as it was.
+    let held = b
+        .fleet
+        .acquire("m", "tb", LeasePolicy::Reject)
+        .await
+        .expect("B");
+    let local = a
+        .sessions
+        .lease("m", "t2", LeasePolicy::Reject)
+        .await
+        .expect("host lease");
+    let refused = a
+        .fleet
+        .acquire_for(&a.sessions, &local, "t2", LeasePolicy::Reject)
+        .await
+        .expect_err("busy");
+    assert!(matches!(refused, FleetError::Busy { .. }), "{refused:?}");
+    assert_eq!(marked_turn(&a, "m"), None, "put back");
+    b.fleet.release(&held).await.expect("release");
+
+    // Granted: the record names the turn before hydrate runs, and hydrate
+    // takes the copy as current.
+    let lease = a
+        .fleet
+        .acquire_for(&a.sessions, &local, "t2", LeasePolicy::Reject)
+        .await
+        .expect("lease");
+    assert_eq!(marked_turn(&a, "m").as_deref(), Some("t2"));
+    let h = a
+        .fleet
+        .hydrate(&a.sessions, &local, &lease)
+        .await
+        .expect("hydrate");
+    assert_eq!(h.restored_bytes, None);
+    assert_eq!(h.generation, 1);
+    let c = a.fleet.commit(&a.sessions, &local, &lease).await;
+    assert!(
+        matches!(c, Ok(Commit::Unchanged { generation: 1 })),
+        "{c:?}"
+    );
+    assert_eq!(marked_turn(&a, "m"), None, "settled");
+    a.fleet.release(&lease).await.expect("release");
+
+    // Granted but released without a hydrate (the turn never ran): put back.
+    let lease = a
+        .fleet
+        .acquire_for(&a.sessions, &local, "t3", LeasePolicy::Reject)
+        .await
+        .expect("lease");
+    assert_eq!(marked_turn(&a, "m").as_deref(), Some("t3"));
+    a.fleet.release(&lease).await.expect("release");
+    assert_eq!(marked_turn(&a, "m"), None, "put back");
+}
