@@ -383,6 +383,8 @@ struct Importer<'a> {
     files: HashSet<Vec<u8>>,
     saw_tree: bool,
     meta: Option<Vec<u8>>,
+    /// File data passes through this buffer (one for the whole import).
+    buf: Vec<u8>,
 }
 
 /// Extracts a session archive into the empty directory `dest`, giving
@@ -409,6 +411,7 @@ pub fn import(
         files: HashSet::new(),
         saw_tree: false,
         meta: None,
+        buf: Vec::new(),
     };
     let mut count = 0u64;
     for entry in archive.entries().map_err(ImportError::Corrupt)? {
@@ -530,7 +533,7 @@ impl Importer<'_> {
                 .map_err(exists)?;
                 let size = entry.size();
                 let budget = self.caps.max_bytes.saturating_sub(self.bytes);
-                let written = write_sparse(entry, &fd, size, budget)?;
+                let written = write_sparse(entry, &fd, size, budget, &mut self.buf)?;
                 self.bytes = self.bytes.saturating_add(written);
                 if let Some((uid, gid)) = owner {
                     rfs::fchown(
@@ -594,19 +597,26 @@ impl Importer<'_> {
     }
 }
 
-/// Writes an entry's `size` bytes to `fd`, leaving every all-zero 4 KiB
-/// block as a hole (holes of a sparse entry read as zeros). Returns the
-/// bytes written; more than `budget` is [`EntryError::TooLarge`].
+/// Writes an entry's `size` bytes to `fd` through `buf`, leaving every
+/// all-zero 4 KiB block as a hole (holes of a sparse entry read as zeros);
+/// each run of data blocks is one write. Returns the bytes written; more
+/// than `budget` is [`EntryError::TooLarge`].
 static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Size of the buffer an import copies file data through.
+const COPY_BUF: usize = 1 << 20;
 
 fn write_sparse(
     r: &mut impl Read,
     fd: &OwnedFd,
     size: u64,
     budget: u64,
+    buf: &mut Vec<u8>,
 ) -> Result<u64, EntryError> {
     const BLOCK: usize = 4096;
-    let mut buf = vec![0u8; 1 << 20];
+    if buf.len() < COPY_BUF {
+        buf.resize(COPY_BUF, 0);
+    }
     let (mut off, mut written) = (0u64, 0u64);
     while off < size {
         let want = usize::try_from(size - off)
@@ -627,21 +637,34 @@ fn write_sparse(
                 "entry shorter than its header",
             )));
         }
-        for chunk in buf[..got].chunks(BLOCK) {
+        let data = &buf[..got];
+        let mut at = 0;
+        while at < data.len() {
             // A slice compare is a memcmp: holes of gigabytes are skipped
             // at memory speed.
-            if chunk != &ZEROS[..chunk.len()] {
-                written += tree::num(chunk.len());
-                if written > budget {
-                    return Err(EntryError::TooLarge);
-                }
-                let mut done = 0;
-                while done < chunk.len() {
-                    done += rustix::io::pwrite(fd, &chunk[done..], off + tree::num(done))?;
-                }
+            let is_zero = |i: usize| {
+                let block = &data[i..(i + BLOCK).min(data.len())];
+                block == &ZEROS[..block.len()]
+            };
+            if is_zero(at) {
+                at = (at + BLOCK).min(data.len());
+                continue;
             }
-            off += tree::num(chunk.len());
+            let mut end = (at + BLOCK).min(data.len());
+            while end < data.len() && !is_zero(end) {
+                end = (end + BLOCK).min(data.len());
+            }
+            written += tree::num(end - at);
+            if written > budget {
+                return Err(EntryError::TooLarge);
+            }
+            let mut done = at;
+            while done < end {
+                done += rustix::io::pwrite(fd, &data[done..end], off + tree::num(done))?;
+            }
+            at = end;
         }
+        off += tree::num(got);
     }
     rfs::ftruncate(fd, size)?;
     Ok(written)
