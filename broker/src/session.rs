@@ -519,10 +519,24 @@ impl<'a> Staging<'a> {
             .map_err(|e| BrokerError::io("cannot write", self.path().join("meta.json"), e))
     }
 
-    /// Moves the complete tree into place as session `id`, atomically and
-    /// only if no session `id` exists (`renameat2(RENAME_NOREPLACE)`).
-    fn publish(mut self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
+    /// Writes everything in the tree's filesystem to stable storage
+    /// (`syncfs`: one flush for the whole tree, where an `fsync` per entry
+    /// would flush once per file).
+    fn sync(&self) -> Result<(), BrokerError> {
+        rustix::fs::syncfs(&self.fd)
+            .map_err(|e| BrokerError::io("cannot sync", self.path(), e.into()))
+    }
+
+    /// Completes the tree and moves it into place as session `id`,
+    /// atomically and only if no session `id` exists.
+    fn publish(self, id: &str, meta: &SessionMeta) -> Result<(), BrokerError> {
         self.seal(id, meta)?;
+        self.place(id)
+    }
+
+    /// Moves the sealed tree into place as session `id`, atomically and
+    /// only if no session `id` exists (`renameat2(RENAME_NOREPLACE)`).
+    fn place(mut self, id: &str) -> Result<(), BrokerError> {
         let root = &self.sessions.root_fd;
         match rustix::fs::renameat_with(
             root,
@@ -651,10 +665,14 @@ impl Sessions {
     /// one read from an archive, or creates it (blocking). The archive is
     /// extracted into staging under the same rules as [`Sessions::import`];
     /// `before` then runs on the complete staging dir (to add files of the
-    /// caller's beside `meta.json`), and the tree is swapped into place in
-    /// one `renameat2(RENAME_EXCHANGE)`: at every moment the session is
-    /// either its old tree or its new one. The old tree is then removed.
-    /// Any failure leaves the session as it was.
+    /// caller's beside `meta.json`, or to refuse the tree), the tree with
+    /// what `before` wrote is made durable (`syncfs` of its filesystem:
+    /// a crash after the swap finds the new tree whole, never files whose
+    /// data was not yet written), and it is swapped into place in one
+    /// `renameat2(RENAME_EXCHANGE)`: at every moment the session is either
+    /// its old tree or its new one. The old tree is then removed. Any
+    /// failure, `before`'s included, leaves the session as it was and no
+    /// staging tree behind.
     pub fn restore(
         &self,
         lease: &Lease,
@@ -666,8 +684,9 @@ impl Sessions {
         let (staging, meta) = self.extract(id, r, caps)?;
         staging.seal(id, &meta)?;
         before(&staging.fd).map_err(|e| BrokerError::io("cannot write into", staging.path(), e))?;
+        staging.sync()?;
         if self.open(id)?.is_none() {
-            staging.publish(id, &meta)?;
+            staging.place(id)?;
             return Ok(meta);
         }
         let root = &self.root_fd;
@@ -970,9 +989,28 @@ mod tests {
             max_entries: 100,
         };
         let read = |p: &Path| std::fs::read_to_string(p).expect("read");
+        let names = || -> Vec<std::ffi::OsString> {
+            let mut n: Vec<_> = std::fs::read_dir(s.root())
+                .expect("list")
+                .flatten()
+                .map(|e| e.file_name())
+                .collect();
+            n.sort();
+            n
+        };
         s.restore(&lease, &b"not a tar"[..], caps, |_| Ok(()))
             .expect_err("refused");
         assert_eq!(read(&paths.work.join("f")), "old");
+        // A complete tree that `before` refuses (the fleet's check of the
+        // archive's digest) is never swapped in, nor left behind.
+        let err = s
+            .restore(&lease, &tar[..], caps, |_| {
+                Err(std::io::Error::other("not what was committed"))
+            })
+            .expect_err("refused by before");
+        assert!(err.to_string().contains("not what was committed"), "{err}");
+        assert_eq!(read(&paths.work.join("f")), "old");
+        assert_eq!(names(), vec![std::ffi::OsString::from("a")]);
         s.restore(&lease, &tar[..], caps, |fd| {
             tree::write_atomic(fd, OsStr::new("extra"), b"x", 0o600)
         })
@@ -980,12 +1018,7 @@ mod tests {
         assert_eq!(read(&paths.work.join("f")), "new");
         assert_eq!(read(&paths.dir.join("extra")), "x");
         // Neither staging tree nor the old one is left.
-        let names: Vec<_> = std::fs::read_dir(s.root())
-            .expect("list")
-            .flatten()
-            .map(|e| e.file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("a")]);
+        assert_eq!(names(), vec![std::ffi::OsString::from("a")]);
         // Kept aside under a new id, metadata following.
         s.set_aside(&lease, "a.kept-1").expect("set aside");
         assert_eq!(read(&s.paths("a.kept-1").work.join("f")), "new");

@@ -11,9 +11,9 @@
 //!    statement that grants it only if it is free or expired (the
 //!    database's clock decides);
 //! 2. **hydrate**: if the local copy is not the catalog's generation, the
-//!    archive is downloaded, its SHA-256 checked against the catalog, and
-//!    imported under the broker's import rules into staging, then swapped
-//!    in atomically. A local copy with changes no turn committed (a worker
+//!    archive is streamed from the store into an import under the broker's
+//!    import rules into staging, its size and SHA-256 checked against the
+//!    catalog at its end, and only then swapped in atomically. A local copy with changes no turn committed (a worker
 //!    killed mid-turn, a failed commit) is never overwritten: it is kept
 //!    under a new session id;
 //! 3. the turn runs, renewing the lease ([`turnstile_broker::fleet::keep_alive`]);
@@ -110,6 +110,15 @@ impl Early {
             // The next turn fingerprints the copy.
             warn!(path = %self.path.display(), error = %e, "cannot restore the fleet record of a turn that did not run");
         }
+    }
+}
+
+/// Reads through a shared reader (one the caller still checks after).
+struct Borrowed<'a, R>(&'a std::cell::RefCell<R>);
+
+impl<R: std::io::Read> std::io::Read for Borrowed<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().read(buf)
     }
 }
 
@@ -401,7 +410,8 @@ impl PgFleet {
         Ok(hydrated)
     }
 
-    /// Downloads and checks `archive`, then swaps it in as the session.
+    /// Imports `archive` straight from the store into staging, checks that
+    /// it is exactly what was committed, then swaps it in as the session.
     async fn restore(
         &self,
         sessions: &Sessions,
@@ -429,15 +439,25 @@ impl PgFleet {
             )));
         }
         let key = Archives::parse_key(&archive.key).map_err(|e| refused(e.to_string()))?;
-        let file = self
+        let download = |e| match e {
+            DownloadError::Store(e) => store_err(e),
+            DownloadError::Mismatch(why) => refused(why),
+        };
+        let object = self
             .archives
-            .download(&key, archive.bytes, &archive.sha256, sessions.root())
+            .read_object(&key, archive.bytes, &archive.sha256)
             .await
-            .map_err(|e| match e {
-                DownloadError::Store(e) => store_err(e),
-                DownloadError::Mismatch(why) => refused(why),
-            })?;
+            .map_err(download)?;
+        // The import and the check at the object's end both read it; they
+        // run one after the other on this thread.
+        let object = std::cell::RefCell::new(object);
         let mark = |fd: &std::os::fd::OwnedFd| {
+            // Nothing imported is used (the mark written, the tree swapped
+            // in) unless the object is exactly what was committed.
+            object
+                .borrow_mut()
+                .finish()
+                .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
             let fingerprint = local::fingerprint(fd)?;
             local::write_mark(
                 fd,
@@ -446,15 +466,22 @@ impl PgFleet {
                     fingerprint: Some(fingerprint),
                     turn: Some(lease.turn_id.clone()),
                 },
-                true,
+                // Made durable with the tree, by the restore's sync.
+                false,
             )
         };
-        blocking(|| sessions.restore(local, std::io::BufReader::new(file), self.caps, mark))
-            .map_err(|e| match e {
+        let restored = blocking(|| sessions.restore(local, Borrowed(&object), self.caps, mark));
+        if let Err(e) = restored {
+            // An object that is not what was committed explains any
+            // failure of its import (a changed byte may make it corrupt or
+            // hostile): said as such, the rest of it read to find out.
+            object.borrow_mut().finish().map_err(download)?;
+            return Err(match e {
                 BrokerError::Import(ImportError::Io { .. }) => FleetError::Local(e),
                 BrokerError::Import(e) => refused(e.to_string()),
                 e => FleetError::Local(e),
-            })?;
+            });
+        }
         Ok(archive.bytes)
     }
 

@@ -4,16 +4,18 @@
 //!
 //! Uploads stream: the export runs on the blocking pool and hands chunks
 //! to the upload as it writes them, so an archive is never held whole in
-//! memory nor written to local disk first. Downloads go to an anonymous
-//! temp file (`O_TMPFILE`: nothing is left behind by a crash) and their
-//! SHA-256 is checked against the catalog before anything is imported.
+//! memory nor written to local disk first. Downloads stream too, straight
+//! into the import ([`ObjectReader`]): counted and hashed on another
+//! thread as the import consumes them, and checked against the catalog's
+//! size and SHA-256 at the object's end, before what was imported from
+//! them is used.
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetResultPayload, ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use sha2::{Digest, Sha256};
-use std::io::{Seek, Write};
+use std::io::Write;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -231,17 +233,18 @@ impl Archives {
         })
     }
 
-    /// Downloads object `key` into an anonymous temp file in `dir` (on the
-    /// same filesystem as where it will be imported), refusing it unless it
-    /// is exactly `want.bytes` long with SHA-256 `want.sha256`. Returns the
-    /// file, rewound.
-    pub async fn download(
+    /// Opens object `key` for reading by an import: see [`ObjectReader`].
+    /// The object's size is checked against `want_bytes` before anything
+    /// is read; its bytes are read by a thread of the blocking pool, in
+    /// large reads (a local object of a `file://` store) or as the store
+    /// streams them (cloud stores; this needs tokio's multi-threaded
+    /// runtime, on which the blocking import can wait for the stream).
+    pub async fn read_object(
         &self,
         key: &ObjectPath,
         want_bytes: u64,
         want_sha256: &str,
-        dir: &std::path::Path,
-    ) -> Result<std::fs::File, DownloadError> {
+    ) -> Result<ObjectReader, DownloadError> {
         let got = self
             .store
             .get(key)
@@ -253,89 +256,49 @@ impl Archives {
                 got.meta.size
             )));
         }
-        let file = tempfile::tempfile_in(dir).map_err(|e| {
-            DownloadError::Store(StoreError::Other(format!(
-                "cannot make a temp file in {}: {e}",
-                dir.display()
-            )))
-        })?;
-        let write_err = |e: std::io::Error| {
-            DownloadError::Store(StoreError::Other(format!("cannot write the download: {e}")))
+        let shown = key.to_string();
+        let want = Want {
+            bytes: want_bytes,
+            sha256: want_sha256.to_string(),
         };
-        let too_long = move || {
-            DownloadError::Mismatch(format!(
-                "the object is longer than the catalog's {want_bytes} bytes"
-            ))
-        };
-        let mut hasher = Sha256::new();
-        let mut seen = 0u64;
-        let mut file = match got.payload {
-            // A local object (a `file://` store): copied on the blocking
-            // pool in large reads. Its stream would take a blocking-pool
-            // round trip for every 8 KiB, most of a hydrate's time.
-            GetResultPayload::File(src, _) => {
-                let shown = key.to_string();
-                let copied = tokio::task::spawn_blocking(move || {
-                    let mut src = std::io::Read::take(src, want_bytes.saturating_add(1));
-                    let mut file = file;
-                    let mut buf = vec![0u8; 1 << 20];
-                    loop {
-                        let n = match std::io::Read::read(&mut src, &mut buf) {
-                            Ok(0) => break,
-                            Ok(n) => n,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                            Err(e) => {
-                                return Err(DownloadError::Store(StoreError::Other(format!(
-                                    "cannot download {shown}: {e}"
-                                ))));
-                            }
-                        };
-                        seen += n as u64;
-                        if seen > want_bytes {
-                            return Err(too_long());
+        match got.payload {
+            GetResultPayload::File(file, _) => Ok(ObjectReader::start(want, move |buf| {
+                let mut buf = buf.unwrap_or_else(|| vec![0u8; READ]);
+                buf.resize(READ, 0);
+                loop {
+                    match std::io::Read::read(&mut &file, &mut buf) {
+                        Ok(0) => return Ok(None),
+                        Ok(n) => {
+                            buf.truncate(n);
+                            return Ok(Some(Chunk::Owned(buf)));
                         }
-                        hasher.update(&buf[..n]);
-                        file.write_all(&buf[..n]).map_err(write_err)?;
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            return Err(DownloadError::Store(StoreError::Other(format!(
+                                "cannot download {shown}: {e}"
+                            ))));
+                        }
                     }
-                    Ok((file, hasher, seen))
-                })
-                .await
-                .map_err(|e| {
-                    DownloadError::Store(StoreError::Other(format!("download task: {e}")))
-                })??;
-                (hasher, seen) = (copied.1, copied.2);
-                copied.0
-            }
-            GetResultPayload::Stream(mut stream) => {
-                let mut file = tokio::fs::File::from_std(file);
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        DownloadError::Store(StoreError::op("cannot download", key)(e))
-                    })?;
-                    seen += chunk.len() as u64;
-                    if seen > want_bytes {
-                        return Err(too_long());
-                    }
-                    hasher.update(&chunk);
-                    tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
-                        .await
-                        .map_err(write_err)?;
                 }
-                file.into_std().await
+            })),
+            GetResultPayload::Stream(mut stream) => {
+                let handle = tokio::runtime::Handle::current();
+                if handle.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+                    return Err(DownloadError::Store(StoreError::Other(format!(
+                        "cannot download {shown}: a streamed object is read on tokio's multi-threaded runtime only"
+                    ))));
+                }
+                Ok(ObjectReader::start(want, move |_| {
+                    match handle.block_on(stream.next()) {
+                        None => Ok(None),
+                        Some(Ok(bytes)) => Ok(Some(Chunk::Shared(bytes))),
+                        Some(Err(e)) => Err(DownloadError::Store(StoreError::Other(format!(
+                            "cannot download {shown}: {e}"
+                        )))),
+                    }
+                }))
             }
-        };
-        let digest = hex(&hasher.finalize());
-        if seen != want_bytes || digest != want_sha256 {
-            return Err(DownloadError::Mismatch(format!(
-                "its content ({seen} bytes, sha256 {digest}) is not what was committed ({want_bytes} bytes, sha256 {want_sha256})"
-            )));
         }
-        file.rewind().map_err(|e| {
-            DownloadError::Store(StoreError::Other(format!(
-                "cannot rewind the download: {e}"
-            )))
-        })?;
-        Ok(file)
     }
 
     /// Copies object `from` to a new object `to` (a fork's first archive).
@@ -400,6 +363,187 @@ pub enum DownloadError {
     Store(StoreError),
     #[error("{0}")]
     Mismatch(String),
+}
+
+impl DownloadError {
+    /// The same failure again (a reader reports its outcome to each caller).
+    fn again(&self) -> DownloadError {
+        match self {
+            DownloadError::Store(e) => DownloadError::Store(StoreError::Other(e.to_string())),
+            DownloadError::Mismatch(why) => DownloadError::Mismatch(why.clone()),
+        }
+    }
+}
+
+/// Size of one read of a local object.
+const READ: usize = 1 << 20;
+/// Chunks read ahead of the import (bounds a reader's memory, with
+/// [`READ`] or the store's own chunk size).
+const AHEAD: usize = 4;
+
+/// What the catalog says an object is.
+struct Want {
+    bytes: u64,
+    sha256: String,
+}
+
+/// A piece of an object: a buffer of ours (handed back for the next read)
+/// or one the store's stream made.
+enum Chunk {
+    Owned(Vec<u8>),
+    Shared(Bytes),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(v) => v,
+            Chunk::Shared(b) => b,
+        }
+    }
+}
+
+enum Msg {
+    Data(Chunk),
+    /// The object ended (or its reading failed): whether it is what the
+    /// catalog says.
+    End(Result<(), DownloadError>),
+}
+
+/// An archive object read straight into an import (blocking `Read`).
+///
+/// A thread of the blocking pool reads the object ahead (at most
+/// [`AHEAD`] chunks), counts and hashes it, and refuses it as soon as it
+/// runs past the catalog's size; the import consumes what it read on its
+/// own thread, so hashing and extracting overlap. Tar's end-of-archive
+/// blocks are not the object's end: [`ObjectReader::finish`] reads on to
+/// the object's very end and says whether it is exactly what the catalog
+/// committed (size and SHA-256). Nothing an import made from it may be
+/// used before `finish` said so.
+pub struct ObjectReader {
+    rx: std::sync::mpsc::Receiver<Msg>,
+    /// Buffers handed back to the reading thread.
+    spent: std::sync::mpsc::SyncSender<Vec<u8>>,
+    cur: Option<Chunk>,
+    pos: usize,
+    outcome: Option<Result<(), DownloadError>>,
+}
+
+impl ObjectReader {
+    /// Starts reading with `next`, which returns the object's next chunk
+    /// (`None` at its end), given a spent buffer to reuse if there is one.
+    fn start<F>(want: Want, mut next: F) -> ObjectReader
+    where
+        F: FnMut(Option<Vec<u8>>) -> Result<Option<Chunk>, DownloadError> + Send + 'static,
+    {
+        let (tx, rx) = std::sync::mpsc::sync_channel(AHEAD);
+        let (spent, spent_rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(AHEAD + 2);
+        let read = move || {
+            let mut hasher = Sha256::new();
+            let mut seen = 0u64;
+            let end = loop {
+                match next(spent_rx.try_recv().ok()) {
+                    Ok(Some(chunk)) => {
+                        let data = chunk.bytes();
+                        seen = seen.saturating_add(data.len() as u64);
+                        if seen > want.bytes {
+                            break Err(DownloadError::Mismatch(format!(
+                                "the object is longer than the catalog's {} bytes",
+                                want.bytes
+                            )));
+                        }
+                        hasher.update(data);
+                        if tx.send(Msg::Data(chunk)).is_err() {
+                            // The reader is gone: nobody wants the rest.
+                            return;
+                        }
+                    }
+                    Ok(None) => {
+                        let digest = hex(&hasher.finalize());
+                        if seen == want.bytes && digest == want.sha256 {
+                            break Ok(());
+                        }
+                        break Err(DownloadError::Mismatch(format!(
+                            "its content ({seen} bytes, sha256 {digest}) is not what was committed ({} bytes, sha256 {})",
+                            want.bytes, want.sha256
+                        )));
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            let _ = tx.send(Msg::End(end));
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => drop(h.spawn_blocking(read)),
+            Err(_) => drop(std::thread::spawn(read)),
+        }
+        ObjectReader {
+            rx,
+            spent,
+            cur: None,
+            pos: 0,
+            outcome: None,
+        }
+    }
+
+    /// Reads the object to its end (whatever the import left unread) and
+    /// says whether it is exactly what the catalog committed; a failure of
+    /// the store is [`DownloadError::Store`]. Asked again, says the same.
+    pub fn finish(&mut self) -> Result<(), DownloadError> {
+        while self.outcome.is_none() {
+            self.next_chunk();
+        }
+        match &self.outcome {
+            Some(Ok(())) | None => Ok(()),
+            Some(Err(e)) => Err(e.again()),
+        }
+    }
+
+    /// Hands the spent chunk back and waits for the next one (or the end).
+    fn next_chunk(&mut self) {
+        if let Some(Chunk::Owned(buf)) = self.cur.take() {
+            let _ = self.spent.try_send(buf);
+        }
+        self.pos = 0;
+        match self.rx.recv() {
+            Ok(Msg::Data(chunk)) => self.cur = Some(chunk),
+            Ok(Msg::End(end)) => self.outcome = Some(end),
+            Err(_) => {
+                self.outcome = Some(Err(DownloadError::Store(StoreError::Other(
+                    "the object's reader stopped".into(),
+                ))));
+            }
+        }
+    }
+}
+
+impl std::io::Read for ObjectReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            if let Some(chunk) = &self.cur {
+                let rest = &chunk.bytes()[self.pos..];
+                if !rest.is_empty() {
+                    let n = rest.len().min(buf.len());
+                    buf[..n].copy_from_slice(&rest[..n]);
+                    self.pos += n;
+                    return Ok(n);
+                }
+            }
+            match &self.outcome {
+                Some(Ok(())) => return Ok(0),
+                Some(Err(e)) => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        e.to_string(),
+                    ));
+                }
+                None => self.next_chunk(),
+            }
+        }
+    }
 }
 
 async fn join(producer: tokio::task::JoinHandle<std::io::Result<()>>) -> Result<(), StoreError> {
@@ -477,28 +621,192 @@ mod tests {
                 .expect("upload");
             assert_eq!(up.bytes, size as u64);
             assert_eq!(up.sha256, hex(&Sha256::digest(&data)));
-            let mut f = archives
-                .download(&key, up.bytes, &up.sha256, dir.path())
+            let back = read_all(&archives, &key, up.bytes, &up.sha256)
                 .await
-                .expect("download");
-            let mut back = Vec::new();
-            std::io::Read::read_to_end(&mut f, &mut back).expect("read");
+                .expect("read");
             assert!(back == data, "size {size}");
             // A wrong digest or size is refused.
-            let err = archives
-                .download(&key, up.bytes, &"0".repeat(64), dir.path())
+            let err = read_all(&archives, &key, up.bytes, &"0".repeat(64))
                 .await
                 .expect_err("digest");
             assert!(
                 err.to_string().contains("is not what was committed"),
                 "{err}"
             );
-            let err = archives
-                .download(&key, up.bytes + 1, &up.sha256, dir.path())
+            let err = read_all(&archives, &key, up.bytes + 1, &up.sha256)
                 .await
                 .expect_err("size");
             assert!(err.to_string().contains("the catalog says"), "{err}");
         }
+    }
+
+    /// Reads object `key` as an import would, then to its end.
+    async fn read_all(
+        archives: &Archives,
+        key: &ObjectPath,
+        bytes: u64,
+        sha256: &str,
+    ) -> Result<Vec<u8>, DownloadError> {
+        let mut r = archives.read_object(key, bytes, sha256).await?;
+        tokio::task::block_in_place(|| {
+            let mut back = Vec::new();
+            let read = std::io::Read::read_to_end(&mut r, &mut back);
+            r.finish()?;
+            read.map_err(|e| DownloadError::Store(StoreError::Other(e.to_string())))?;
+            Ok(back)
+        })
+    }
+
+    /// A reader over `chunks` (as a store would deliver them) that the
+    /// catalog says are `bytes` long with digest `sha256`.
+    fn reader(chunks: Vec<Vec<u8>>, bytes: u64, sha256: &str) -> ObjectReader {
+        let mut chunks = chunks.into_iter();
+        let want = Want {
+            bytes,
+            sha256: sha256.to_string(),
+        };
+        ObjectReader::start(want, move |_| Ok(chunks.next().map(Chunk::Owned)))
+    }
+
+    /// A valid session archive: `work/f` holding `content`.
+    fn session_tar(content: &[u8]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        b.append_data(&mut h, "work", std::io::empty())
+            .expect("dir");
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(content.len() as u64);
+        b.append_data(&mut h, "work/f", content).expect("file");
+        b.into_inner().expect("finish")
+    }
+
+    #[test]
+    fn a_reader_refuses_what_the_catalog_did_not_commit_even_past_the_tar_end() {
+        let good = session_tar(b"committed");
+        let sha = hex(&Sha256::digest(&good));
+        let n = good.len() as u64;
+        let import = |r: &mut ObjectReader| {
+            let dest = tempfile::tempdir().expect("dest");
+            let fd = turnstile_broker::tree::open_dir_path(dest.path()).expect("open");
+            let caps = turnstile_broker::archive::ImportCaps {
+                max_bytes: 1 << 20,
+                max_entries: 10,
+            };
+            turnstile_broker::archive::import(r, &fd, caps, None).map(|_| ())
+        };
+        // Exactly as committed, in chunks of every size: imported, and
+        // its end checked.
+        for step in [1usize, 511, 512, 4096, good.len()] {
+            let chunks = good.chunks(step).map(<[u8]>::to_vec).collect();
+            let mut r = reader(chunks, n, &sha);
+            import(&mut r).expect("import");
+            r.finish().expect("as committed");
+            r.finish().expect("said again");
+        }
+        // A valid archive of another session, as long: the import takes
+        // it, the check at the end refuses it.
+        let other = session_tar(b"forged!!!");
+        assert_eq!(other.len(), good.len());
+        let mut r = reader(vec![other.clone()], n, &sha);
+        import(&mut r).expect("a valid tar");
+        let err = r.finish().expect_err("not committed");
+        assert!(matches!(err, DownloadError::Mismatch(_)), "{err}");
+        assert!(
+            err.to_string().contains("is not what was committed"),
+            "{err}"
+        );
+        // Longer than the catalog says, the excess after tar's end blocks
+        // (which the import never reads): refused at the end, and the
+        // reading stopped at the catalog's size.
+        let mut longer = good.clone();
+        longer.extend_from_slice(&[0u8; 1024]);
+        let mut r = reader(vec![good.clone(), vec![0u8; 1024]], n, &sha);
+        import(&mut r).expect("the tar part is fine");
+        let err = r.finish().expect_err("longer");
+        assert!(
+            err.to_string()
+                .contains(&format!("longer than the catalog's {n} bytes")),
+            "{err}"
+        );
+        // Longer in the middle: the import itself fails to read.
+        let mut r = reader(vec![longer], n, &sha);
+        assert!(import(&mut r).is_err());
+        assert!(r.finish().is_err());
+        // Shorter: a valid tar with one end block fewer.
+        let shorter = good[..good.len() - 512].to_vec();
+        let mut r = reader(vec![shorter], n, &sha);
+        import(&mut r).expect("one end block is enough for tar");
+        let err = r.finish().expect_err("shorter");
+        assert!(
+            err.to_string()
+                .contains(&format!("({} bytes, sha256", n - 512)),
+            "{err}"
+        );
+        // A failing store is a store error, not a refusal.
+        let want = Want {
+            bytes: n,
+            sha256: sha.clone(),
+        };
+        let mut first = Some(good[..100].to_vec());
+        let mut r = ObjectReader::start(want, move |_| match first.take() {
+            Some(c) => Ok(Some(Chunk::Owned(c))),
+            None => Err(DownloadError::Store(StoreError::Other("link down".into()))),
+        });
+        assert!(import(&mut r).is_err());
+        let err = r.finish().expect_err("store failed");
+        assert!(matches!(err, DownloadError::Store(_)), "{err}");
+        assert!(err.to_string().contains("link down"), "{err}");
+    }
+
+    /// A cloud store's object arrives as a stream; read on the
+    /// multi-threaded runtime, refused on a current-thread one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn streamed_objects_are_read_and_checked_the_same_way() {
+        let archives = Archives {
+            store: Arc::new(object_store::memory::InMemory::new()),
+            prefix: ObjectPath::from("p"),
+            url: "memory://".into(),
+        };
+        for size in [0usize, 1, READ + 3, 3 * CHUNK + 5] {
+            let data: Vec<u8> = (0..size).map(|j| (j * 13) as u8).collect();
+            let key = archives.key("s", size as i64, 1);
+            let copy = data.clone();
+            let up = archives
+                .upload(&key, move |w| w.write_all(&copy))
+                .await
+                .expect("upload");
+            let back = read_all(&archives, &key, up.bytes, &up.sha256)
+                .await
+                .expect("read");
+            assert!(back == data, "size {size}");
+            let err = read_all(&archives, &key, up.bytes, &"f".repeat(64))
+                .await
+                .expect_err("digest");
+            assert!(matches!(err, DownloadError::Mismatch(_)), "{err}");
+        }
+        let key = archives.key("s", 1, 1);
+        let up = archives
+            .upload(&key, |w| w.write_all(b"x"))
+            .await
+            .expect("upload");
+        let refused = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .expect("runtime");
+            rt.block_on(archives.read_object(&key, up.bytes, &up.sha256))
+                .err()
+                .map(|e| e.to_string())
+        })
+        .join()
+        .expect("thread");
+        assert!(
+            refused.is_some_and(|e| e.contains("multi-threaded runtime")),
+            "a current-thread runtime cannot wait for a stream"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -516,9 +824,10 @@ mod tests {
                 .expect_err("fails");
             assert!(err.to_string().contains("disk on fire"), "{err}");
             let gone = archives
-                .download(&key, 0, "", dir.path())
+                .read_object(&key, 0, "")
                 .await
-                .expect_err("absent");
+                .err()
+                .expect("absent");
             assert!(matches!(gone, DownloadError::Store(_)), "{gone}");
         }
     }

@@ -564,6 +564,95 @@ async fn a_hostile_archive_object_is_refused_at_hydrate_naming_session_and_gener
     assert_eq!(read(b.sessions.paths("s").work.join("f")), "1");
 }
 
+/// Names in worker `w`'s sessions root, sorted (staging trees start with '.').
+fn sessions_root(w: &Worker) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(w.sessions.root())
+        .expect("sessions root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_object_not_as_committed_is_refused_and_the_prior_local_copy_stays() {
+    let pg = Pg::start();
+    let store = tempfile::tempdir().expect("store");
+    let a = worker(&pg, store.path(), "A").await;
+    let b = worker(&pg, store.path(), "B").await;
+    let write = |text: &'static str| {
+        move |p: &SessionPaths| std::fs::write(p.work.join("f"), text).expect("w")
+    };
+    turn(&a, "s", "t1", write("gen one"))
+        .await
+        .1
+        .expect("commit");
+    // B holds generation 1 (hydrated, unchanged); A moves on to 2.
+    turn(&b, "s", "t2", |_| {}).await.1.expect("unchanged");
+    turn(&a, "s", "t3", write("gen two"))
+        .await
+        .1
+        .expect("commit");
+    assert_eq!(generation(&pg, "s").await, 2);
+    let object = objects(store.path())
+        .into_iter()
+        .find(|o| o.starts_with("sessions/s/000000000002-"))
+        .map(|o| store.path().join(o))
+        .expect("generation 2's object");
+    let good = std::fs::read(&object).expect("object");
+    let mark = b.sessions.paths("s").dir.join("fleet.json");
+    let mark_before = std::fs::read(&mark).expect("B's record");
+    assert_eq!(read(b.sessions.paths("s").work.join("f")), "gen one");
+
+    // A valid archive of another session, exactly as long as the
+    // committed one (the import takes it whole: only the digest at the
+    // object's end tells); longer and shorter ones, each still a valid tar.
+    let at = good
+        .windows(7)
+        .position(|w| w == b"gen two")
+        .expect("the file's data in the archive");
+    let mut forged = good.clone();
+    forged[at..at + 7].copy_from_slice(b"forged!");
+    let mut longer = good.clone();
+    longer.extend_from_slice(&[0u8; 1024]);
+    let shorter = good[..good.len() - 512].to_vec();
+    let n = good.len();
+    for (bytes, why) in [
+        (forged, "its content (".to_string()),
+        (
+            longer,
+            format!("the object is {} bytes, the catalog says {n}", n + 1024),
+        ),
+        (
+            shorter,
+            format!("the object is {} bytes, the catalog says {n}", n - 512),
+        ),
+    ] {
+        std::fs::write(&object, &bytes).expect("swap the object");
+        let err = hydrate_once(&b).await.expect_err("not as committed");
+        let msg = err.to_string();
+        assert!(matches!(err, FleetError::Archive { .. }), "{msg}");
+        assert!(
+            msg.starts_with("archive of session s generation 2 refused: ") && msg.contains(&why),
+            "{msg}"
+        );
+        // B's copy, its record and the catalog are as they were; no
+        // staging tree is left.
+        assert_eq!(read(b.sessions.paths("s").work.join("f")), "gen one");
+        assert_eq!(std::fs::read(&mark).expect("B's record"), mark_before);
+        assert_eq!(sessions_root(&b), vec!["s".to_string()]);
+        assert_eq!(generation(&pg, "s").await, 2);
+    }
+
+    // The committed object back: B hydrates generation 2.
+    std::fs::write(&object, &good).expect("restore");
+    let h = hydrate_once(&b).await.expect("as committed");
+    assert_eq!(h.generation, 2);
+    assert_eq!(read(b.sessions.paths("s").work.join("f")), "gen two");
+    assert_eq!(sessions_root(&b), vec!["s".to_string()]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unwritable_store_fails_the_commit_and_keeps_the_last_generation_runnable() {
     let pg = Pg::start();
