@@ -666,9 +666,10 @@ impl Sessions {
     /// extracted into staging under the same rules as [`Sessions::import`];
     /// `before` then runs on the complete staging dir (to add files of the
     /// caller's beside `meta.json`, or to refuse the tree), the tree with
-    /// what `before` wrote is made durable (`syncfs` of its filesystem:
-    /// a crash after the swap finds the new tree whole, never files whose
-    /// data was not yet written), and it is swapped into place in one
+    /// what `before` wrote is made durable if `durable` (`syncfs` of its
+    /// filesystem: a crash after the swap finds the new tree whole, never
+    /// files whose data was not yet written; a caller that passes `false`
+    /// must not trust the tree after a host restart), and it is swapped into place in one
     /// `renameat2(RENAME_EXCHANGE)`: at every moment the session is either
     /// its old tree or its new one. The old tree is then removed. Any
     /// failure, `before`'s included, leaves the session as it was and no
@@ -679,12 +680,15 @@ impl Sessions {
         r: impl std::io::Read,
         caps: crate::archive::ImportCaps,
         before: impl FnOnce(&OwnedFd) -> std::io::Result<()>,
+        durable: bool,
     ) -> Result<SessionMeta, BrokerError> {
         let id = lease.session_id();
         let (staging, meta) = self.extract(id, r, caps)?;
         staging.seal(id, &meta)?;
         before(&staging.fd).map_err(|e| BrokerError::io("cannot write into", staging.path(), e))?;
-        staging.sync()?;
+        if durable {
+            staging.sync()?;
+        }
         if self.open(id)?.is_none() {
             staging.place(id)?;
             return Ok(meta);
@@ -998,22 +1002,30 @@ mod tests {
             n.sort();
             n
         };
-        s.restore(&lease, &b"not a tar"[..], caps, |_| Ok(()))
+        s.restore(&lease, &b"not a tar"[..], caps, |_| Ok(()), true)
             .expect_err("refused");
         assert_eq!(read(&paths.work.join("f")), "old");
         // A complete tree that `before` refuses (the fleet's check of the
         // archive's digest) is never swapped in, nor left behind.
         let err = s
-            .restore(&lease, &tar[..], caps, |_| {
-                Err(std::io::Error::other("not what was committed"))
-            })
+            .restore(
+                &lease,
+                &tar[..],
+                caps,
+                |_| Err(std::io::Error::other("not what was committed")),
+                true,
+            )
             .expect_err("refused by before");
         assert!(err.to_string().contains("not what was committed"), "{err}");
         assert_eq!(read(&paths.work.join("f")), "old");
         assert_eq!(names(), vec![std::ffi::OsString::from("a")]);
-        s.restore(&lease, &tar[..], caps, |fd| {
-            tree::write_atomic(fd, OsStr::new("extra"), b"x", 0o600)
-        })
+        s.restore(
+            &lease,
+            &tar[..],
+            caps,
+            |fd| tree::write_atomic(fd, OsStr::new("extra"), b"x", 0o600),
+            false,
+        )
         .expect("restore");
         assert_eq!(read(&paths.work.join("f")), "new");
         assert_eq!(read(&paths.dir.join("extra")), "x");

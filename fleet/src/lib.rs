@@ -323,6 +323,16 @@ impl PgFleet {
             (None, _) => Local::Absent,
             (Some(_), None) if lease.generation == 0 => Local::Adopt,
             (Some(_), None) => Local::Keep,
+            // Written before the host last started: the tree may have lost
+            // data the record vouches for. Hydrated again; kept aside if a
+            // turn may have changed it.
+            (Some(_), Some(m)) if lease.generation > 0 && !m.this_boot() => {
+                if m.turn.is_some() || m.generation > lease.generation {
+                    Local::Keep
+                } else {
+                    Local::Stale
+                }
+            }
             (Some(dir), Some(m)) => {
                 let clean = m
                     .is_clean(|| blocking(|| local::fingerprint(dir)))
@@ -354,6 +364,7 @@ impl PgFleet {
                     generation: m.generation,
                     fingerprint: m.fingerprint,
                     turn: Some(lease.turn_id.clone()),
+                    boot: Some(local::boot_id().to_string()),
                 };
                 if early.is_none() {
                     local::write_mark(&dir, &next, false)
@@ -465,12 +476,15 @@ impl PgFleet {
                     generation: lease.generation,
                     fingerprint: Some(fingerprint),
                     turn: Some(lease.turn_id.clone()),
+                    boot: Some(local::boot_id().to_string()),
                 },
-                // Made durable with the tree, by the restore's sync.
+                // The tree is not synced either: the record holds for this
+                // boot (see `Mark::boot`).
                 false,
             )
         };
-        let restored = blocking(|| sessions.restore(local, Borrowed(&object), self.caps, mark));
+        let restored =
+            blocking(|| sessions.restore(local, Borrowed(&object), self.caps, mark, false));
         if let Err(e) = restored {
             // An object that is not what was committed explains any
             // failure of its import (a changed byte may make it corrupt or
@@ -670,6 +684,7 @@ impl PgFleet {
             generation: landed,
             fingerprint: Some(fingerprint),
             turn: None,
+            boot: Some(local::boot_id().to_string()),
         };
         match local::write_mark(&dir, &settled, true) {
             Ok(()) => {

@@ -33,9 +33,31 @@ pub struct Mark {
     /// A turn that may have changed home and work since: set before a turn
     /// runs, cleared when its outcome is committed (or found unchanged).
     pub turn: Option<String>,
+    /// The host boot the record was written in ([`boot_id`]). Nothing of
+    /// the copy is synced to disk (neither a restore nor a turn's writes):
+    /// after the host restarts, a record of another boot vouches for a tree
+    /// that may have lost data, so the copy is hydrated again.
+    #[serde(default)]
+    pub boot: Option<String>,
+}
+
+/// This host boot's id (`/proc/sys/kernel/random/boot_id`); "unknown" if
+/// it cannot be read (then records are trusted across restarts).
+pub fn boot_id() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            .unwrap_or_else(|_| "unknown".to_string())
+    })
 }
 
 impl Mark {
+    /// Whether the record was written in this host boot.
+    pub fn this_boot(&self) -> bool {
+        self.boot.as_deref() == Some(boot_id())
+    }
+
     /// Whether home and work, now fingerprinted `now` (computed only when
     /// needed), are still what the record says.
     pub fn is_clean(&self, now: impl FnOnce() -> io::Result<String>) -> io::Result<bool> {
@@ -227,7 +249,24 @@ mod tests {
             generation: 4,
             fingerprint: Some(fp.clone()),
             turn: Some("t1".into()),
+            boot: Some(boot_id().into()),
         };
+        assert!(mark.this_boot());
+        assert!(
+            !Mark {
+                boot: Some("another".into()),
+                ..mark.clone()
+            }
+            .this_boot()
+        );
+        assert!(
+            !Mark {
+                boot: None,
+                ..mark.clone()
+            }
+            .this_boot(),
+            "a record of no known boot"
+        );
         write_mark(&fd, &mark, false).expect("write");
         assert_eq!(read_mark(&fd), Some(mark.clone()));
         write_mark(

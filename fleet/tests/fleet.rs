@@ -1027,3 +1027,58 @@ async fn a_clean_copy_is_marked_while_the_lease_is_asked_for_and_put_back_if_ref
     a.fleet.release(&lease).await.expect("release");
     assert_eq!(marked_turn(&a, "m"), None, "put back");
 }
+
+/// Rewrites the copy's fleet record as if written in another host boot,
+/// with `turn` as the turn in progress.
+fn from_another_boot(w: &Worker, id: &str, turn: Option<&str>) {
+    let dir = turnstile_broker::tree::open_dir_path(&w.sessions.paths(id).dir).expect("open");
+    let mark = turnstile_fleet::local::Mark {
+        boot: Some("an-earlier-boot".into()),
+        turn: turn.map(str::to_string),
+        ..turnstile_fleet::local::read_mark(&dir).expect("a record")
+    };
+    turnstile_fleet::local::write_mark(&dir, &mark, true).expect("write");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_recorded_before_the_host_restarted_is_hydrated_again_never_trusted() {
+    let pg = Pg::start();
+    let store = tempfile::tempdir().expect("store");
+    let a = worker(&pg, store.path(), "A").await;
+    let (_, c) = turn(&a, "r", "t1", |p| {
+        std::fs::write(p.home.join("history"), "committed").expect("write")
+    })
+    .await;
+    assert!(
+        matches!(c, Ok(Commit::Advanced { generation: 1, .. })),
+        "{c:?}"
+    );
+    let history = a.sessions.paths("r").home.join("history");
+
+    // What a power loss can leave of unsynced data: the file lost its
+    // content. A record of this boot would vouch for it; one of another
+    // boot does not, and the copy is restored from its archive.
+    std::fs::write(&history, "").expect("truncate");
+    from_another_boot(&a, "r", None);
+    let (h, c) = turn(&a, "r", "t2", |_| {}).await;
+    assert!(h.restored_bytes.is_some(), "restored: {h:?}");
+    assert_eq!(h.kept_as, None, "nothing uncommitted to keep");
+    assert!(
+        matches!(c, Ok(Commit::Unchanged { generation: 1 })),
+        "{c:?}"
+    );
+    assert_eq!(read(&history), "committed");
+
+    // With a turn in progress at the restart, the copy may hold changes no
+    // turn committed: kept aside, and the session restored.
+    std::fs::write(&history, "uncommitted").expect("write");
+    from_another_boot(&a, "r", Some("t3"));
+    let (h, _) = turn(&a, "r", "t4", |_| {}).await;
+    assert!(h.restored_bytes.is_some(), "restored: {h:?}");
+    let kept = h.kept_as.expect("kept aside");
+    assert_eq!(
+        read(a.sessions.paths(&kept).home.join("history")),
+        "uncommitted"
+    );
+    assert_eq!(read(&history), "committed");
+}
