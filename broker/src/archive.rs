@@ -537,7 +537,6 @@ impl Importer<'_> {
                 let budget = self.caps.max_bytes.saturating_sub(self.bytes);
                 let written = write_sparse(entry, &fd, size, budget, &mut self.buf)?;
                 self.bytes = self.bytes.saturating_add(written);
-                start_writeback(&fd);
                 if let Some((uid, gid)) = owner {
                     rfs::fchown(
                         &fd,
@@ -598,19 +597,6 @@ impl Importer<'_> {
         }
         Ok(())
     }
-}
-
-/// Starts writing `fd`'s data to disk without waiting for it
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`): the disk writes while the
-/// import goes on, and a sync of the tree after it (a fleet restore's)
-/// finds little left to write. Best effort: a failure only leaves the
-/// writing to the kernel's usual writeback.
-#[allow(unsafe_code)]
-fn start_writeback(fd: &OwnedFd) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: sync_file_range(2) takes a descriptor that stays open for
-    // the whole call and plain integers; it touches no memory of ours.
-    let _ = unsafe { libc::sync_file_range(fd.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
 }
 
 /// Writes an entry's `size` bytes to `fd` through `buf`, leaving every
