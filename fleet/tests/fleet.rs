@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use turnstile_broker::archive::ImportCaps;
 use turnstile_broker::fleet::{Commit, Fleet, FleetConfig, FleetError, FleetLease, Hydrated};
-use turnstile_broker::session::{LeasePolicy, SessionPaths, Sessions};
+use turnstile_broker::session::{Lease, LeasePolicy, SessionPaths, Sessions};
 use turnstile_fleet::PgFleet;
 
 const CAPS: ImportCaps = ImportCaps {
@@ -52,17 +52,9 @@ async fn worker_ttl(pg: &Pg, store: &Path, name: &str, ttl_ms: u64) -> Worker {
     }
 }
 
-/// One turn of session `id` on worker `w`: lease, hydrate, `change` the
-/// session's files, commit, release.
-async fn turn(
-    w: &Worker,
-    id: &str,
-    turn_id: &str,
-    change: impl FnOnce(&SessionPaths),
-) -> (
-    Hydrated,
-    Result<Commit, turnstile_broker::fleet::CommitFailed>,
-) {
+/// The start of a turn of session `id` on worker `w`: the host lease, the
+/// fleet lease, hydrate.
+async fn begin(w: &Worker, id: &str, turn_id: &str) -> (Lease, FleetLease, Hydrated) {
     let local = w
         .sessions
         .lease(id, turn_id, LeasePolicy::Reject)
@@ -78,6 +70,21 @@ async fn turn(
         .hydrate(&w.sessions, &local, &lease)
         .await
         .expect("hydrate");
+    (local, lease, hydrated)
+}
+
+/// One turn of session `id` on worker `w`: lease, hydrate, `change` the
+/// session's files, commit, release.
+async fn turn(
+    w: &Worker,
+    id: &str,
+    turn_id: &str,
+    change: impl FnOnce(&SessionPaths),
+) -> (
+    Hydrated,
+    Result<Commit, turnstile_broker::fleet::CommitFailed>,
+) {
+    let (local, lease, hydrated) = begin(w, id, turn_id).await;
     let (paths, _, _) = w.sessions.ensure(&local).expect("ensure");
     change(&paths);
     let committed = w.fleet.commit(&w.sessions, &local, &lease).await;
@@ -836,20 +843,7 @@ async fn a_committed_copy_stays_watched_and_only_a_change_costs_a_walk_or_an_upl
 
     // A turn that only reads: the watch goes with the turn and comes back.
     let before = objects(store.path());
-    let local = a
-        .sessions
-        .lease("w", "t2", LeasePolicy::Reject)
-        .await
-        .expect("host lease");
-    let lease = a
-        .fleet
-        .acquire("w", "t2", LeasePolicy::Reject)
-        .await
-        .expect("lease");
-    a.fleet
-        .hydrate(&a.sessions, &local, &lease)
-        .await
-        .expect("hydrate");
+    let (local, lease, _) = begin(&a, "w", "t2").await;
     assert_eq!(a.fleet.watched(), (0, 1), "the turn holds the watch");
     assert_eq!(
         read(a.sessions.paths("w").home.join("deep/er/history")),
@@ -932,20 +926,7 @@ async fn a_committed_copy_stays_watched_and_only_a_change_costs_a_walk_or_an_upl
     assert_eq!(a.fleet.watched(), (1, 0));
 
     // A turn that ends without its commit leaves no watch behind.
-    let local = a
-        .sessions
-        .lease("w", "t7", LeasePolicy::Reject)
-        .await
-        .expect("host lease");
-    let lease = a
-        .fleet
-        .acquire("w", "t7", LeasePolicy::Reject)
-        .await
-        .expect("lease");
-    a.fleet
-        .hydrate(&a.sessions, &local, &lease)
-        .await
-        .expect("hydrate");
+    let (_local, lease, _) = begin(&a, "w", "t7").await;
     a.fleet.release(&lease).await.expect("release");
     assert_eq!(a.fleet.watched(), (0, 0));
 }
