@@ -360,12 +360,7 @@ impl PgFleet {
         match (state, dir) {
             (Local::Current | Local::Adopt, Some(dir)) => {
                 let m = mark.unwrap_or_default();
-                let next = Mark {
-                    generation: m.generation,
-                    fingerprint: m.fingerprint,
-                    turn: Some(lease.turn_id.clone()),
-                    boot: Some(local::boot_id().to_string()),
-                };
+                let next = Mark::now(m.generation, m.fingerprint, Some(lease.turn_id.clone()));
                 if early.is_none() {
                     local::write_mark(&dir, &next, false)
                         .map_err(|e| io("cannot write into", e))?;
@@ -398,14 +393,10 @@ impl PgFleet {
             hydrated.elapsed = t0.elapsed();
             return Ok(hydrated);
         };
-        let bytes = self.restore(sessions, local, lease, archive).await?;
+        let fingerprint = self.restore(sessions, local, lease, archive).await?;
+        let bytes = archive.bytes;
         if let Ok(Some(dir)) = local::open_session_dir(&path)
-            && let Some(Mark {
-                generation,
-                fingerprint: Some(fingerprint),
-                ..
-            }) = local::read_mark(&dir)
-            && let Some(a) = self.start_watch(id, &dir, generation, &fingerprint)
+            && let Some(a) = self.start_watch(id, &dir, lease.generation, &fingerprint)
         {
             self.watches.run(lease.token, a);
         }
@@ -422,14 +413,15 @@ impl PgFleet {
     }
 
     /// Imports `archive` straight from the store into staging, checks that
-    /// it is exactly what was committed, then swaps it in as the session.
+    /// it is exactly what was committed, then swaps it in as the session:
+    /// the fingerprint its record holds.
     async fn restore(
         &self,
         sessions: &Sessions,
         local: &Lease,
         lease: &FleetLease,
         archive: &ArchiveRef,
-    ) -> Result<u64, FleetError> {
+    ) -> Result<String, FleetError> {
         let id = lease.session_id.as_str();
         let refused = |why: String| FleetError::Archive {
             session: id.to_string(),
@@ -462,6 +454,7 @@ impl PgFleet {
         // The import and the check at the object's end both read it; they
         // run one after the other on this thread.
         let object = std::cell::RefCell::new(object);
+        let recorded = std::cell::RefCell::new(String::new());
         let mark = |fd: &std::os::fd::OwnedFd| {
             // Nothing imported is used (the mark written, the tree swapped
             // in) unless the object is exactly what was committed.
@@ -470,14 +463,14 @@ impl PgFleet {
                 .finish()
                 .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
             let fingerprint = local::fingerprint(fd)?;
+            recorded.replace(fingerprint.clone());
             local::write_mark(
                 fd,
-                &Mark {
-                    generation: lease.generation,
-                    fingerprint: Some(fingerprint),
-                    turn: Some(lease.turn_id.clone()),
-                    boot: Some(local::boot_id().to_string()),
-                },
+                &Mark::now(
+                    lease.generation,
+                    Some(fingerprint.clone()),
+                    Some(lease.turn_id.clone()),
+                ),
                 // The tree is not synced either: the record holds for this
                 // boot (see `Mark::boot`).
                 false,
@@ -496,7 +489,7 @@ impl PgFleet {
                 e => FleetError::Local(e),
             });
         }
-        Ok(archive.bytes)
+        Ok(recorded.into_inner())
     }
 
     /// Moves the local copy to a new session id (without a fleet record:
@@ -680,12 +673,7 @@ impl PgFleet {
             },
         };
         let settled_fingerprint = fingerprint.clone();
-        let settled = Mark {
-            generation: landed,
-            fingerprint: Some(fingerprint),
-            turn: None,
-            boot: Some(local::boot_id().to_string()),
-        };
+        let settled = Mark::now(landed, Some(fingerprint), None);
         match local::write_mark(&dir, &settled, true) {
             Ok(()) => {
                 if let Some(a) = self.start_watch(id, &dir, landed, &settled_fingerprint) {

@@ -53,6 +53,16 @@ pub fn boot_id() -> &'static str {
 }
 
 impl Mark {
+    /// A record written now, in this host boot.
+    pub fn now(generation: i64, fingerprint: Option<String>, turn: Option<String>) -> Mark {
+        Mark {
+            generation,
+            fingerprint,
+            turn,
+            boot: Some(boot_id().to_string()),
+        }
+    }
+
     /// Whether the record was written in this host boot.
     pub fn this_boot(&self) -> bool {
         self.boot.as_deref() == Some(boot_id())
